@@ -1,0 +1,210 @@
+"""Checkpoints: one directory per step, written atomically, loaded without unpickling anything.
+
+Layout of `RUN/checkpoints/step_0000100/`:
+    config.json              run config, domain names and view, natural frequencies, step
+    model.safetensors        S (`shared.*`), experts (`experts.*`), coefficient MLP (`coef.*`)
+    tokenizer.json, domains/ the data's tokenizer, embedder and centroids (Algorithm 3)
+    train_state/optimizer.safetensors   AdamW moments, keyed `{param}::{name}`
+    train_state/state.json              step, param groups, every rank's sampler state
+`RUN/checkpoints/latest` names the newest one. The last `keep_last` are kept.
+
+Design choices:
+- Full (unsharded) state dicts through `torch.distributed.checkpoint.state_dict`, so DDP, FSDP2
+  and single-process runs write the same files; only rank 0 writes. Every rank reads them back
+  (a shared filesystem across nodes is assumed, as usual for torchrun clusters).
+- Resuming requires the same world size and accumulation (each rank's sampler streams are part
+  of the state) and the same config except the fields in `config.RESUME_MUTABLE`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_state_dict, set_state_dict,
+)
+
+from soup_train.config import RESUME_MUTABLE, RunConfig, flat_items, from_dict, to_dict
+from soup_train.data.domains import copy_domain_files
+from soup_train.distributed import unwrap
+from soup_train.errors import CheckpointError, ConfigError, ResumeError
+from soup_train.model.soup import SoupModel
+
+FORMAT = "soup-checkpoint-v1"
+_OPTS = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """The JSON sidecar of a checkpoint (`config.json`)."""
+
+    run: RunConfig
+    domains: list[str]
+    view: str
+    natural: list[float]
+    step: int
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "run": to_dict(self.run), "domains": self.domains, "view": self.view,
+                "natural": self.natural, "step": self.step}
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:07d}"
+
+
+def soup_tensor_names(model: nn.Module) -> list[str]:
+    """Canonical tensor names of the soup (tied weights listed once)."""
+    return [name for name, _ in unwrap(model).named_parameters()]
+
+
+def collect_state(model: nn.Module, optim: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full model and optimizer state dicts (collective under DDP/FSDP: call on every rank).
+
+    With cpu_offload only rank 0 receives the tensors; other ranks get empty dicts.
+    """
+    model_sd, optim_sd = get_state_dict(model, optim, options=_OPTS)
+    names = soup_tensor_names(model)
+    return {k: model_sd[k].contiguous() for k in names if k in model_sd}, optim_sd
+
+
+def write_checkpoint(run_dir: Path, info: CheckpointInfo, model_sd: dict, optim_sd: dict,
+                     samplers: list[dict], data_dir: Path, keep_last: int) -> Path:
+    """Write one checkpoint atomically (rank 0 only); prune to the last `keep_last`."""
+    final = step_dir(run_dir, info.step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "train_state").mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(info.to_dict(), indent=2) + "\n")
+    save_file(model_sd, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+    copy_domain_files(data_dir, tmp)
+    tensors = {f"{p}::{name}": t.contiguous() for p, st in optim_sd["state"].items()
+               for name, t in st.items() if isinstance(t, torch.Tensor)}
+    save_file(tensors, str(tmp / "train_state" / "optimizer.safetensors"))
+    state = {"step": info.step, "param_groups": optim_sd["param_groups"], "samplers": samplers}
+    (tmp / "train_state" / "state.json").write_text(json.dumps(state) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    _write_latest(run_dir, final.name)
+    _prune(run_dir, keep_last)
+    return final
+
+
+def _write_latest(run_dir: Path, name: str) -> None:
+    latest = run_dir / "checkpoints" / "latest"
+    tmp = latest.with_name(".latest.tmp")
+    tmp.write_text(name + "\n")
+    tmp.replace(latest)
+
+
+def _prune(run_dir: Path, keep_last: int) -> None:
+    steps = sorted((run_dir / "checkpoints").glob("step_*"))
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return None
+    path = run_dir / "checkpoints" / latest.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{latest} names {path.name}, which does not exist; "
+                              "delete the 'latest' file or restore the checkpoint")
+    return path
+
+
+def read_info(ckpt: Path) -> CheckpointInfo:
+    path = ckpt / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} is not a soup checkpoint (no config.json); pass a "
+                              "directory like RUN/checkpoints/step_0000100 or a run directory")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+    if data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
+    try:
+        run = from_dict(RunConfig, data["run"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc.message}") from None
+    return CheckpointInfo(run, data["domains"], data["view"], data["natural"], data["step"])
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory from either itself or a run directory (its latest checkpoint)."""
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    found = latest_checkpoint(path) if path.is_dir() else None
+    if found is None:
+        raise CheckpointError(f"no checkpoint at {path}; pass RUN or RUN/checkpoints/step_NNNNNNN")
+    return found
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}; the checkpoint is missing or corrupt") from None
+
+
+def load_soup(path: Path, device: str = "cpu") -> tuple[SoupModel, CheckpointInfo]:
+    """The soup of a checkpoint (or a run's latest), ready for inference."""
+    ckpt = resolve_checkpoint(path)
+    info = read_info(ckpt)
+    soup = SoupModel(info.run.model, info.run.soup, len(info.domains))
+    load_model_tensors(soup, read_tensors(ckpt / "model.safetensors"), ckpt)
+    return soup.to(device).eval(), info
+
+
+def load_model_tensors(soup: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    expected = soup_tensor_names(soup)
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{where}/model.safetensors does not match its config.json: "
+                              f"missing {missing[:3]}, unexpected {extra[:3]}")
+    params = dict(unwrap(soup).named_parameters())
+    with torch.no_grad():
+        for name in expected:
+            if params[name].shape != tensors[name].shape:
+                raise CheckpointError(f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                      f"config says {tuple(params[name].shape)}")
+            params[name].copy_(tensors[name])
+
+
+def check_resumable(saved: RunConfig, current: RunConfig, ckpt: Path) -> None:
+    """Refuse to resume with a config that would change the run (clear message, all differences)."""
+    old, new = flat_items(saved), flat_items(current)
+    diffs = [f"{k}: checkpoint {old[k]!r}, now {new[k]!r}" for k in old
+             if k not in RESUME_MUTABLE and old[k] != new.get(k)]
+    if diffs:
+        raise ResumeError(f"cannot resume from {ckpt} with a different config ({'; '.join(diffs)}); "
+                          "use the original settings or start a new run with another --out")
+
+
+def restore_train_state(ckpt: Path, model: nn.Module, optim: torch.optim.Optimizer,
+                        world_size: int) -> tuple[int, list[dict]]:
+    """Load model + optimizer state into a (wrapped) model; returns (step, sampler states)."""
+    state = json.loads((ckpt / "train_state" / "state.json").read_text())
+    if len(state["samplers"]) != world_size:
+        raise ResumeError(f"{ckpt} was written by {len(state['samplers'])} process(es), this run has "
+                          f"{world_size}; resume with the same torchrun --nproc_per_node/--nnodes")
+    model_sd = read_tensors(ckpt / "model.safetensors")
+    base = unwrap(model)
+    if getattr(getattr(base, "model_cfg", None), "tie_embeddings", False):
+        model_sd["shared.lm_head.weight"] = model_sd["shared.model.embed_tokens.weight"]
+    flat = read_tensors(ckpt / "train_state" / "optimizer.safetensors")
+    optim_state: dict[str, dict] = {}
+    for key, tensor in flat.items():
+        param, name = key.split("::")
+        optim_state.setdefault(param, {})[name] = tensor
+    optim_sd = {"state": optim_state, "param_groups": state["param_groups"]}
+    set_state_dict(model, optim, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_OPTS)
+    return int(state["step"]), state["samplers"]

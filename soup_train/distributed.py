@@ -1,0 +1,118 @@
+"""Process groups and data parallelism, applied from outside the model.
+
+Design choices:
+- `torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK; without them the run is single-process and no
+  process group is created. Backend: nccl on CUDA, gloo on CPU, picked automatically.
+- `parallel=ddp` (default) wraps the soup in DistributedDataParallel: every rank holds S, the
+  bank and the coefficient MLP, gradients are averaged. `parallel=fsdp` applies FSDP2's
+  `fully_shard` to the whole soup: parameters, gradients and AdamW state are sharded across
+  ranks (the bank is the memory), and gathered transiently for the instantiation of Theta(h).
+  Instantiation needs the whole bank at once, so the unit of sharding is the soup.
+- One h per rank per step (see `soup_train.data.sampler`): ranks train different specialists
+  in the same step and DDP/FSDP average their gradients.
+- Gradient accumulation suspends gradient sync on all but the last micro-batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from soup_train.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str = "auto") -> DistEnv:
+    """Pick the device and, under torchrun, initialise the process group."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    backend = None
+    if world > 1:
+        backend = "nccl" if use_cuda else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, device_id=dev if use_cuda else None)
+    return DistEnv(rank, world, local, dev, backend)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.backend is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, env: DistEnv, parallel: str) -> nn.Module:
+    """Apply data parallelism; identity for a single process."""
+    if env.backend is None:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        return fully_shard(model)
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool):
+    """Suspend gradient synchronisation for a non-final micro-batch."""
+    if enabled:
+        yield
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2 module
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:  # single process: nothing to synchronise
+        yield
+
+
+def mean_over_ranks(value: float, env: DistEnv) -> float:
+    if env.backend is None:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.item() / env.world_size
+
+
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's object, on every rank (small JSON-like objects only)."""
+    if env.backend is None:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(env: DistEnv) -> None:
+    if env.backend is not None:
+        dist.barrier()

@@ -1,0 +1,44 @@
+"""The soup math, defined once: Theta(h) = S + sum_j alpha_j(h) E_j, tensor by tensor.
+
+Used by training (`SoupModel.instantiate`), by export (fusing memory-mapped tensors one at a
+time) and by tests. Gradients follow from autograd: dS = g, dE_j = alpha_j g, dalpha_j = <E_j, g>.
+
+Bank key layout (the checkpoint format, `model.safetensors`):
+- shared tensor `name`       -> `shared.{name}`                  shape (*shape)
+- full experts of `name`     -> `experts.{name}`                 shape (n, *shape)
+- low-rank experts (matrices only, rank r): `experts.{name}_u` (n, out, r) and
+  `experts.{name}_v` (n, in, r), so that E_j = U_j V_j^T; vectors stay full.
+- coefficient MLP            -> `coef.net.{i}.weight|bias`
+"""
+from __future__ import annotations
+
+import torch
+
+SHARED_PREFIX = "shared."
+EXPERTS_PREFIX = "experts."
+COEF_PREFIX = "coef."
+
+
+def is_low_rank(shape: tuple[int, ...] | torch.Size, rank: int) -> bool:
+    """Low-rank experts apply to matrices only, and only when rank > 0."""
+    return rank > 0 and len(shape) == 2
+
+
+def expert_keys(name: str, shape: tuple[int, ...] | torch.Size, rank: int) -> tuple[str, ...]:
+    """Checkpoint keys holding the experts of dense tensor `name`."""
+    if is_low_rank(shape, rank):
+        return (f"{EXPERTS_PREFIX}{name}_u", f"{EXPERTS_PREFIX}{name}_v")
+    return (f"{EXPERTS_PREFIX}{name}",)
+
+
+def combine(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alpha: torch.Tensor) -> torch.Tensor:
+    """One fused tensor S + sum_j alpha_j E_j.
+
+    shared: (*shape); alpha: (n,); experts: (E,) with E (n, *shape), or (U, V) with
+    U (n, out, r), V (n, in, r) for a low-rank matrix.
+    """
+    if len(experts) == 1:
+        bank = experts[0]  # (n, *shape)
+        return shared + torch.tensordot(alpha.to(bank.dtype), bank, dims=1)
+    u, v = experts  # (n, out, r), (n, in, r)
+    return shared + torch.einsum("j,jor,jir->oi", alpha.to(u.dtype), u, v)

@@ -1,0 +1,103 @@
+"""Two gloo processes on CPU under torchrun: in sync, checkpoint/resume, and equal to one process.
+
+Tolerance of the 2-process vs 1-process comparison: DDP averages the two ranks' gradients with
+an all-reduce ((g0 + g1) / 2) while one process accumulates g0 / 2 + g1 / 2. The rounding differs
+in the last bits, and AdamW divides by sqrt(v): on parameters whose gradient is close to zero
+(coefficient-MLP biases early on) a last-bit difference moves the update by a visible fraction of
+lr. After 5 steps at lr 3e-3 we measured 3.3e-5; the bound is 1e-4 (lr / 30). A negative control
+(the same run with another seed) must differ by far more, so the test can fail.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from soup_train.runlog import read_log
+
+DRIVER = Path(__file__).with_name("dist_driver.py")
+FIXED = "meta.fixed_h=1,1,1"  # the debug corpus has 3 domains
+SAME_PARAMS_TOL = 1e-4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, data: Path, out: Path, *overrides: str, stop_after: str = "none") -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(DRIVER),
+           str(data), str(out), stop_after, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def params(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(run / "log.jsonl") if r["kind"] == "train"}
+
+
+@pytest.mark.slow
+def test_two_processes_stay_in_sync_and_resume_exactly(debug_data, tmp_path):
+    common = ("train.steps=6", "train.ckpt_every=2", "train.log_every=1", "train.eval_every=0")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    launch(2, debug_data, whole, *common)
+    assert max_diff(params(whole / "params_rank0.safetensors"), params(whole / "params_rank1.safetensors")) == 0.0
+    launch(2, debug_data, cut, *common, stop_after="3")  # checkpoint at step 2, killed after 3
+    launch(2, debug_data, cut, *common)  # resumes at step 2
+    a, b = losses(whole), losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6
+    assert max_diff(params(whole / "params_rank0.safetensors"), params(cut / "params_rank1.safetensors")) <= 1e-6
+    state = (cut / "checkpoints" / "step_0000006" / "train_state" / "state.json").read_text()
+    assert state.count('"slots"') == 2  # both ranks' sampler states are saved
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_the_same_global_batch(debug_data, tmp_path):
+    common = ("train.steps=5", "train.log_every=1", "train.eval_every=0", "train.batch_size=4", FIXED)
+    launch(2, debug_data, tmp_path / "ddp", *common, "train.grad_accum=1")
+    launch(1, debug_data, tmp_path / "single", *common, "train.grad_accum=2")
+    ddp, single = params(tmp_path / "ddp" / "params_rank0.safetensors"), params(tmp_path / "single" / "params_rank0.safetensors")
+    assert max_diff(ddp, single) <= SAME_PARAMS_TOL
+    a, b = losses(tmp_path / "ddp"), losses(tmp_path / "single")
+    assert max(abs(a[s] - b[s]) for s in a) <= 1e-5
+    launch(1, debug_data, tmp_path / "control", *common, "train.grad_accum=2", "train.seed=1")
+    control = params(tmp_path / "control" / "params_rank0.safetensors")
+    assert max_diff(ddp, control) > 30 * SAME_PARAMS_TOL
+
+
+@pytest.mark.slow
+def test_resume_under_a_different_world_size_is_refused(debug_data, tmp_path):
+    launch(2, debug_data, tmp_path / "run", "train.steps=2", "train.ckpt_every=2", "train.eval_every=0")
+    cmd = [sys.executable, str(DRIVER), str(debug_data), str(tmp_path / "run"), "none", "train.steps=4",
+           "train.ckpt_every=2", "train.eval_every=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "written by 2 process(es), this run has 1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_and_resumes(debug_data, tmp_path):
+    common = ("train.steps=4", "train.ckpt_every=2", "train.log_every=1", "train.eval_every=0")
+    launch(2, debug_data, tmp_path / "ddp", *common)
+    launch(2, debug_data, tmp_path / "fsdp", *common, "train.parallel=fsdp", stop_after="3")
+    launch(2, debug_data, tmp_path / "fsdp", *common, "train.parallel=fsdp")  # resumes at step 2
+    ddp, fsdp = params(tmp_path / "ddp" / "params_rank0.safetensors"), params(tmp_path / "fsdp" / "params_rank0.safetensors")
+    assert max_diff(ddp, fsdp) <= SAME_PARAMS_TOL
+    assert max_diff(fsdp, params(tmp_path / "fsdp" / "params_rank1.safetensors")) == 0.0

@@ -1,0 +1,106 @@
+"""The soup at h equals the dense model at instantiate(h), which equals transformers' Llama."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from soup_train.config import ModelConfig, SoupConfig
+from soup_train.model.llama import Llama
+from soup_train.model.soup import SoupModel, count_parameters
+from soup_train.model.soup_math import combine
+
+TOL = 1e-5
+VARIANTS = {
+    "tied-mha": (dict(tie_embeddings=True, n_kv_heads=4), dict()),
+    "untied-gqa": (dict(tie_embeddings=False, n_kv_heads=2), dict()),
+    "lowrank-softmax": (dict(tie_embeddings=True, n_kv_heads=1), dict(expert_rank=3, alpha="softmax")),
+}
+
+
+def make_soup(model_kw: dict, soup_kw: dict, k: int = 5) -> SoupModel:
+    torch.manual_seed(0)
+    mc = ModelConfig(vocab_size=101, d_model=32, n_layers=2, n_heads=4, d_ff=48, **model_kw)
+    soup = SoupModel(mc, SoupConfig(n_experts=3, coef_hidden=16, **soup_kw), k)
+    with torch.no_grad():  # make the experts matter: larger than their init
+        for p in soup.experts.parameters():
+            p.normal_(std=0.05)
+        soup.coef.net[-1].weight.normal_(std=1.0)  # and alpha vary with h
+    return soup
+
+
+def random_h(k: int = 5) -> torch.Tensor:
+    return torch.softmax(torch.randn(k) * 2, 0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_soup_equals_dense_equals_transformers(variant):
+    soup = make_soup(*VARIANTS[variant])
+    h, ids = random_h(), torch.randint(0, 101, (2, 13))
+    with torch.no_grad():
+        soup_logits = soup(ids, h)
+        dense_logits = soup.dense_model(h)(ids)
+        hf = LlamaForCausalLM(LlamaConfig(**soup.model_cfg.to_hf(), attn_implementation="eager")).eval()
+        hf.load_state_dict({k: v.detach() for k, v in soup.instantiate(h).items()}, strict=True)
+        hf_logits = hf(ids).logits
+    assert (soup_logits - dense_logits).abs().max().item() <= TOL
+    assert (soup_logits - hf_logits).abs().max().item() <= TOL
+    # and the soup really depends on h (a different h gives different logits)
+    with torch.no_grad():
+        other = soup(ids, torch.nn.functional.one_hot(torch.tensor(0), 5).float())
+    assert (other - soup_logits).abs().max().item() > 1e-3
+
+
+def test_dense_state_dict_names_are_hf_llama_names():
+    soup = make_soup(*VARIANTS["untied-gqa"])
+    hf = LlamaForCausalLM(LlamaConfig(**soup.model_cfg.to_hf()))
+    assert set(soup.instantiate(random_h())) == set(hf.state_dict())
+    assert set(Llama(soup.model_cfg).state_dict()) == set(hf.state_dict())
+
+
+def test_combine_is_s_plus_weighted_sum_of_experts():
+    s, bank, alpha = torch.randn(4, 6), torch.randn(3, 4, 6), torch.randn(3)
+    expected = s + alpha[0] * bank[0] + alpha[1] * bank[1] + alpha[2] * bank[2]
+    assert torch.allclose(combine(s, (bank,), alpha), expected, atol=1e-6)
+    u, v = torch.randn(3, 4, 2), torch.randn(3, 6, 2)
+    expected = s + sum(alpha[j] * u[j] @ v[j].T for j in range(3))
+    assert torch.allclose(combine(s, (u, v), alpha), expected, atol=1e-5)
+
+
+def test_gradients_follow_the_paper():
+    """dS = g, dE_j = alpha_j g, dalpha_j = <E_j, g>, with g = dLoss/dTheta."""
+    soup = make_soup(*VARIANTS["untied-gqa"])
+    h, ids = random_h(), torch.randint(0, 101, (2, 9))
+    alpha = soup.alpha(h).detach().requires_grad_()
+    theta = soup.instantiate_alpha(alpha)
+    loss = torch.func.functional_call(soup.shared, theta, (ids,)).square().mean()
+    loss.backward()
+    theta_leaf = {k: v.detach().requires_grad_() for k, v in theta.items()}
+    torch.func.functional_call(soup.shared, theta_leaf, (ids,)).square().mean().backward()
+    name = "model.layers.1.mlp.up_proj.weight"
+    g = theta_leaf[name].grad
+    shared = dict(soup.shared.named_parameters())[name]
+    bank = soup.experts.tensors(name, shared.shape)[0]
+    assert torch.allclose(shared.grad, g, atol=1e-7)
+    for j in range(3):
+        assert torch.allclose(bank.grad[j], alpha[j].detach() * g, atol=1e-7)
+    expected = sum((soup.experts.tensors(n, p.shape)[0] * theta_leaf[n].grad).flatten(1).sum(1)
+                   for n, p in soup.shared.named_parameters())
+    assert torch.allclose(alpha.grad, expected, atol=1e-6)
+
+
+def test_checkpoint_layout_and_parameter_count():
+    soup = make_soup(*VARIANTS["lowrank-softmax"])
+    keys = list(soup.state_dict())
+    assert "experts.model.layers.0.self_attn.q_proj.weight_u" in keys
+    assert soup.state_dict()["experts.model.norm.weight"].shape == (3, 32)
+    assert any(k.startswith("coef.net.") for k in keys)
+    counts = count_parameters(soup.model_cfg, soup.soup_cfg, 5)
+    assert counts["total"] == sum(p.numel() for p in soup.parameters())
+    assert counts["instantiated"] == sum(p.numel() for p in soup.shared.parameters())
+
+
+def test_alpha_softmax_is_on_the_simplex():
+    soup = make_soup(*VARIANTS["lowrank-softmax"])
+    alpha = soup.alpha(random_h())
+    assert alpha.min() >= 0 and abs(alpha.sum().item() - 1) < 1e-6

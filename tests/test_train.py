@@ -1,0 +1,134 @@
+"""Training on the debug corpus: checkpoints, exact resume, incompatible resume, safe loading."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from soup_train.checkpoint import load_soup, read_info
+from soup_train.config import apply_overrides
+from soup_train.errors import CheckpointError, ConfigError, ResumeError
+from soup_train.presets import run_preset
+from soup_train.runlog import read_log
+from soup_train.train import fit, lr_at
+
+RESUME_TOL = 1e-6  # the issue's bound on the resumed loss curve
+
+
+def debug_cfg(data, *overrides):
+    cfg = run_preset("debug")
+    cfg = replace(cfg, data=replace(cfg.data, path=str(data)))
+    return apply_overrides(cfg, list(overrides))
+
+
+def train_losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_log(run_dir / "log.jsonl") if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def debug_run(debug_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "debug"
+    result = fit(debug_cfg(debug_data, "train.steps=30", "train.keep_last=2"), out, progress=False)
+    return out, result
+
+
+def test_training_lowers_the_loss_and_writes_checkpoints(debug_run):
+    out, result = debug_run
+    losses = train_losses(out)
+    assert len(losses) == 30 and result.step == 30
+    assert np.mean([losses[s] for s in range(26, 31)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.5
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert steps == ["step_0000020", "step_0000030"]  # keep_last=2 of 10, 20, 30
+    ckpt = out / "checkpoints" / "step_0000030"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "domains/centroids.safetensors",
+                 "domains/embedder.json", "train_state/optimizer.safetensors", "train_state/state.json"):
+        assert (ckpt / name).is_file(), name
+    info = read_info(ckpt)
+    assert info.step == 30 and info.domains == result.domains and len(info.domains) >= 3
+    keys = load_file(str(ckpt / "model.safetensors"))
+    assert any(k.startswith("shared.") for k in keys) and any(k.startswith("experts.") for k in keys)
+    assert not list(out.rglob("*.tmp"))  # nothing half-written left behind
+    evals = [r for r in read_log(out / "log.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [10, 20, 30] and set(evals[-1]["domains"]) == set(info.domains)
+
+
+def test_loaded_checkpoint_reproduces_the_trained_soup(debug_run, debug_data):
+    out, result = debug_run
+    soup, info = load_soup(out)
+    from soup_train.data.shards import DomainShards
+    from soup_train.evaluate import evaluate_domains
+
+    shards = DomainShards.open(debug_data, info.view, "test")
+    t = info.run.train
+    table = evaluate_domains(soup, shards, np.asarray(info.natural), t.eval_batches * t.batch_size,
+                             t.batch_size, info.run.data.seq_len, torch.device("cpu"))
+    for name, row in result.evaluation.items():
+        assert abs(table[name]["own"] - row["own"]) <= 1e-5
+        assert abs(table[name]["natural"] - row["natural"]) <= 1e-5
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(debug_data, tmp_path):
+    overrides = ("train.steps=8", "train.ckpt_every=4", "train.log_every=1")
+    whole = tmp_path / "whole"
+    fit(debug_cfg(debug_data, *overrides), whole, progress=False)
+    cut = tmp_path / "cut"
+    first = fit(debug_cfg(debug_data, *overrides), cut, stop_after=6, progress=False)
+    assert first.step == 6 and max(train_losses(cut)) == 6
+    second = fit(debug_cfg(debug_data, *overrides), cut, progress=False)  # resumes at step 4
+    assert second.step == 8 and len(second.losses) == 4
+    a, b = train_losses(whole), train_losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert max(abs(a[s] - b[s]) for s in a) <= RESUME_TOL
+    pa = load_file(str(whole / "checkpoints" / "step_0000008" / "model.safetensors"))
+    pb = load_file(str(cut / "checkpoints" / "step_0000008" / "model.safetensors"))
+    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) <= RESUME_TOL
+
+
+def test_resume_with_an_incompatible_config_fails_clearly(debug_data, tmp_path):
+    fit(debug_cfg(debug_data, "train.steps=2", "train.ckpt_every=2"), tmp_path, progress=False)
+    with pytest.raises(ResumeError, match=r"soup.n_experts: checkpoint 4, now 8"):
+        fit(debug_cfg(debug_data, "train.steps=4", "soup.n_experts=8"), tmp_path, progress=False)
+    # fields that may change on resume do not block it
+    assert fit(debug_cfg(debug_data, "train.steps=3", "train.log_every=2"), tmp_path, progress=False).step == 3
+
+
+def test_corrupt_or_missing_checkpoints_raise_named_errors(debug_run, tmp_path):
+    out, _ = debug_run
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_soup(tmp_path)
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(out / "checkpoints" / "step_0000030", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_soup(broken)
+    (broken / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_soup(broken)
+
+
+def test_vocab_mismatch_and_bad_seq_len_are_config_errors(debug_data, tmp_path):
+    with pytest.raises(ConfigError, match="model.vocab_size=999"):
+        fit(debug_cfg(debug_data, "model.vocab_size=999"), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="exceeds the prepared windows"):
+        fit(debug_cfg(debug_data, "data.seq_len=4096"), tmp_path, progress=False)
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    t = run_preset("debug").train
+    lrs = [lr_at(s, t) for s in range(t.steps)]
+    assert lrs[0] == pytest.approx(t.lr / t.warmup_steps)
+    assert lrs[t.warmup_steps - 1] == pytest.approx(t.lr)
+    assert all(a >= b for a, b in zip(lrs[t.warmup_steps:], lrs[t.warmup_steps + 1:]))
+    assert lr_at(t.steps, t) == pytest.approx(t.lr * t.min_lr_ratio)
+
+
+def test_run_config_json_travels_with_the_run(debug_run):
+    out, _ = debug_run
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["run"]["model"]["vocab_size"] > 0 and saved["run"]["data"]["seq_len"] > 0
