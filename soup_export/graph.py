@@ -1,0 +1,361 @@
+"""Stage 3, graph: an ONNX Llama decoder with a KV cache, built straight from the architecture.
+
+No tracing. The graph depends only on (architecture, storage plan): weights live in one external
+data file whose layout (names, dtypes, shapes, offsets) is also a function of those two, so a
+batch export emits `model.onnx` once and writes only `model.onnx.data` per customer.
+
+I/O (Hugging Face / onnxruntime-genai names):
+    input_ids (B, S) int64, attention_mask (B, P+S) int64, position_ids (B, S) int64,
+    past_key_values.{i}.key|value (B, KV, P, hd) float32
+    -> logits (B, S, V) float32, present.{i}.key|value (B, KV, P+S, hd) float32
+
+One decoder layer (x: (B, S, d)):
+
+    x ──┬─ RMSNorm ─ q/k/v proj ─ RoPE(q,k) ─ concat past ─ repeat KV ─ softmax(qk^T/sqrt(hd) + mask) v ─ o_proj ─┐
+        └───────────────────────────────────────────────────────────────────────────────────────────────────(+)─ x'
+    x' ─┬─ RMSNorm ─ down_proj(silu(gate_proj(.)) * up_proj(.)) ─┐
+        └──────────────────────────────────────────────────────(+)─ x''
+
+Mask: key j is visible to query i (absolute position P + i) iff j <= P + i and attention_mask[b, j] = 1;
+hidden entries get float32's lowest value (as transformers does). Node names are hierarchical
+(`/model/layers.3/mlp/up_proj/MatMul`); constants are deduplicated; opset 21, IR version 10.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from soup_export.quantize import Plan, Rep, nbits_specs, quantize_int8_channel, quantize_nbits
+
+OPSET, IR_VERSION, ALIGN = 21, 10, 64
+DATA_FILE = "model.onnx.data"
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The decoder's shape, read from an HF Llama config.json."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ff: int
+    max_pos: int
+    rope_theta: float
+    eps: float
+    tie: bool
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "Arch":
+        heads = c["num_attention_heads"]
+        return cls(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], heads,
+                   c.get("num_key_value_heads") or heads, c.get("head_dim") or c["hidden_size"] // heads,
+                   c["intermediate_size"], c["max_position_embeddings"], float(c.get("rope_theta", 10000.0)),
+                   float(c["rms_norm_eps"]), bool(c.get("tie_word_embeddings", False)))
+
+    def linear_names(self) -> list[str]:
+        names = []
+        for i in range(self.layers):
+            p = f"model.layers.{i}"
+            names += [f"{p}.self_attn.{x}_proj.weight" for x in "qkvo"]
+            names += [f"{p}.mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        return names
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One initializer in the external data file: which weight it encodes and how."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    weight: str  # HF tensor name, or "@rotary.cos" / "@rotary.sin"
+    how: str  # float-linear | float-gather | int8-channel | nbits-linear | nbits-gather | raw
+    rep: Rep
+    part: str  # key of the encoded dict
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class DecoderGraph:
+    """Builds the nodes; `model()` returns the ModelProto and `stored` the external layout."""
+
+    def __init__(self, arch: Arch, plan: Plan) -> None:
+        self.arch, self.plan = arch, plan
+        self.nodes: list[onnx.NodeProto] = []
+        self.consts: dict[tuple, str] = {}
+        self.const_protos: list[TensorProto] = []
+        self.stored: list[Stored] = []
+        self.uses_ms = False
+        embed_ok = plan.embed.kind != "nbits" or arch.hidden % plan.embed.block == 0
+        self.embed_rep = plan.embed if embed_ok else Rep("float", "float16")
+        self.lm_rep = self.embed_rep if arch.tie else plan.lm_head
+        self._build()
+
+    # ------------------------------------------------------------------ primitives
+    def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, outputs: list[str] | None = None,
+             domain: str = "", **attrs) -> list[str]:
+        """The one choke point that creates nodes."""
+        outputs = outputs or [f"{name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
+        self.uses_ms |= domain == "com.microsoft"
+        return outputs
+
+    def const(self, value, dtype=np.int64) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self.consts:
+            label = np.array2string(arr.reshape(-1), separator=",", threshold=8).replace(" ", "")
+            name = f"/model/constants/{arr.dtype.name}/{list(arr.shape)}/{label}"
+            self.consts[key] = name
+            self.const_protos.append(numpy_helper.from_array(arr, name))
+        return self.consts[key]
+
+    def store(self, name: str, dtype, shape, weight: str, how: str, rep: Rep, part: str = "") -> str:
+        self.stored.append(Stored(name, np.dtype(dtype), tuple(int(s) for s in shape), weight, how, rep, part))
+        return name
+
+    # ------------------------------------------------------------------ weights as graph values
+    def linear(self, x: str, weight: str, out_features: int, in_features: int, prefix: str,
+               rep: Rep | None = None, output: str | None = None) -> str:
+        """x (..., in) @ W^T for W (out, in) stored per `rep`."""
+        rep = rep or self.plan.body
+        outs = [output] if output else None
+        if rep.kind == "float":
+            w = self.store(f"{weight}.T", rep.dtype, (in_features, out_features), weight, "float-linear", rep)
+            if rep.dtype != "float32":
+                w = self.node("Cast", [w], f"{prefix}/Cast", to=TensorProto.FLOAT)[0]
+            return self.node("MatMul", [x, w], f"{prefix}/MatMul", outputs=outs)[0]
+        if rep.kind == "int8-channel":
+            q = self.store(f"{weight}.T.int8", np.int8, (in_features, out_features), weight, "int8-channel", rep, "q")
+            s = self.store(f"{weight}.scale", np.float32, (out_features,), weight, "int8-channel", rep, "scale")
+            w = self.node("DequantizeLinear", [q, s], f"{prefix}/DequantizeLinear", axis=1)[0]
+            return self.node("MatMul", [x, w], f"{prefix}/MatMul", outputs=outs)[0]
+        specs = nbits_specs(out_features, in_features, rep)
+        q = self.store(f"{weight}.q{rep.bits}", *specs["q"], weight, "nbits-linear", rep, "q")
+        s = self.store(f"{weight}.scales", *specs["scales"], weight, "nbits-linear", rep, "scales")
+        return self._matmul_nbits(x, q, s, out_features, in_features, rep, prefix, outs)
+
+    def _matmul_nbits(self, x, q, s, n, k, rep, prefix, outs) -> str:
+        return self.node("MatMulNBits", [x, q, s], f"{prefix}/MatMulNBits", outputs=outs, domain="com.microsoft",
+                         K=k, N=n, bits=rep.bits, block_size=rep.block, accuracy_level=rep.accuracy_level)[0]
+
+    def embedding(self, ids: str) -> str:
+        a, rep, w = self.arch, self.embed_rep, "model.embed_tokens.weight"
+        prefix = "/model/embed_tokens"
+        if rep.kind == "nbits":
+            specs = nbits_specs(a.vocab, a.hidden, rep)
+            blob = specs["q"][1][1] * specs["q"][1][2]
+            q = self.store(f"{w}.q{rep.bits}", np.uint8, (a.vocab, blob), w, "nbits-gather", rep, "q")
+            s = self.store(f"{w}.scales", *specs["scales"], w, "nbits-gather", rep, "scales")
+            self.embed_stored = (q, s)
+            return self.node("GatherBlockQuantized", [q, ids, s], f"{prefix}/GatherBlockQuantized", domain="com.microsoft",
+                             gather_axis=0, quantize_axis=1, block_size=rep.block, bits=rep.bits)[0]
+        table = self.store(w, rep.dtype, (a.vocab, a.hidden), w, "float-gather", rep)
+        self.embed_stored = (table,)
+        x = self.node("Gather", [table, ids], f"{prefix}/Gather")[0]
+        return self.node("Cast", [x], f"{prefix}/Cast", to=TensorProto.FLOAT)[0] if rep.dtype != "float32" else x
+
+    def lm_head(self, x: str) -> str:
+        a, prefix = self.arch, "/lm_head"
+        if not a.tie:
+            return self.linear(x, "lm_head.weight", a.vocab, a.hidden, prefix, self.lm_rep, output="logits")
+        rep = self.embed_rep  # tied: the head reads the embedding's bytes
+        if rep.kind == "nbits":
+            q, s = self.embed_stored
+            shape = nbits_specs(a.vocab, a.hidden, rep)["q"][1]
+            q3 = self.node("Reshape", [q, self.const(shape)], f"{prefix}/Reshape")[0]
+            return self._matmul_nbits(x, q3, s, a.vocab, a.hidden, rep, prefix, ["logits"])
+        w = self.embed_stored[0]
+        if rep.dtype != "float32":
+            w = self.node("Cast", [w], f"{prefix}/Cast", to=TensorProto.FLOAT)[0]
+        wt = self.node("Transpose", [w], f"{prefix}/Transpose", perm=[1, 0])[0]
+        return self.node("MatMul", [x, wt], f"{prefix}/MatMul", outputs=["logits"])[0]
+
+    # ------------------------------------------------------------------ blocks
+    def rms_norm(self, x: str, weight: str, prefix: str) -> str:
+        """weight * x / sqrt(mean(x^2) + eps), in fp32 (as transformers' LlamaRMSNorm)."""
+        w = self.store(weight, np.float32, (self.arch.hidden,), weight, "raw", Rep("float"))
+        sq = self.node("Pow", [x, self.const(2.0, np.float32)], f"{prefix}/Pow")[0]
+        mean = self.node("ReduceMean", [sq, self.const([-1])], f"{prefix}/ReduceMean", keepdims=1)[0]
+        var = self.node("Add", [mean, self.const(self.arch.eps, np.float32)], f"{prefix}/Add")[0]
+        inv = self.node("Reciprocal", [self.node("Sqrt", [var], f"{prefix}/Sqrt")[0]], f"{prefix}/Reciprocal")[0]
+        normed = self.node("Mul", [x, inv], f"{prefix}/Mul")[0]
+        return self.node("Mul", [w, normed], f"{prefix}/Mul_1")[0]
+
+    def rope(self, x: str, cos: str, sin: str, prefix: str) -> str:
+        """x * cos + rotate_half(x) * sin; x (B, H, S, hd), cos/sin (B, 1, S, hd)."""
+        x1, x2 = self.node("Split", [x], f"{prefix}/Split", n_out=2, axis=-1, num_outputs=2)
+        rotated = self.node("Concat", [self.node("Neg", [x2], f"{prefix}/Neg")[0], x1], f"{prefix}/Concat", axis=-1)[0]
+        a = self.node("Mul", [x, cos], f"{prefix}/Mul")[0]
+        b = self.node("Mul", [rotated, sin], f"{prefix}/Mul_1")[0]
+        return self.node("Add", [a, b], f"{prefix}/Add")[0]
+
+    def heads(self, x: str, n: int, prefix: str) -> str:
+        """(B, S, n*hd) -> (B, n, S, hd)."""
+        r = self.node("Reshape", [x, self.const([0, 0, n, self.arch.head_dim])], f"{prefix}/Reshape")[0]
+        return self.node("Transpose", [r], f"{prefix}/Transpose", perm=[0, 2, 1, 3])[0]
+
+    def repeat_kv(self, x: str, prefix: str) -> str:
+        """(B, KV, T, hd) -> (B, H, T, hd), each KV head repeated H/KV times (transformers' repeat_kv)."""
+        a = self.arch
+        if a.kv_heads == a.heads:
+            return x
+        u = self.node("Unsqueeze", [x, self.const([2])], f"{prefix}/Unsqueeze")[0]
+        e = self.node("Expand", [u, self.const([1, 1, a.heads // a.kv_heads, 1, 1])], f"{prefix}/Expand")[0]
+        return self.node("Reshape", [e, self.const([0, a.heads, -1, a.head_dim])], f"{prefix}/Reshape")[0]
+
+    def attention(self, x: str, i: int, cos: str, sin: str, bias: str) -> str:
+        a, p = self.arch, f"/model/layers.{i}/self_attn"
+        w = f"model.layers.{i}.self_attn"
+        q = self.heads(self.linear(x, f"{w}.q_proj.weight", a.heads * a.head_dim, a.hidden, f"{p}/q_proj"), a.heads, f"{p}/q")
+        k = self.heads(self.linear(x, f"{w}.k_proj.weight", a.kv_heads * a.head_dim, a.hidden, f"{p}/k_proj"), a.kv_heads, f"{p}/k")
+        v = self.heads(self.linear(x, f"{w}.v_proj.weight", a.kv_heads * a.head_dim, a.hidden, f"{p}/v_proj"), a.kv_heads, f"{p}/v")
+        q, k = self.rope(q, cos, sin, f"{p}/q_rotary"), self.rope(k, cos, sin, f"{p}/k_rotary")
+        k_all = self.node("Concat", [f"past_key_values.{i}.key", k], f"{p}/k_cache/Concat", outputs=[f"present.{i}.key"], axis=2)[0]
+        v_all = self.node("Concat", [f"past_key_values.{i}.value", v], f"{p}/v_cache/Concat", outputs=[f"present.{i}.value"], axis=2)[0]
+        k_rep, v_rep = self.repeat_kv(k_all, f"{p}/k_repeat"), self.repeat_kv(v_all, f"{p}/v_repeat")
+        kt = self.node("Transpose", [k_rep], f"{p}/k_t/Transpose", perm=[0, 1, 3, 2])[0]
+        scores = self.node("MatMul", [q, kt], f"{p}/qk/MatMul")[0]  # (B, H, S, T)
+        scores = self.node("Mul", [scores, self.const(1.0 / math.sqrt(a.head_dim), np.float32)], f"{p}/qk/Mul")[0]
+        probs = self.node("Softmax", [self.node("Add", [scores, bias], f"{p}/mask/Add")[0]], f"{p}/Softmax", axis=-1)[0]
+        y = self.node("MatMul", [probs, v_rep], f"{p}/pv/MatMul")[0]  # (B, H, S, hd)
+        y = self.node("Transpose", [y], f"{p}/merge/Transpose", perm=[0, 2, 1, 3])[0]
+        y = self.node("Reshape", [y, self.const([0, 0, a.heads * a.head_dim])], f"{p}/merge/Reshape")[0]
+        return self.linear(y, f"{w}.o_proj.weight", a.hidden, a.heads * a.head_dim, f"{p}/o_proj")
+
+    def mlp(self, x: str, i: int) -> str:
+        a, p, w = self.arch, f"/model/layers.{i}/mlp", f"model.layers.{i}.mlp"
+        gate = self.linear(x, f"{w}.gate_proj.weight", a.ff, a.hidden, f"{p}/gate_proj")
+        up = self.linear(x, f"{w}.up_proj.weight", a.ff, a.hidden, f"{p}/up_proj")
+        act = self.node("Mul", [gate, self.node("Sigmoid", [gate], f"{p}/act_fn/Sigmoid")[0]], f"{p}/act_fn/Mul")[0]
+        h = self.node("Mul", [act, up], f"{p}/Mul")[0]
+        return self.linear(h, f"{w}.down_proj.weight", a.hidden, a.ff, f"{p}/down_proj")
+
+    def rotary(self) -> tuple[str, str]:
+        """cos/sin (B, 1, S, hd) gathered from fp32 tables at position_ids."""
+        shape = (self.arch.max_pos, self.arch.head_dim)
+        out = []
+        for fn in ("cos", "sin"):
+            table = self.store(f"model.rotary_emb.{fn}_cache", np.float32, shape, f"@rotary.{fn}", "raw", Rep("float"))
+            g = self.node("Gather", [table, "position_ids"], f"/model/rotary_emb/{fn}/Gather")[0]
+            out.append(self.node("Unsqueeze", [g, self.const([1])], f"/model/rotary_emb/{fn}/Unsqueeze")[0])
+        return out[0], out[1]
+
+    def mask_bias(self) -> str:
+        """(B, 1, S, T): 0 where visible, float32 lowest where hidden."""
+        p = "/model/attn_mask"
+        s = self.node("Gather", [self.node("Shape", ["input_ids"], f"{p}/Shape")[0], self.const(1)], f"{p}/Gather", axis=0)[0]
+        t = self.node("Gather", [self.node("Shape", ["attention_mask"], f"{p}/Shape_1")[0], self.const(1)], f"{p}/Gather_1", axis=0)[0]
+        past = self.node("Sub", [t, s], f"{p}/Sub")[0]
+        q_pos = self.node("Unsqueeze", [self.node("Range", [past, t, self.const(1)], f"{p}/Range")[0], self.const([1])], f"{p}/Unsqueeze")[0]
+        k_pos = self.node("Unsqueeze", [self.node("Range", [self.const(0), t, self.const(1)], f"{p}/Range_1")[0], self.const([0])], f"{p}/Unsqueeze_1")[0]
+        causal = self.node("LessOrEqual", [k_pos, q_pos], f"{p}/LessOrEqual")[0]  # (S, T)
+        pad = self.node("Unsqueeze", ["attention_mask", self.const([1, 2])], f"{p}/Unsqueeze_2")[0]
+        pad = self.node("Cast", [pad], f"{p}/Cast", to=TensorProto.BOOL)[0]  # (B, 1, 1, T)
+        visible = self.node("And", [causal, pad], f"{p}/And")[0]
+        lowest = self.const(np.finfo(np.float32).min, np.float32)
+        return self.node("Where", [visible, self.const(0.0, np.float32), lowest], f"{p}/Where")[0]
+
+    def _build(self) -> None:
+        a = self.arch
+        x = self.embedding("input_ids")
+        cos, sin = self.rotary()
+        bias = self.mask_bias()
+        for i in range(a.layers):
+            p = f"/model/layers.{i}"
+            h = self.rms_norm(x, f"model.layers.{i}.input_layernorm.weight", f"{p}/input_layernorm")
+            x = self.node("Add", [x, self.attention(h, i, cos, sin, bias)], f"{p}/attn_residual/Add")[0]
+            h = self.rms_norm(x, f"model.layers.{i}.post_attention_layernorm.weight", f"{p}/post_attention_layernorm")
+            x = self.node("Add", [x, self.mlp(h, i)], f"{p}/mlp_residual/Add")[0]
+        self.lm_head(self.rms_norm(x, "model.norm.weight", "/model/norm"))
+
+    # ------------------------------------------------------------------ model
+    def offsets(self) -> list[int]:
+        out, pos = [], 0
+        for s in self.stored:
+            pos += -pos % ALIGN
+            out.append(pos)
+            pos += s.nbytes
+        return out
+
+    def data_size(self) -> int:
+        offs = self.offsets()
+        return offs[-1] + self.stored[-1].nbytes if self.stored else 0
+
+    def model(self, data_file: str = DATA_FILE) -> onnx.ModelProto:
+        a = self.arch
+        dyn = lambda *dims: dims  # noqa: E731 - readability of shapes below
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, dyn("batch_size", "sequence_length")),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, dyn("batch_size", "total_sequence_length")),
+                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, dyn("batch_size", "sequence_length"))]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, dyn("batch_size", "sequence_length", a.vocab))]
+        for i in range(a.layers):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                                                            dyn("batch_size", a.kv_heads, "past_sequence_length", a.head_dim)))
+                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+                                                             dyn("batch_size", a.kv_heads, "total_sequence_length", a.head_dim)))
+        initializers = [external_tensor(s, off, data_file) for s, off in zip(self.stored, self.offsets())]
+        graph = helper.make_graph(self.nodes, "soup_llama_decoder", inputs, outputs, self.const_protos + initializers)
+        opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if self.uses_ms else [])
+        model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="soup-export",
+                                  producer_version="1")
+        return model
+
+
+def external_tensor(s: Stored, offset: int, data_file: str) -> TensorProto:
+    t = TensorProto(name=s.name, data_type=helper.np_dtype_to_tensor_dtype(s.dtype), dims=list(s.shape))
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", data_file), ("offset", str(offset)), ("length", str(s.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def rotary_table(arch: Arch, fn: str) -> np.ndarray:
+    """cos or sin of position * inv_freq, (max_pos, head_dim), computed as transformers does (fp32)."""
+    import torch
+
+    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, arch.head_dim, 2, dtype=torch.int64).float() / arch.head_dim))
+    freqs = torch.arange(arch.max_pos).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() if fn == "cos" else emb.sin()).numpy().astype(np.float32)
+
+
+def encode(stored: list[Stored], weight: Callable[[str], np.ndarray], arch: Arch) -> Iterator[tuple[Stored, np.ndarray]]:
+    """Each stored array, in layout order, encoded from the fp32 HF-layout weights."""
+    cache: dict[tuple, dict[str, np.ndarray]] = {}
+    for s in stored:
+        key = (s.weight, s.how, s.rep)
+        if key not in cache:
+            cache.clear()
+            w = rotary_table(arch, s.weight.split(".")[1]) if s.weight.startswith("@") else weight(s.weight)
+            cache[key] = _encode_one(np.asarray(w, dtype=np.float32), s)
+        arr = cache[key][s.part]
+        assert arr.shape == s.shape and arr.dtype == s.dtype, f"{s.name}: {arr.shape}/{arr.dtype} vs {s.shape}/{s.dtype}"
+        yield s, arr
+
+
+def _encode_one(w: np.ndarray, s: Stored) -> dict[str, np.ndarray]:
+    if s.how == "raw":
+        return {"": w}
+    if s.how == "float-linear":
+        return {"": np.ascontiguousarray(w.T).astype(s.rep.dtype)}
+    if s.how == "float-gather":
+        return {"": w.astype(s.rep.dtype)}
+    if s.how == "int8-channel":
+        return quantize_int8_channel(w)
+    enc = quantize_nbits(w, s.rep)
+    if s.how == "nbits-gather":
+        enc["q"] = enc["q"].reshape(w.shape[0], -1)
+    return enc

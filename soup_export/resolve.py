@@ -1,0 +1,154 @@
+"""Stage 2, resolve: Theta(h) = S + sum_j alpha_j E_j as a standard Hugging Face Llama directory.
+
+alpha = coefficient MLP(h); then, tensor by tensor, the shared tensor and its expert bank are
+read from the memory-mapped checkpoint, fused in fp32 with `soup_math.combine` (the one
+definition of the soup math), cast to the output dtype and streamed into `model.safetensors`.
+Peak memory is about one tensor times (n + 1), never the model.
+
+`resolve_batch` is tensor-major: each bank tensor is read once and written for every mix.
+Output (`resolve`): config.json, model.safetensors, generation_config.json, tokenizer files,
+and soup_spec.json (mix, alpha, checkpoint hash) so the directory says what made it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from soup_export.errors import ExportInputError
+from soup_export.mix import Mix
+from soup_export.stream import SafetensorsWriter
+from soup_train.checkpoint import CheckpointInfo, read_info, resolve_checkpoint
+from soup_train.model.soup import CoefficientMLP
+from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine, expert_keys
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SPEC_FILE = "soup_spec.json"
+
+
+@dataclass(frozen=True)
+class Bank:
+    """A checkpoint opened for fusion: its info, path, hash and dense tensor shapes."""
+
+    path: Path
+    info: CheckpointInfo
+    sha256: str
+    shapes: dict[str, tuple[int, ...]]  # dense name -> shape, in checkpoint order
+
+    @classmethod
+    def open(cls, path: Path) -> "Bank":
+        ckpt = resolve_checkpoint(Path(path))
+        info = read_info(ckpt)
+        weights = ckpt / "model.safetensors"
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k[len(SHARED_PREFIX):]: tuple(f.get_slice(k).get_shape()) for k in f.keys()
+                      if k.startswith(SHARED_PREFIX)}
+        return cls(ckpt, info, file_sha256(weights), shapes)
+
+    @property
+    def weights(self) -> Path:
+        return self.path / "model.safetensors"
+
+    def alpha(self, h: np.ndarray) -> torch.Tensor:
+        """alpha = w(h) with the checkpoint's coefficient MLP (fp32)."""
+        mlp = CoefficientMLP(len(self.info.domains), self.info.run.soup)
+        with safe_open(str(self.weights), framework="pt") as f:
+            state = {k[len(COEF_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(COEF_PREFIX)}
+        mlp.load_state_dict(state)
+        with torch.no_grad():
+            return mlp(torch.as_tensor(h, dtype=torch.float32)).float()
+
+    def fused(self, alphas: list[torch.Tensor], progress: bool = False) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """Tensor-major: (dense name, [Theta_m[name] for each alpha_m]) in fp32, one tensor at a time."""
+        rank = self.info.run.soup.expert_rank
+        with safe_open(str(self.weights), framework="pt") as f:
+            for name in tqdm(self.shapes, desc="fuse", unit="tensor", disable=not progress, leave=False):
+                shared = f.get_tensor(SHARED_PREFIX + name).float()
+                bank = tuple(f.get_tensor(k).float() for k in expert_keys(name, shared.shape, rank))
+                yield name, [combine(shared, bank, a) for a in alphas]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve(ckpt: Path, mix: Mix, out: Path, dtype: str = "float32", progress: bool = False) -> Path:
+    """Write the HF Llama directory of Theta(h) into `out` (which must not exist)."""
+    return resolve_batch(ckpt, [mix], [out], dtype, progress)[0]
+
+
+def resolve_batch(ckpt: Path, mixes: list[Mix], outs: list[Path], dtype: str = "float32",
+                  progress: bool = False) -> list[Path]:
+    """One pass over the bank for many mixes; `outs[m]` receives mix m's HF directory."""
+    if dtype not in DTYPES:
+        raise ExportInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    bank = Bank.open(ckpt)
+    for mix in mixes:
+        if list(mix.domains) != list(bank.info.domains):
+            raise ExportInputError(f"mix {mix.name!r} is over domains {list(mix.domains)}, the checkpoint's are "
+                                   f"{bank.info.domains}")
+    alphas = [bank.alpha(m.h) for m in mixes]
+    torch_dtype = DTYPES[dtype]
+    specs = [(name, torch_dtype, shape) for name, shape in bank.shapes.items()]
+    writers = []
+    for out in outs:
+        out.mkdir(parents=True, exist_ok=True)
+        writers.append(SafetensorsWriter(out / "model.safetensors", specs, {"format": "pt"}))
+    try:
+        for name, tensors in bank.fused(alphas, progress):
+            for writer, tensor in zip(writers, tensors):
+                writer.write(name, tensor)
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    for out, mix, alpha in zip(outs, mixes, alphas):
+        write_hf_files(bank, out, dtype)
+        spec = {"mix": mix.to_dict(), "alpha": [float(a) for a in alpha], "checkpoint": checkpoint_ref(bank),
+                "dtype": dtype}
+        (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    return outs
+
+
+def checkpoint_ref(bank: Bank) -> dict:
+    return {"name": bank.path.name, "step": bank.info.step, "model_sha256": bank.sha256,
+            "domains": bank.info.domains, "view": bank.info.view}
+
+
+def write_hf_files(bank: Bank, out: Path, dtype: str) -> None:
+    """config.json, generation_config.json and the tokenizer files of an HF Llama directory."""
+    from transformers import GenerationConfig, LlamaConfig
+
+    from soup_train.data.tokenizer import hf_tokenizer
+
+    tok = hf_tokenizer(bank.path / "tokenizer.json")
+    eos = tok.eos_token_id
+    cfg = LlamaConfig(**bank.info.run.model.to_hf(), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                      torch_dtype=dtype, architectures=["LlamaForCausalLM"])
+    cfg.to_json_file(str(out / "config.json"))
+    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False,
+                     max_length=bank.info.run.model.max_seq_len).to_json_file(str(out / "generation_config.json"))
+    tok.save_pretrained(str(out))
+    shutil.copytree(bank.path / "domains", out / "domains", dirs_exist_ok=True)
+
+
+def read_spec(hf_dir: Path) -> dict:
+    path = Path(hf_dir) / SPEC_FILE
+    if not path.is_file():
+        raise ExportInputError(f"{hf_dir} is not a resolved specialist (no {SPEC_FILE}); "
+                               "create one with `soup-export resolve CKPT --mix ... --out DIR`")
+    return json.loads(path.read_text())
