@@ -1,21 +1,288 @@
-"""`soup-export`: the export half (resolve -> graph -> quantize -> budget -> parity -> manifest).
+"""`soup-export`: thin click commands over the export stages (parse, call one function, render).
 
-Only the command group exists so far; the stages land with the export issue.
+    build    every stage for one customer          batch    many customers in one pass
+    resolve  mix -> HF Llama directory             graph    HF directory -> fp32 ONNX
+    quantize HF or fp32 ONNX -> a tier             check    parity stages on an export
+    estimate texts -> domain weights               inspect  summarise a manifest
 """
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import click
+
+from soup_train.cli import _setup_logging
+
+_path = click.Path(path_type=Path)
+
+
+def mix_options(f):
+    f = click.option("--from-texts", "from_texts", multiple=True, type=_path,
+                     help="Estimate the mix from these texts (files or directories; Algorithm 3).")(f)
+    f = click.option("--mix-file", type=_path, help="JSON/YAML file of {domain: weight}.")(f)
+    f = click.option("--mix", "mix_text", help="Domain weights, e.g. austen=0.7,python-code=0.3.")(f)
+    return click.option("--name", default="specialist", show_default=True, help="Customer name recorded in the manifest.")(f)
+
+
+def export_options(f):
+    f = click.option("--force", is_flag=True, help="Replace --out if it exists.")(f)
+    f = click.option("--no-hf", is_flag=True, help="Do not keep the resolved HF directory.")(f)
+    f = click.option("--data", type=_path, help="Data directory for held-out text (default: the checkpoint's).")(f)
+    f = click.option("--eval-texts", multiple=True, type=_path, help="The customer's own texts for parity (c).")(f)
+    f = click.option("--no-parity", is_flag=True, help="Skip the parity stages.")(f)
+    f = click.option("--max-size", help="Budget for model.onnx + data, e.g. 12MB or 8MiB.")(f)
+    f = click.option("--qparam", multiple=True, metavar="KEY=VALUE", help="Quantizer parameter, e.g. block_size=64.")(f)
+    return click.option("--quant", default="auto", show_default=True,
+                        help="auto (highest precision that fits), fp32, fp16, int8, mixed or int4.")(f)
+
+
+def _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf):
+    from soup_export.budget import parse_size
+    from soup_export.build import ExportSpec
+    from soup_export.errors import QuantError
+    from soup_export.quantize import make_plan
+
+    params = []
+    for item in qparam:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise QuantError(f"--qparam {item!r} is not KEY=VALUE (e.g. --qparam block_size=64)")
+        params.append((key.strip(), value.strip()))
+    if quant != "auto":
+        make_plan(quant, dict(params))  # validate the name and parameters now
+    elif params:
+        raise QuantError("--qparam needs an explicit --quant (auto compares tiers at their defaults)")
+    return ExportSpec(quant=quant, quant_params=tuple(params), max_size=parse_size(max_size) if max_size else None,
+                      parity=not no_parity, keep_hf=not no_hf, data=str(data) if data else None,
+                      eval_texts=tuple(str(t) for t in eval_texts))
+
+
+def _load_mix(ckpt: Path, name: str, mix_text: str | None, mix_file: Path | None, from_texts: tuple[Path, ...]):
+    from soup_export.errors import MixError
+    from soup_export.mix import mix_from_mapping, mix_from_texts, read_mix_file, parse_mix, validate
+    from soup_export.resolve import Bank
+
+    given = [x for x in (mix_text, mix_file, from_texts) if x]
+    if len(given) != 1:
+        raise MixError("give exactly one of --mix DOMAIN=W,..., --mix-file FILE or --from-texts PATH")
+    bank = Bank.open(ckpt)
+    domains = bank.info.domains
+    if mix_text:
+        return validate(parse_mix(mix_text), domains, "weights", name)
+    if mix_file:
+        return mix_from_mapping(read_mix_file(mix_file), domains, f"file:{mix_file.name}", name)
+    return mix_from_texts(bank.path, list(from_texts), domains, bank.info.view, name)
+
+
+def _summary(m: dict) -> str:
+    from soup_export.budget import human
+
+    size = m["size"]
+    lines = [f"{m['mix']['name']}: tier {m['tier']}, {human(size['actual'])} (predicted {human(size['predicted'])}"
+             + (f", budget {human(size['budget'])}, headroom {human(size['headroom'])})" if size["budget"] else ")"),
+             "  mix: " + ", ".join(f"{d}={w:.3f}" for d, w in m["mix"]["weights"].items() if w > 0)
+             + (" (normalised)" if m["mix"]["normalised"] else "")]
+    p = m["parity"]
+    if not p.get("skipped"):
+        line = (f"  parity: (a) {p['a_soup_vs_dense']['max_abs_logit_diff']:.2g}  (b) "
+                f"{max(p['b_torch_vs_onnx']['prefill_max_abs_diff'], p['b_torch_vs_onnx']['decode_max_abs_diff']):.2g}")
+        if "c_quantized_vs_fp32" in p:
+            c = p["c_quantized_vs_fp32"]
+            line += f"  (c) dPPL {100 * c['dppl']:+.2f}% KL {c['mean_kl']:.4f} top-1 {c['top1_agreement']:.3f}"
+        line += f"  (d) greedy {p['d_greedy']['tokens']} tokens identical"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """Compile Soup-of-Experts checkpoints into quantized ONNX specialists (not yet implemented).
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Compile Soup-of-Experts checkpoints into quantized ONNX specialists.
 
     \b
-    Example (planned):
-      soup-export build runs/demo --mix fiction=0.7,code=0.3 --out out/acme
+    Example:
+      soup-export build runs/demo --mix austen=0.7,python-code=0.3 --out out/acme --max-size 1MB
     """
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("ckpt", type=_path)
+@mix_options
+@click.option("--out", required=True, type=_path, help="Export directory to create.")
+@export_options
+def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_size, no_parity, eval_texts, data,
+          no_hf, force):
+    """Every stage: mix, resolve, graph, quantize, budget, parity, manifest.
+
+    \b
+    Example:
+      soup-export build runs/demo --mix austen=0.7,python-code=0.3 --out out/acme
+      soup-export build runs/demo --from-texts mail/ --out out/globex --max-size 600KB
+    """
+    from soup_export.build import build as run_build
+
+    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf)
+    mix = _load_mix(ckpt, name, mix_text, mix_file, from_texts)
+    click.echo(_summary(run_build(ckpt, mix, out, spec, force)))
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("ckpt", type=_path)
+@click.argument("mixes", type=_path)
+@click.option("--out", required=True, type=_path, help="Batch directory to create (one sub-directory per customer).")
+@export_options
+def batch(ckpt, mixes, out, quant, qparam, max_size, no_parity, eval_texts, data, no_hf, force):
+    """Many customers in one pass over the bank (YAML/JSON: {customers: {NAME: {domain: w} | {texts: [...]}}}).
+
+    \b
+    Example:
+      soup-export batch runs/demo customers.yaml --out out/batch --quant int4
+    """
+    from soup_export.batchfile import read_batch
+    from soup_export.build import batch as run_batch
+
+    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf)
+    manifests = run_batch(ckpt, read_batch(ckpt, mixes), out, spec, force)
+    for m in manifests:
+        click.echo(_summary(m))
+    click.echo(f"wrote {out} ({len(manifests)} specialists)")
+
+
+@main.command()
+@click.argument("ckpt", type=_path)
+@mix_options
+@click.option("--out", required=True, type=_path, help="HF Llama directory to create.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def resolve(ckpt, name, mix_text, mix_file, from_texts, out, dtype, force):
+    """Fuse Theta(h) into a standard Hugging Face Llama directory.
+
+    \b
+    Example:
+      soup-export resolve runs/demo --mix bible=1 --out out/bible-hf
+    """
+    from soup_export.build import staged_output
+    from soup_export.resolve import resolve_batch
+
+    mix = _load_mix(ckpt, name, mix_text, mix_file, from_texts)
+    with staged_output(out, force) as tmp:
+        resolve_batch(ckpt, [mix], [tmp], dtype)
+    click.echo(f"wrote {out} (mix {mix.describe()})")
+
+
+@main.command()
+@click.argument("hf_dir", type=_path)
+@click.option("--out", required=True, type=_path, help="ONNX directory to create.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def graph(hf_dir, out, force):
+    """Build the fp32 ONNX decoder (KV cache, genai_config.json) from a resolved HF directory.
+
+    \b
+    Example:
+      soup-export graph out/bible-hf --out out/bible-onnx
+    """
+    _write_tier(hf_dir, out, "fp32", (), None, force)
+
+
+@main.command()
+@click.argument("src", type=_path)
+@click.option("--quant", required=True, help="auto, fp32, fp16, int8, mixed or int4.")
+@click.option("--qparam", multiple=True, metavar="KEY=VALUE", help="Quantizer parameter, e.g. block_size=64.")
+@click.option("--max-size", help="Budget for model.onnx + data, e.g. 12MB.")
+@click.option("--out", required=True, type=_path, help="ONNX directory to create.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def quantize(src, quant, qparam, max_size, out, force):
+    """Write a quantized ONNX directory from a resolved HF directory or an fp32 ONNX directory.
+
+    \b
+    Example:
+      soup-export quantize out/bible-onnx --quant int4 --out out/bible-int4
+      soup-export quantize out/bible-hf --quant auto --max-size 800KB --out out/bible-small
+    """
+    _write_tier(src, out, quant, qparam, max_size, force)
+
+
+def _write_tier(src: Path, out: Path, quant: str, qparam, max_size, force: bool) -> None:
+    from soup_export import budget
+    from soup_export.build import staged_output
+    from soup_export.onnx_dir import dense_weights, graph_bytes, read_arch, write_onnx_dir
+    from soup_export.quantize import make_plan
+
+    spec = _spec(quant, qparam, max_size, True, (), None, False)
+    arch, _ = read_arch(src)
+    weights = dense_weights(src)
+    tier, preds = budget.choose_tier(arch, quant, spec.max_size, dict(spec.quant_params) or None)
+    model, g = graph_bytes(arch, make_plan(tier, dict(spec.quant_params) if quant != "auto" else None))
+    with staged_output(out, force) as tmp:
+        write_onnx_dir(tmp, model, g, weights, src)
+        size = budget.verify(tmp, preds[tier].total, spec.max_size)
+    click.echo(f"wrote {out}: tier {tier}, {budget.human(size['actual'])}"
+               + (f", headroom {budget.human(size['headroom'])}" if spec.max_size else ""))
+
+
+@main.command()
+@click.argument("export_dir", type=_path)
+@click.option("--ckpt", type=_path, help="Checkpoint for stage (a) (default: skip it).")
+@click.option("--data", type=_path, help="Data directory for held-out text.")
+@click.option("--eval-texts", multiple=True, type=_path, help="The customer's own texts for stage (c).")
+def check(export_dir, ckpt, data, eval_texts):
+    """Run the parity stages on an export directory (its hf/ and onnx/) and print the report.
+
+    \b
+    Example:
+      soup-export check out/acme --ckpt runs/demo
+    """
+    from soup_export.checkrun import check_export
+
+    click.echo(json.dumps(check_export(export_dir, ckpt, data, eval_texts), indent=2))
+
+
+@main.command()
+@click.argument("ckpt", type=_path)
+@click.argument("texts", nargs=-1, required=True, type=_path)
+@click.option("--json", "as_json", is_flag=True, help="Print the weights as JSON.")
+def estimate(ckpt, texts, as_json):
+    """Estimate a customer's domain weights from their texts (the checkpoint's centroids).
+
+    \b
+    Example:
+      soup-export estimate runs/demo customer_texts/
+    """
+    mix = _load_mix(ckpt, "estimate", None, None, texts)
+    if as_json:
+        click.echo(json.dumps(dict(zip(mix.domains, [round(w, 6) for w in mix.weights]))))
+        return
+    for d, w in sorted(zip(mix.domains, mix.weights), key=lambda x: -x[1]):
+        click.echo(f"{d:<16} {w:.4f} {'#' * round(40 * w)}")
+
+
+@main.command()
+@click.argument("export_dir", type=_path)
+def inspect(export_dir):
+    """Summarise an export (or a batch) directory: mix, tier, sizes, parity.
+
+    \b
+    Example:
+      soup-export inspect out/acme
+    """
+    from soup_export.manifest import read_manifest
+
+    if (export_dir / "batch.json").is_file():
+        for sub in sorted(p for p in export_dir.iterdir() if (p / "manifest.json").is_file()):
+            click.echo(_summary(read_manifest(sub)))
+        return
+    m = read_manifest(export_dir)
+    click.echo(_summary(m))
+    click.echo(f"  checkpoint: {m['checkpoint']['name']} step {m['checkpoint']['step']} "
+               f"sha256 {m['checkpoint']['model_sha256'][:16]}...")
+    click.echo(f"  files: {len(m['files'])}, versions: onnxruntime {m['versions']['onnxruntime']}, "
+               f"torch {m['versions']['torch']}")
 
 
 if __name__ == "__main__":
+    logging.getLogger(__name__)
     main()

@@ -1,7 +1,7 @@
 """Write and read ONNX specialist directories (the graph and quantize stages' files).
 
 An ONNX directory holds `model.onnx` (graph only), `model.onnx.data` (every weight),
-`genai_config.json` (onnxruntime-genai), `config.json` + tokenizer files (optimum's
+`genai_config.json` (onnxruntime-genai), `export.json` (tier and quantization plan), `config.json` + tokenizer files (optimum's
 ORTModelForCausalLM, transformers' tokenizer), `generation_config.json` and `soup_spec.json`.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from soup_export.quantize import Plan
 from soup_export.resolve import SPEC_FILE
 
 MODEL_FILE = "model.onnx"
+EXPORT_FILE = "export.json"
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", SPEC_FILE)
 
@@ -61,6 +62,15 @@ def write_onnx_dir(out: Path, model_bytes: bytes, g: DecoderGraph, weight: Calla
     write_data(out / DATA_FILE, g, weight)
     copy_side_files(side_dir, out)
     write_genai_config(out, g.arch)
+    (out / EXPORT_FILE).write_text(json.dumps({"tier": g.plan.tier, "quantization": g.plan.to_dict()}, indent=2) + "\n")
+
+
+def read_tier(onnx_dir: Path) -> str:
+    path = Path(onnx_dir) / EXPORT_FILE
+    if not path.is_file() or not (Path(onnx_dir) / MODEL_FILE).is_file():
+        raise ExportInputError(f"{onnx_dir} is not an ONNX specialist directory (no {MODEL_FILE} or {EXPORT_FILE}); "
+                               "create one with `soup-export graph` or `soup-export quantize`")
+    return json.loads(path.read_text())["tier"]
 
 
 def copy_side_files(src: Path, out: Path) -> None:

@@ -1,0 +1,174 @@
+"""`build` and `batch`: every stage, into a temporary directory beside the target, renamed at the end.
+
+Layout of an export directory:
+    manifest.json   the spec, mix, alpha, hashes, sizes, parity, versions
+    onnx/           the shippable specialist: model.onnx, model.onnx.data, genai_config.json,
+                    config.json, tokenizer files, generation_config.json
+    hf/             the resolved dense model as a Hugging Face Llama directory (unless --no-hf)
+A batch directory holds one such directory per customer plus `batch.json`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from soup_export import budget as budget_mod
+from soup_export import parity as P
+from soup_export.errors import OutputExistsError, ParityError
+from soup_export.evaltext import from_data, from_texts, random_tokens, resolve_data_dir
+from soup_export.manifest import write_manifest
+from soup_export.mix import Mix
+from soup_export.onnx_dir import dense_weights, graph_bytes, read_arch, write_onnx_dir
+from soup_export.quantize import make_plan
+from soup_export.resolve import Bank, checkpoint_ref, read_spec, resolve_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """How to compile a mix (everything but the mix itself); recorded in the manifest."""
+
+    quant: str = "auto"  # auto | fp32 | fp16 | int8 | mixed | int4
+    quant_params: tuple[tuple[str, str], ...] = ()  # declared quantizer parameters, e.g. (("block_size", "64"),)
+    max_size: int | None = None  # bytes of model.onnx + model.onnx.data
+    parity: bool = True  # run stages (a)-(d)
+    parity_cfg: P.ParityConfig = field(default_factory=P.ParityConfig)
+    keep_hf: bool = True  # keep the resolved HF directory next to the ONNX one
+    data: str | None = None  # data directory for held-out text (default: the checkpoint's, if present)
+    eval_texts: tuple[str, ...] = ()  # the customer's own texts for parity (c)
+
+    def to_dict(self) -> dict:
+        return {"quant": self.quant, "quant_params": dict(self.quant_params), "max_size": self.max_size,
+                "parity": self.parity, "parity_config": self.parity_cfg.to_dict(), "keep_hf": self.keep_hf,
+                "eval_texts": [Path(t).name for t in self.eval_texts]}
+
+
+@contextmanager
+def staged_output(out: Path, force: bool):
+    """Yield a temporary directory beside `out`; rename it to `out` only if the body succeeds."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build(ckpt: Path, mix: Mix, out: Path, spec: ExportSpec = ExportSpec(), force: bool = False) -> dict:
+    """Every stage for one mix; returns the manifest."""
+    with staged_output(out, force) as tmp:
+        resolve_batch(ckpt, [mix], [tmp / "hf"])
+        return compile_specialist(Bank.open(ckpt), mix, tmp, spec, {})
+
+
+def batch(ckpt: Path, mixes: list[Mix], out: Path, spec: ExportSpec = ExportSpec(), force: bool = False,
+          progress: bool = True) -> list[dict]:
+    """Many mixes: one tensor-major pass over the bank, the graph emitted once per tier."""
+    from tqdm import tqdm
+
+    names = [m.name for m in mixes]
+    if len(set(names)) != len(names):
+        raise OutputExistsError(f"customer names must be unique, got {names}")
+    with staged_output(out, force) as tmp:
+        bank = Bank.open(ckpt)
+        resolve_batch(ckpt, mixes, [tmp / m.name / "hf" for m in mixes], progress=progress)
+        cache: dict = {}
+        manifests = [compile_specialist(bank, m, tmp / m.name, spec, cache)
+                     for m in tqdm(mixes, desc="export", unit="mix", disable=not progress)]
+        summary = [{"name": m["mix"]["name"], "tier": m["tier"], "bytes": m["size"]["actual"],
+                    "weights": m["mix"]["weights"]} for m in manifests]
+        (tmp / "batch.json").write_text(json.dumps({"checkpoint": checkpoint_ref(bank), "spec": spec.to_dict(),
+                                                    "customers": summary}, indent=2) + "\n")
+        return manifests
+
+
+def compile_specialist(bank: Bank, mix: Mix, root: Path, spec: ExportSpec, cache: dict) -> dict:
+    """graph -> quantize -> budget -> parity -> manifest, from the resolved `root/hf`."""
+    start = time.perf_counter()
+    hf = root / "hf"
+    arch, _ = read_arch(hf)
+    params = dict(spec.quant_params)
+    tier, preds = budget_mod.choose_tier(arch, spec.quant, spec.max_size, params or None)
+    weights = dense_weights(hf)
+    model_bytes, g = _graph(cache, arch, tier, params if spec.quant != "auto" else {})
+    write_onnx_dir(root / "onnx", model_bytes, g, weights, hf)
+    size = budget_mod.verify(root / "onnx", preds[tier].total, spec.max_size)
+    parity = run_parity(bank, mix, hf, root / "onnx", tier, spec, cache) if spec.parity else {"skipped": True}
+    if not spec.keep_hf:
+        shutil.rmtree(hf)
+    record = {"spec": {**spec.to_dict(), "mix_source": mix.source}, "mix": mix.to_dict(),
+              "alpha": read_spec(root / "onnx")["alpha"], "checkpoint": checkpoint_ref(bank), "tier": tier,
+              "quantization": g.plan.to_dict(),
+              "size": {**size, "predicted_by_tier": {t: p.total for t, p in preds.items()}},
+              "parity": parity, "seconds": round(time.perf_counter() - start, 3)}
+    write_manifest(root, record)
+    return json.loads((root / "manifest.json").read_text())
+
+
+def _graph(cache: dict, arch, tier: str, params: dict):
+    key = (arch, tier, tuple(sorted(params.items())))
+    if key not in cache:
+        cache[key] = graph_bytes(arch, make_plan(tier, params))
+    return cache[key]
+
+
+def run_parity(bank: Bank | None, mix: Mix, hf: Path, onnx_dir: Path, tier: str, spec: ExportSpec,
+               cache: dict, scratch: Path | None = None) -> dict:
+    """Stages (a)-(d); (a) needs the checkpoint (`bank`). The fp32 reference of a quantized tier is
+    written to a scratch directory and removed."""
+    cfg = spec.parity_cfg
+    arch, _ = read_arch(hf)
+    windows, source = eval_data(bank, mix, hf, spec, arch)
+    report: dict = {"eval_source": source}
+    if bank is not None:
+        report["a_soup_vs_dense"] = P.soup_vs_dense(bank.path, mix.h, hf, windows[:2, :32], cfg.soup_tol)
+    fp32_dir = onnx_dir
+    scratch = scratch or onnx_dir.parent / ".fp32-reference"
+    if tier != "fp32":
+        model_bytes, g = _graph(cache, arch, "fp32", {})
+        write_onnx_dir(scratch, model_bytes, g, dense_weights(hf), hf)
+        fp32_dir = scratch
+    try:
+        report["b_torch_vs_onnx"] = P.torch_vs_onnx(hf, fp32_dir, windows[:2, :16], cfg.onnx_tol)
+        if tier != "fp32":
+            if source == "random tokens":
+                raise ParityError("parity (c) needs held-out text: pass --eval-texts FILES or --data DIR "
+                                  "(the prepared data directory), or --no-parity")
+            report["c_quantized_vs_fp32"] = P.quantized_vs_fp32(fp32_dir, onnx_dir, tier, windows, cfg.max_dppl(tier))
+        prompt = [int(t) for t in windows[0, :16]]
+        report["d_greedy"] = P.greedy_match(hf, fp32_dir, prompt, cfg.greedy_tokens)
+        if tier != "fp32":
+            report["d_greedy"]["quantized"] = P.greedy_agreement(fp32_dir, onnx_dir, prompt, cfg.greedy_tokens)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def eval_data(bank: Bank | None, mix: Mix, hf: Path, spec: ExportSpec, arch) -> tuple[np.ndarray, str]:
+    cfg = spec.parity_cfg
+    length = min(cfg.window, arch.max_pos - 1)
+    if spec.eval_texts:
+        from soup_train.textfiles import read_texts
+
+        texts = read_texts([Path(t) for t in spec.eval_texts])
+        return from_texts(texts, hf / "tokenizer.json", cfg.eval_windows, length), f"texts:{len(texts)} files"
+    data = resolve_data_dir(Path(spec.data) if spec.data else None, bank.info.run.data.path if bank else "")
+    if data is not None:
+        view = bank.info.view if bank else "sources"
+        return from_data(data, view, mix.h, cfg.eval_windows, length), "data:test split at h"
+    return random_tokens(arch.vocab, cfg.eval_windows, max(length, 16)), "random tokens"

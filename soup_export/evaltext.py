@@ -1,0 +1,56 @@
+"""Held-out token windows for parity: the customer's own texts, or test windows drawn from mix(h).
+
+Preference: texts given by the user; else the checkpoint's data directory (its test split, never
+seen in training), sampled with Algorithm 1 at the customer's h with a fixed seed; else none
+(stages a, b and d then run on seeded random tokens and stage c cannot run).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from soup_export.errors import ParityError
+
+
+def from_texts(texts: list[str], tokenizer_json: Path, n: int, length: int) -> np.ndarray:
+    from soup_train.data.tokenizer import EOS, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_json)
+    eos = tok.token_to_id(EOS)
+    ids = np.concatenate([np.asarray(e.ids + [eos], np.int64) for e in tok.encode_batch(texts)])
+    count = min(n, len(ids) // (length + 1))
+    if count == 0:
+        raise ParityError(f"the evaluation texts hold {len(ids)} tokens, fewer than one window of {length + 1}; "
+                          "pass more text")
+    return ids[:count * (length + 1)].reshape(count, length + 1)
+
+
+def from_data(data_dir: Path, view: str, h: np.ndarray, n: int, length: int, seed: int = 0) -> np.ndarray:
+    from soup_train.data.shards import DomainShards
+
+    shards = DomainShards.open(data_dir, view, "test")
+    counts = shards.counts
+    p = np.where(counts > 0, h, 0.0)
+    if p.sum() <= 0:
+        raise ParityError(f"{data_dir}: no test windows in the domains of this mix")
+    rng = np.random.default_rng(seed)
+    domains = rng.choice(len(p), size=n, p=p / p.sum())
+    rows = [shards.arrays[d][int(rng.integers(counts[d]))] for d in domains]
+    length = min(length, shards.window - 1)
+    return np.stack(rows)[:, :length + 1].astype(np.int64)
+
+
+def random_tokens(vocab: int, n: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, vocab, size=(n, length + 1), dtype=np.int64)
+
+
+def resolve_data_dir(explicit: Path | None, recorded: str) -> Path | None:
+    """--data, else the data path recorded in the checkpoint if it exists here."""
+    if explicit is not None:
+        if not (Path(explicit) / "data.json").is_file():
+            raise ParityError(f"--data {explicit} is not a data directory from `soup-train prepare`")
+        return Path(explicit)
+    if recorded and (Path(recorded) / "data.json").is_file():
+        return Path(recorded)
+    return None

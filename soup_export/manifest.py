@@ -1,0 +1,54 @@
+"""Stage 7, manifest: what was built, from what, how, and how well; no absolute paths.
+
+`manifest.json` records the exact spec (as given), the normalised domain weights, alpha, the
+checkpoint's SHA-256, every output file's SHA-256 and bytes (paths relative to the export
+directory), the quantization plan, predicted vs actual size, parity metrics and library versions.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from soup_export.resolve import file_sha256
+
+FORMAT = "soup-export-v1"
+MANIFEST = "manifest.json"
+LIBRARIES = ("soup", "torch", "transformers", "tokenizers", "safetensors", "onnx", "onnxruntime",
+             "onnxruntime-genai", "numpy")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = "not installed"
+    return out
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    """{relative path: {sha256, bytes}} of every file under root except the manifest."""
+    return {p.relative_to(root).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def write_manifest(root: Path, record: dict) -> Path:
+    data = {"format": FORMAT, **record, "files": file_table(root), "versions": versions()}
+    path = root / MANIFEST
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def read_manifest(root: Path) -> dict:
+    from soup_export.errors import ExportInputError
+
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise ExportInputError(f"{root} has no {MANIFEST}; pass a directory written by `soup-export build`")
+    data = json.loads(path.read_text())
+    if data.get("format") != FORMAT:
+        raise ExportInputError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
+    return data

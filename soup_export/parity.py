@@ -1,0 +1,166 @@
+"""Stage 6, parity: four staged checks, each a hard error with its numbers.
+
+(a) soup at h vs the fused dense PyTorch model (transformers): max|d logits| <= soup_tol (1e-5)
+(b) dense PyTorch vs ONNX fp32 in onnxruntime: prefill of a left-padded batch of 2, then two
+    decode steps with the KV cache: max|d logits| over real tokens <= onnx_tol (1e-4)
+(c) quantized ONNX vs ONNX fp32 on held-out text of the customer's mix (or their own texts):
+    perplexity change, mean KL(fp32 || quantized) per token, top-1 agreement; the tier's dPPL
+    threshold is enforced (quantized logits legitimately differ by O(1) in max-abs, so they are
+    judged by NLL, KL and top-1, never by a logit tolerance)
+(d) greedy generation of `greedy_tokens` tokens: ONNX fp32 identical to transformers' generate.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from soup_export.errors import ParityError
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    soup_tol: float = 1e-5  # (a) max |d logits|, soup vs fused dense
+    onnx_tol: float = 1e-4  # (b) max |d logits|, PyTorch vs ONNX fp32
+    fp16_dppl: float = 0.005  # (c) max relative perplexity change per tier
+    int8_dppl: float = 0.01
+    mixed_dppl: float = 0.05
+    int4_dppl: float = 0.05
+    eval_windows: int = 16  # (c) held-out windows
+    window: int = 128  # (c) tokens per window (capped by the model's context)
+    greedy_tokens: int = 32  # (d)
+
+    def max_dppl(self, tier: str) -> float:
+        return getattr(self, f"{tier}_dppl", 0.0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _fail(stage: str, message: str) -> None:
+    raise ParityError(f"parity ({stage}) failed: {message}")
+
+
+def soup_vs_dense(ckpt: Path, h: np.ndarray, hf_dir: Path, ids: np.ndarray, tol: float) -> dict:
+    """(a) The soup forward at h against the resolved HF model."""
+    from transformers import AutoModelForCausalLM
+
+    from soup_train.checkpoint import load_soup
+
+    _quiet_transformers()
+    soup, _ = load_soup(ckpt)
+    dense = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    x = torch.as_tensor(ids, dtype=torch.long)
+    with torch.no_grad():
+        diff = (soup(x, torch.as_tensor(h, dtype=torch.float32)) - dense(x).logits).abs().max().item()
+    if not diff <= tol:
+        _fail("a", f"soup at h vs fused dense model: max|d logits| = {diff:.3g} > {tol:g}")
+    return {"max_abs_logit_diff": diff, "tolerance": tol, "tokens": int(x.numel())}
+
+
+def torch_vs_onnx(hf_dir: Path, onnx_dir: Path, ids: np.ndarray, tol: float) -> dict:
+    """(b) transformers vs ONNX fp32: padded prefill, then decode with the cache."""
+    from transformers import AutoModelForCausalLM
+
+    from soup_export.ort_model import OrtDecoder
+
+    _quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    ort = OrtDecoder(onnx_dir)
+    ids = np.resize(ids, (2, ids.shape[1]))  # two rows even from one window
+    x = torch.as_tensor(ids[:2, :12], dtype=torch.long)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # left padding on the second row
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True)
+    logits, past = ort.forward(x.numpy(), mask.numpy(), pos.numpy())
+    real = mask.bool().numpy()
+    prefill = float(np.abs(logits - ref.logits.numpy())[real].max())
+    nxt = torch.as_tensor(ids[:2, 12:14], dtype=torch.long)
+    mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
+    pos2 = pos[:, -1:] + torch.arange(1, nxt.shape[1] + 1)
+    with torch.no_grad():
+        ref2 = model(input_ids=nxt, attention_mask=mask2, position_ids=pos2, past_key_values=ref.past_key_values,
+                     use_cache=True)
+    logits2, _ = ort.forward(nxt.numpy(), mask2.numpy(), pos2.numpy(), past)
+    decode = float(np.abs(logits2 - ref2.logits.numpy()).max())
+    if not max(prefill, decode) <= tol:
+        _fail("b", f"PyTorch vs ONNX fp32: prefill max|d| = {prefill:.3g}, decode {decode:.3g} > {tol:g}")
+    return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode, "tolerance": tol,
+            "batch": 2, "left_padding": 3}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def quantized_vs_fp32(fp32_dir: Path, quant_dir: Path, tier: str, windows: np.ndarray, max_dppl: float) -> dict:
+    """(c) dPPL, mean KL and top-1 agreement of the quantized model against fp32."""
+    from soup_export.ort_model import OrtDecoder
+
+    ref, q = OrtDecoder(fp32_dir), OrtDecoder(quant_dir)
+    nll_f, nll_q, kl, agree, n = 0.0, 0.0, 0.0, 0, 0
+    for row in windows:
+        x, y = row[None, :-1], row[1:]
+        lf, lq = _log_softmax(ref.logits(x)[0]), _log_softmax(q.logits(x)[0])
+        idx = np.arange(len(y))
+        nll_f -= lf[idx, y].sum()
+        nll_q -= lq[idx, y].sum()
+        kl += (np.exp(lf) * (lf - lq)).sum()
+        agree += int((lf.argmax(-1) == lq.argmax(-1)).sum())
+        n += len(y)
+    ppl_f, ppl_q = float(np.exp(nll_f / n)), float(np.exp(nll_q / n))
+    report = {"tier": tier, "tokens": n, "ppl_fp32": ppl_f, "ppl_quantized": ppl_q,
+              "dppl": ppl_q / ppl_f - 1.0, "mean_kl": float(kl / n), "top1_agreement": agree / n,
+              "max_dppl": max_dppl}
+    if not report["dppl"] <= max_dppl:
+        _fail("c", f"{tier} perplexity {ppl_q:.4f} vs fp32 {ppl_f:.4f}: dPPL {100 * report['dppl']:+.2f}% > "
+                   f"{100 * max_dppl:.2f}% (mean KL {report['mean_kl']:.4f}, top-1 {report['top1_agreement']:.3f}); "
+                   "choose a higher-precision tier or raise the threshold")
+    return report
+
+
+def greedy_match(hf_dir: Path, onnx_dir: Path, prompt: list[int], new_tokens: int) -> dict:
+    """(d) Greedy tokens of ONNX fp32 vs transformers' generate (no early stop at EOS)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from soup_export.ort_model import OrtDecoder
+
+    _quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    ort = OrtDecoder(onnx_dir)
+    new_tokens = min(new_tokens, ort.arch.max_pos - len(prompt))
+    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             generation_config=gen)[0, len(prompt):].tolist()
+    got = ort.greedy(prompt, new_tokens)
+    if got != ref:
+        first = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+        _fail("d", f"ONNX greedy tokens differ from PyTorch at position {first} of {new_tokens}")
+    return {"tokens": new_tokens, "identical": True, "distinct_tokens": len(set(got)), "generated": got}
+
+
+def greedy_agreement(fp32_dir: Path, quant_dir: Path, prompt: list[int], new_tokens: int) -> dict:
+    """Informational: how long the quantized model's greedy output follows fp32's."""
+    from soup_export.ort_model import OrtDecoder
+
+    a = OrtDecoder(fp32_dir).greedy(prompt, new_tokens)
+    b = OrtDecoder(quant_dir).greedy(prompt, new_tokens)
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return {"common_prefix": same, "tokens": len(b), "distinct_tokens": len(set(b))}
