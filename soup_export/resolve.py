@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from soup_export.errors import ExportInputError
 from soup_export.mix import Mix
 from soup_export.stream import SafetensorsWriter
 from soup_train.checkpoint import CheckpointInfo, read_info, resolve_checkpoint
+from soup_train.errors import CheckpointError
 from soup_train.model.soup import CoefficientMLP
 from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine, expert_keys
 
@@ -48,9 +49,14 @@ class Bank:
         ckpt = resolve_checkpoint(Path(path))
         info = read_info(ckpt)
         weights = ckpt / "model.safetensors"
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {k[len(SHARED_PREFIX):]: tuple(f.get_slice(k).get_shape()) for k in f.keys()
-                      if k.startswith(SHARED_PREFIX)}
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                shapes = {k[len(SHARED_PREFIX):]: tuple(f.get_slice(k).get_shape()) for k in f.keys()
+                          if k.startswith(SHARED_PREFIX)}
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read {weights}: {exc}; the checkpoint is missing or corrupt") from None
+        if not shapes:
+            raise CheckpointError(f"{weights} holds no shared.* tensors; it is not a soup checkpoint")
         return cls(ckpt, info, file_sha256(weights), shapes)
 
     @property

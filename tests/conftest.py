@@ -28,3 +28,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "network" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def debug_ckpt(debug_data, tmp_path_factory) -> Path:
+    """A debug soup trained long enough that quantization is judged on trained weights."""
+    from dataclasses import replace
+
+    from soup_train.config import apply_overrides
+    from soup_train.presets import run_preset
+    from soup_train.train import fit
+
+    cfg = run_preset("debug")
+    cfg = apply_overrides(replace(cfg, data=replace(cfg.data, path=str(debug_data))),
+                          ["train.steps=80", "train.ckpt_every=80", "train.eval_every=0", "train.log_every=20"])
+    out = tmp_path_factory.mktemp("runs") / "export-src"
+    fit(cfg, out, progress=False)
+    return out

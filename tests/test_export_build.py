@@ -1,0 +1,181 @@
+"""`soup-export` end to end on the debug checkpoint: build, batch, check, inspect, runtimes, errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from soup_export.cli import main
+
+COMMANDS = sorted(main.commands)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def built(debug_ckpt, debug_data, tmp_path_factory):
+    """One int4 specialist forced by a size budget, with parity on."""
+    from soup_export.budget import predict
+    from soup_export.onnx_dir import read_arch
+    from soup_export.resolve import Bank, resolve_batch
+    from soup_export.mix import validate
+
+    scratch = tmp_path_factory.mktemp("scratch")
+    bank = Bank.open(debug_ckpt)
+    resolve_batch(debug_ckpt, [validate({"licences": 1}, bank.info.domains)], [scratch / "hf"])
+    budget = predict(read_arch(scratch / "hf")[0], "mixed").total - 1  # only int4 fits
+    out = tmp_path_factory.mktemp("exports") / "acme"
+    result = run("build", debug_ckpt, "--mix", "licences=0.7,python-code=0.3", "--name", "acme", "--out", out,
+                 "--max-size", f"{budget}B", "--data", debug_data)
+    assert result.exit_code == 0, result.output
+    return out, budget, result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0 and "Example" in result.output
+
+
+def test_build_under_a_budget_picks_int4_and_passes_parity(built, debug_ckpt):
+    out, budget, output = built
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["tier"] == "int4" and "tier int4" in output and "greedy 32 tokens identical" in output
+    assert m["size"]["actual"] == m["size"]["predicted"] <= budget and m["size"]["headroom"] == budget - m["size"]["actual"]
+    assert m["mix"]["weights"]["licences"] == pytest.approx(0.7) and not m["mix"]["normalised"]
+    assert len(m["alpha"]) == 4 and m["quantization"]["body"]["bits"] == 4
+    p = m["parity"]
+    assert p["a_soup_vs_dense"]["max_abs_logit_diff"] <= 1e-5 and p["b_torch_vs_onnx"]["decode_max_abs_diff"] <= 1e-4
+    assert p["c_quantized_vs_fp32"]["dppl"] <= 0.05 and p["d_greedy"]["identical"]
+    from soup_export.resolve import file_sha256
+
+    assert m["checkpoint"]["model_sha256"] == file_sha256(debug_ckpt / "checkpoints" / "step_0000080" / "model.safetensors")
+    for rel, entry in m["files"].items():
+        assert sha(out / rel) == entry["sha256"] and (out / rel).stat().st_size == entry["bytes"]
+    assert str(out.parent) not in (out / "manifest.json").read_text()  # no absolute paths
+    assert {"onnxruntime", "torch", "transformers", "onnx"} <= set(m["versions"])
+    assert not list(out.parent.glob(".*"))  # nothing temporary left
+
+
+def test_inspect_and_check_read_an_export(built, debug_ckpt, debug_data):
+    out, _, _ = built
+    result = run("inspect", out)
+    assert result.exit_code == 0 and "acme: tier int4" in result.output
+    result = run("check", out, "--ckpt", debug_ckpt, "--data", debug_data)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["tier"] == "int4" and report["c_quantized_vs_fp32"]["dppl"] <= 0.05
+
+
+def test_onnx_directory_runs_in_optimum_and_onnxruntime_genai_with_torchs_greedy_tokens(built):
+    out, _, _ = built
+    import onnxruntime_genai as og
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from soup_export.build import staged_output
+    from soup_export.onnx_dir import dense_weights, graph_bytes, read_arch, write_onnx_dir
+    from soup_export.quantize import make_plan
+
+    fp32 = out.parent / "fp32-onnx"
+    arch, _ = read_arch(out / "hf")
+    with staged_output(fp32, force=True) as tmp:
+        model, g = graph_bytes(arch, make_plan("fp32"))
+        write_onnx_dir(tmp, model, g, dense_weights(out / "hf"), out / "hf")
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    ids = tok("Permission is hereby granted", return_tensors="pt")
+    n = ids["input_ids"].shape[1]
+    ref = AutoModelForCausalLM.from_pretrained(out / "hf").eval().generate(**ids, max_new_tokens=12, min_new_tokens=12,
+                                                                            do_sample=False)[0, n:].tolist()
+    ort_model = ORTModelForCausalLM.from_pretrained(fp32, use_cache=True, use_io_binding=False)
+    assert ort_model.generate(**ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, n:].tolist() == ref
+
+    def genai(directory):
+        model = og.Model(str(directory))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=n + 12, min_length=n + 12, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids["input_ids"][0].tolist())
+        tokens = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            tokens.append(int(gen.get_next_tokens()[0]))
+        return tokens
+
+    assert genai(fp32) == ref
+    assert len(genai(out / "onnx")) == 12  # the int4 specialist runs in the genai runtime too
+
+
+def test_batch_writes_the_graph_once_and_equals_single_builds(debug_ckpt, tmp_path):
+    texts = tmp_path / "globex"
+    texts.mkdir()
+    (texts / "a.txt").write_text("import os\nfor name in os.listdir('.'):\n    print(name.upper())\n" * 5)
+    (tmp_path / "customers.yaml").write_text("customers:\n  acme: {licences: 0.7, python-code: 0.3}\n"
+                                             "  globex: {texts: [globex]}\n  initech: {mix: {python-docs: 2}}\n")
+    result = run("batch", debug_ckpt, tmp_path / "customers.yaml", "--out", tmp_path / "b", "--quant", "int4",
+                 "--no-parity")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "b" / "batch.json").read_text())
+    assert [c["name"] for c in summary["customers"]] == ["acme", "globex", "initech"]
+    globex = json.loads((tmp_path / "b" / "globex" / "manifest.json").read_text())
+    assert globex["mix"]["source"].startswith("texts:") and max(globex["mix"]["weights"], key=globex["mix"]["weights"].get) == "python-code"
+    graphs = {sha(tmp_path / "b" / n / "onnx" / "model.onnx") for n in ("acme", "globex", "initech")}
+    assert len(graphs) == 1
+    single = run("build", debug_ckpt, "--mix", "licences=0.7,python-code=0.3", "--quant", "int4", "--no-parity",
+                 "--out", tmp_path / "single")
+    assert single.exit_code == 0, single.output
+    for name in ("model.onnx", "model.onnx.data"):
+        assert sha(tmp_path / "single" / "onnx" / name) == sha(tmp_path / "b" / "acme" / "onnx" / name)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mix", "legal=1"], "unknown domain(s) 'legal'"),
+    (["--mix", "licences=-2"], "is negative"),
+    (["--mix", "licences=0"], "all weights are zero"),
+    ([], "give exactly one of --mix"),
+    (["--mix", "licences=1", "--quant", "int3"], "unknown quantizer 'int3'"),
+    (["--mix", "licences=1", "--max-size", "1KB"], "no tier fits 1.00 KB"),
+    (["--mix", "licences=1", "--max-size", "lots"], "is not a number with an optional unit"),
+])
+def test_user_mistakes_exit_non_zero_with_one_line_and_write_nothing(debug_ckpt, tmp_path, args, message):
+    result = run("build", debug_ckpt, "--out", tmp_path / "out", *args)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, (KeyError, TypeError, AttributeError))
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_corrupt_checkpoint_and_existing_output_are_refused(debug_ckpt, tmp_path):
+    result = run("build", tmp_path / "nope", "--mix", "a=1", "--out", tmp_path / "o")
+    assert result.exit_code != 0 and "no checkpoint at" in result.output
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(debug_ckpt / "checkpoints" / "step_0000080", bad)
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    result = run("build", bad, "--mix", "licences=1", "--no-parity", "--out", tmp_path / "o")
+    assert result.exit_code != 0 and "Traceback" not in result.output and "corrupt" in result.output, result.output
+    (tmp_path / "exists").mkdir()
+    result = run("build", debug_ckpt, "--mix", "licences=1", "--out", tmp_path / "exists")
+    assert result.exit_code != 0 and "already exists; pass --force" in result.output
+
+
+def test_stage_commands_chain_resolve_graph_quantize(debug_ckpt, tmp_path):
+    assert run("resolve", debug_ckpt, "--mix", "python-docs=1", "--out", tmp_path / "hf").exit_code == 0
+    assert run("graph", tmp_path / "hf", "--out", tmp_path / "fp32").exit_code == 0
+    result = run("quantize", tmp_path / "fp32", "--quant", "int8", "--qparam", "granularity=block", "--out", tmp_path / "q")
+    assert result.exit_code == 0 and "tier int8" in result.output, result.output
+    export = json.loads((tmp_path / "q" / "export.json").read_text())
+    assert export["quantization"]["body"]["kind"] == "nbits" and export["quantization"]["body"]["bits"] == 8
+    result = run("quantize", tmp_path / "q", "--quant", "int4", "--out", tmp_path / "q2")
+    assert result.exit_code != 0 and "is not an fp32 ONNX specialist" in result.output
+    result = run("estimate", debug_ckpt, tmp_path / "hf" / "tokenizer_config.json", "--json")
+    assert result.exit_code == 0 and set(json.loads(result.output)) == {"python-code", "licences", "python-docs"}

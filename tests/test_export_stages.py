@@ -1,0 +1,215 @@
+"""Export stages one by one on the debug checkpoint: mix, resolve, graph, quantize, budget."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from soup_export.budget import choose_tier, parse_size, predict
+from soup_export.errors import BudgetError, MixError, QuantError
+from soup_export.graph import DecoderGraph
+from soup_export.mix import mix_from_mapping, parse_mix, validate
+from soup_export.onnx_dir import dense_weights, graph_bytes, read_arch, write_onnx_dir
+from soup_export.ort_model import OrtDecoder
+from soup_export.quantize import TIERS, Rep, dequantize_nbits, make_plan, quantize_nbits
+from soup_export.resolve import Bank, resolve_batch
+
+SOUP_TOL = 1e-5  # fp32 soup vs fused dense (the issue's bound)
+ONNX_TOL = 1e-4  # fp32 PyTorch vs onnxruntime (the issue's bound)
+DOMAINS = ["python-code", "licences", "python-docs"]
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- mix
+def test_mix_is_validated_and_normalisation_is_recorded():
+    mix = validate(parse_mix("licences=3, python-code=1"), DOMAINS)
+    assert mix.weights == (0.25, 0.75, 0.0) and mix.normalised
+    assert not validate({"licences": 1.0}, DOMAINS).normalised
+    for text, message in [("legal=1", "unknown domain(s) 'legal'; the checkpoint's domains are python-code"),
+                          ("licences=-1", "negative"), ("licences=nan", "not finite"),
+                          ("licences=0,python-code=0", "all weights are zero"), ("licences", "not DOMAIN=WEIGHT"),
+                          ("licences=abc", "not a number")]:
+        with pytest.raises(MixError, match=re.escape(message)):
+            validate(parse_mix(text), DOMAINS)
+    with pytest.raises(MixError, match="not a number"):
+        mix_from_mapping({"mix": {"licences": "lots"}}, DOMAINS, "file:x.yaml")
+
+
+# ----------------------------------------------------------------------------- resolve
+def test_resolved_directory_is_a_plain_hf_llama_equal_to_the_soup(debug_ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from soup_train.checkpoint import load_soup
+
+    bank = Bank.open(debug_ckpt)
+    mix = validate({"licences": 0.6, "python-docs": 0.4}, bank.info.domains)
+    resolve_batch(debug_ckpt, [mix], [tmp_path / "hf"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    soup, _ = load_soup(debug_ckpt)
+    x = torch.tensor([tok("Permission is hereby granted, free of charge")["input_ids"]])
+    with torch.no_grad():
+        diff = (soup(x, torch.tensor(mix.h, dtype=torch.float32)) - model(x).logits).abs().max().item()
+    assert diff <= SOUP_TOL
+    spec = json.loads((tmp_path / "hf" / "soup_spec.json").read_text())
+    assert spec["checkpoint"]["model_sha256"] == bank.sha256 and len(spec["alpha"]) == 4
+
+
+def test_batch_resolve_is_byte_identical_to_single_resolves(debug_ckpt, tmp_path):
+    bank = Bank.open(debug_ckpt)
+    mixes = [validate({d: 1.0}, bank.info.domains, name=d) for d in bank.info.domains]
+    resolve_batch(debug_ckpt, mixes, [tmp_path / "batch" / m.name for m in mixes])
+    for m in mixes:
+        resolve_batch(debug_ckpt, [m], [tmp_path / "single" / m.name])
+        assert sha(tmp_path / "batch" / m.name / "model.safetensors") == sha(tmp_path / "single" / m.name / "model.safetensors")
+    assert sha(tmp_path / "batch" / mixes[0].name / "model.safetensors") != sha(tmp_path / "batch" / mixes[1].name / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(debug_ckpt, tmp_path_factory):
+    bank = Bank.open(debug_ckpt)
+    out = tmp_path_factory.mktemp("hf") / "hf"
+    resolve_batch(debug_ckpt, [validate({"python-code": 0.5, "licences": 0.5}, bank.info.domains)], [out])
+    return out
+
+
+# ----------------------------------------------------------------------------- graph
+def write_tier(hf_dir, out, tier, params=None):
+    arch, _ = read_arch(hf_dir)
+    model, g = graph_bytes(arch, make_plan(tier, params))
+    write_onnx_dir(out, model, g, dense_weights(hf_dir), hf_dir)
+    return out
+
+
+def test_graph_is_checker_clean_deterministic_and_named_like_hf(hf_dir, tmp_path):
+    a, b = write_tier(hf_dir, tmp_path / "a", "fp32"), write_tier(hf_dir, tmp_path / "b", "fp32")
+    onnx.checker.check_model(str(a / "model.onnx"), full_check=True)
+    assert sha(a / "model.onnx") == sha(b / "model.onnx") and sha(a / "model.onnx.data") == sha(b / "model.onnx.data")
+    model = onnx.load(str(a / "model.onnx"), load_external_data=False)
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    arch, _ = read_arch(hf_dir)
+    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"] and outputs[0] == "logits"
+    assert inputs[3:] == [f"past_key_values.{i}.{k}" for i in range(arch.layers) for k in ("key", "value")]
+    assert outputs[1:] == [f"present.{i}.{k}" for i in range(arch.layers) for k in ("key", "value")]
+    names = {n.name for n in model.graph.node}
+    assert "/model/layers.1/mlp/up_proj/MatMul" in names and "/model/layers.0/self_attn/Softmax" in names
+    assert all(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer if i.dims and
+               np.prod(i.dims) > 16)
+    genai = json.loads((a / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert genai["search"]["past_present_share_buffer"] is False
+
+
+def test_graph_depends_only_on_the_architecture(debug_ckpt, hf_dir, tmp_path):
+    bank = Bank.open(debug_ckpt)
+    resolve_batch(debug_ckpt, [validate({"python-docs": 1}, bank.info.domains)], [tmp_path / "other-hf"])
+    a, b = write_tier(hf_dir, tmp_path / "a", "int4"), write_tier(tmp_path / "other-hf", tmp_path / "b", "int4")
+    assert sha(a / "model.onnx") == sha(b / "model.onnx") and sha(a / "model.onnx.data") != sha(b / "model.onnx.data")
+
+
+def test_fp32_onnx_matches_transformers_with_padding_and_cache(hf_dir, tmp_path):
+    from soup_export.parity import torch_vs_onnx
+
+    onnx_dir = write_tier(hf_dir, tmp_path / "fp32", "fp32")
+    ids = np.random.default_rng(0).integers(1, read_arch(hf_dir)[0].vocab, size=(2, 16))
+    report = torch_vs_onnx(hf_dir, onnx_dir, ids, ONNX_TOL)
+    assert report["prefill_max_abs_diff"] <= ONNX_TOL and report["decode_max_abs_diff"] <= ONNX_TOL
+
+
+def test_onnx_reads_back_the_fp32_weights_it_was_built_from(hf_dir, tmp_path):
+    onnx_dir = write_tier(hf_dir, tmp_path / "fp32", "fp32")
+    from_onnx, from_hf = dense_weights(onnx_dir), dense_weights(hf_dir)
+    for name in ("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight"):
+        assert np.array_equal(from_onnx(name), from_hf(name))
+
+
+# ----------------------------------------------------------------------------- quantize
+def test_quantizer_registry_declares_its_parameters():
+    assert TIERS == ("fp32", "fp16", "int8", "mixed", "int4")
+    with pytest.raises(QuantError, match="unknown quantizer 'int3'; choose one of fp32, fp16, int8, mixed, int4"):
+        make_plan("int3")
+    with pytest.raises(QuantError, match="int4 has no parameter zero_point; its parameters: block_size=32"):
+        make_plan("int4", {"zero_point": "1"})
+    with pytest.raises(QuantError, match="power of 2"):
+        make_plan("int4", {"block_size": "24"})
+    plan = make_plan("int4", {"block_size": "64"})
+    assert plan.body.block == 64 and plan.body.bits == 4 and plan.body.accuracy_level == 4
+    assert make_plan("mixed").embed.bits == 8 and make_plan("int8", {"granularity": "block"}).body.kind == "nbits"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_quantization_error_is_within_half_a_step_and_runs_in_onnxruntime(bits):
+    from onnx import TensorProto, helper, numpy_helper
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(bits)
+    w = rng.normal(size=(48, 80)).astype(np.float32)  # 80 is not a multiple of 32: padded
+    rep = Rep("nbits", bits=bits, block=32, accuracy_level=0)
+    stored = quantize_nbits(w, rep)
+    deq = dequantize_nbits(stored, rep, 80)
+    step = np.repeat(stored["scales"], 32, axis=1)[:, :80]
+    half = 2 ** (bits - 1)
+    inside = w / step < half - 0.5  # symmetric scale max|w|/2^(bits-1): only +max clips, by at most one step
+    assert np.all(np.abs(deq - w)[inside] <= step[inside] / 2 + 1e-6)
+    assert np.all(np.abs(deq - w) <= step + 1e-6) and (~inside).sum() <= 48 * 3
+    node = helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft", K=80, N=48, bits=bits,
+                            block_size=32, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 80])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(stored["q"], "q"), numpy_helper.from_array(stored["scales"], "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+    x = rng.normal(size=(3, 80)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(y - x @ deq.T).max() <= 1e-4
+
+
+@pytest.mark.parametrize("tier", ["fp16", "int8", "mixed", "int4"])
+def test_every_tier_runs_and_stays_close_on_held_out_text(hf_dir, debug_data, tmp_path, tier):
+    from soup_export.evaltext import from_data
+    from soup_export.parity import ParityConfig, quantized_vs_fp32
+
+    fp32 = write_tier(hf_dir, tmp_path / "fp32", "fp32")
+    q = write_tier(hf_dir, tmp_path / tier, tier)
+    windows = from_data(debug_data, "sources", np.array([0.5, 0.5, 0.0]), 8, 32)
+    report = quantized_vs_fp32(fp32, q, tier, windows, ParityConfig().max_dppl(tier))
+    assert report["dppl"] <= ParityConfig().max_dppl(tier) and report["top1_agreement"] > 0.7
+    assert (tmp_path / tier / "model.onnx.data").stat().st_size < (tmp_path / "fp32" / "model.onnx.data").stat().st_size
+
+
+# ----------------------------------------------------------------------------- budget
+def test_size_parsing():
+    assert parse_size("12MB") == 12_000_000 and parse_size("1.5 KiB") == 1536 and parse_size("800") == 800
+    for bad in ("twelve", "12XB", "-3MB", "0"):
+        with pytest.raises(BudgetError):
+            parse_size(bad)
+
+
+def test_predicted_size_is_exact_for_every_tier(hf_dir, tmp_path):
+    arch, _ = read_arch(hf_dir)
+    for tier in TIERS:
+        out = write_tier(hf_dir, tmp_path / tier, tier)
+        actual = (out / "model.onnx").stat().st_size + (out / "model.onnx.data").stat().st_size
+        assert predict(arch, tier).total == actual, tier
+
+
+def test_budget_picks_the_highest_precision_that_fits_or_explains_why_none_does(hf_dir):
+    arch, _ = read_arch(hf_dir)
+    sizes = {t: predict(arch, t).total for t in TIERS}
+    assert sizes["fp32"] > sizes["fp16"] > sizes["int8"] > sizes["mixed"] > sizes["int4"]
+    assert choose_tier(arch, "auto", None)[0] == "fp32"
+    assert choose_tier(arch, "auto", sizes["int8"])[0] == "int8"
+    assert choose_tier(arch, "auto", sizes["int8"] - 1)[0] == "mixed"
+    with pytest.raises(BudgetError, match=r"no tier fits .*int4 .*model\.embed_tokens\.weight"):
+        choose_tier(arch, "auto", sizes["int4"] - 1)
+    with pytest.raises(BudgetError, match="no tier fits"):
+        choose_tier(arch, "fp32", sizes["fp16"])
