@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DATA ?= data/default
 RUN ?= runs/demo
+EXPORTS ?= exports/demo
+EXPORT := $(VENV)/bin/soup-export
 
 .PHONY: install test demo clean
 
@@ -23,6 +25,11 @@ demo: $(STAMP)
 	test -f $(DATA)/data.json || $(VENV)/bin/soup-train prepare --preset default --out $(DATA)
 	$(VENV)/bin/soup-train fit --preset demo --data $(DATA) --out $(RUN)
 	$(VENV)/bin/soup-train plot $(RUN)
+	# three customers: explicit weights, estimated from a handful of texts, a budget that forces int4
+	$(EXPORT) build $(RUN) --name acme --mix austen=0.6,bible=0.4 --out $(EXPORTS)/acme --force
+	$(EXPORT) build $(RUN) --name globex --from-texts examples/customers/globex --out $(EXPORTS)/globex --force
+	$(EXPORT) build $(RUN) --name initech --mix linux-docs=0.7,fortunes=0.3 --max-size 600KB --out $(EXPORTS)/initech --force
+	$(EXPORT) compare $(EXPORTS)/acme $(EXPORTS)/globex $(EXPORTS)/initech --ckpt $(RUN) --data $(DATA)
 
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) data runs exports

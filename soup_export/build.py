@@ -25,9 +25,11 @@ from soup_export.errors import OutputExistsError, ParityError
 from soup_export.evaltext import from_data, from_texts, random_tokens, resolve_data_dir
 from soup_export.manifest import write_manifest
 from soup_export.mix import Mix
+from soup_export.emit import emit
+from soup_export.graph import Arch
 from soup_export.onnx_dir import dense_weights, graph_bytes, read_arch, write_onnx_dir
 from soup_export.quantize import make_plan
-from soup_export.resolve import Bank, checkpoint_ref, read_spec, resolve_batch
+from soup_export.resolve import Bank, checkpoint_ref, read_spec
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +74,18 @@ def staged_output(out: Path, force: bool):
 def build(ckpt: Path, mix: Mix, out: Path, spec: ExportSpec = ExportSpec(), force: bool = False) -> dict:
     """Every stage for one mix; returns the manifest."""
     with staged_output(out, force) as tmp:
-        resolve_batch(ckpt, [mix], [tmp / "hf"])
-        return compile_specialist(Bank.open(ckpt), mix, tmp, spec, {})
+        return export(Bank.open(ckpt), [mix], [tmp], spec)[0]
 
 
 def batch(ckpt: Path, mixes: list[Mix], out: Path, spec: ExportSpec = ExportSpec(), force: bool = False,
           progress: bool = True) -> list[dict]:
-    """Many mixes: one tensor-major pass over the bank, the graph emitted once per tier."""
-    from tqdm import tqdm
-
+    """Many mixes: one tensor-major pass over the bank, the graph emitted once."""
     names = [m.name for m in mixes]
     if len(set(names)) != len(names):
         raise OutputExistsError(f"customer names must be unique, got {names}")
     with staged_output(out, force) as tmp:
         bank = Bank.open(ckpt)
-        resolve_batch(ckpt, mixes, [tmp / m.name / "hf" for m in mixes], progress=progress)
-        cache: dict = {}
-        manifests = [compile_specialist(bank, m, tmp / m.name, spec, cache)
-                     for m in tqdm(mixes, desc="export", unit="mix", disable=not progress)]
+        manifests = export(bank, mixes, [tmp / m.name for m in mixes], spec, progress)
         summary = [{"name": m["mix"]["name"], "tier": m["tier"], "bytes": m["size"]["actual"],
                     "weights": m["mix"]["weights"]} for m in manifests]
         (tmp / "batch.json").write_text(json.dumps({"checkpoint": checkpoint_ref(bank), "spec": spec.to_dict(),
@@ -97,27 +93,33 @@ def batch(ckpt: Path, mixes: list[Mix], out: Path, spec: ExportSpec = ExportSpec
         return manifests
 
 
-def compile_specialist(bank: Bank, mix: Mix, root: Path, spec: ExportSpec, cache: dict) -> dict:
-    """graph -> quantize -> budget -> parity -> manifest, from the resolved `root/hf`."""
+def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, progress: bool = False) -> list[dict]:
+    """budget -> graph -> (resolve + quantize in one pass) -> size check -> parity -> manifest, per root."""
+    from tqdm import tqdm
+
     start = time.perf_counter()
-    hf = root / "hf"
-    arch, _ = read_arch(hf)
+    arch = Arch.from_hf(bank.info.run.model.to_hf())
     params = dict(spec.quant_params)
     tier, preds = budget_mod.choose_tier(arch, spec.quant, spec.max_size, params or None)
-    weights = dense_weights(hf)
+    cache: dict = {}
     model_bytes, g = _graph(cache, arch, tier, params if spec.quant != "auto" else {})
-    write_onnx_dir(root / "onnx", model_bytes, g, weights, hf)
-    size = budget_mod.verify(root / "onnx", preds[tier].total, spec.max_size)
-    parity = run_parity(bank, mix, hf, root / "onnx", tier, spec, cache) if spec.parity else {"skipped": True}
-    if not spec.keep_hf:
-        shutil.rmtree(hf)
-    record = {"spec": {**spec.to_dict(), "mix_source": mix.source}, "mix": mix.to_dict(),
-              "alpha": read_spec(root / "onnx")["alpha"], "checkpoint": checkpoint_ref(bank), "tier": tier,
-              "quantization": g.plan.to_dict(),
-              "size": {**size, "predicted_by_tier": {t: p.total for t, p in preds.items()}},
-              "parity": parity, "seconds": round(time.perf_counter() - start, 3)}
-    write_manifest(root, record)
-    return json.loads((root / "manifest.json").read_text())
+    emit(bank, mixes, roots, g, model_bytes, write_hf_weights=spec.keep_hf or spec.parity, progress=progress)
+    shared_seconds = (time.perf_counter() - start) / len(mixes)
+    manifests = []
+    for mix, root in tqdm(list(zip(mixes, roots)), desc="check", unit="mix", disable=not progress or not spec.parity):
+        t0 = time.perf_counter()
+        size = budget_mod.verify(root / "onnx", preds[tier].total, spec.max_size)
+        parity = run_parity(bank, mix, root / "hf", root / "onnx", tier, spec, cache) if spec.parity else {"skipped": True}
+        if not spec.keep_hf:
+            shutil.rmtree(root / "hf", ignore_errors=True)
+        record = {"spec": {**spec.to_dict(), "mix_source": mix.source}, "mix": mix.to_dict(),
+                  "alpha": read_spec(root / "onnx")["alpha"], "checkpoint": checkpoint_ref(bank), "tier": tier,
+                  "quantization": g.plan.to_dict(),
+                  "size": {**size, "predicted_by_tier": {t: p.total for t, p in preds.items()}},
+                  "parity": parity, "seconds": round(shared_seconds + time.perf_counter() - t0, 3)}
+        write_manifest(root, record)
+        manifests.append(json.loads((root / "manifest.json").read_text()))
+    return manifests
 
 
 def _graph(cache: dict, arch, tier: str, params: dict):

@@ -4,6 +4,7 @@
     resolve  mix -> HF Llama directory             graph    HF directory -> fp32 ONNX
     quantize HF or fp32 ONNX -> a tier             check    parity stages on an export
     estimate texts -> domain weights               inspect  summarise a manifest
+    compare  specialists vs the generic model on their customers' held-out text
 """
 from __future__ import annotations
 
@@ -258,6 +259,24 @@ def estimate(ckpt, texts, as_json):
         return
     for d, w in sorted(zip(mix.domains, mix.weights), key=lambda x: -x[1]):
         click.echo(f"{d:<16} {w:.4f} {'#' * round(40 * w)}")
+
+
+@main.command()
+@click.argument("exports", nargs=-1, required=True, type=_path)
+@click.option("--ckpt", required=True, type=_path, help="The checkpoint the exports were built from.")
+@click.option("--data", required=True, type=_path, help="Data directory (its test split is held out).")
+@click.option("--windows", default=32, show_default=True, help="Held-out windows per customer.")
+def compare(exports, ckpt, data, windows):
+    """Table of specialists vs the generic (natural-mix) model on each customer's held-out text.
+
+    \b
+    Example:
+      soup-export compare out/acme out/globex --ckpt runs/demo --data data/default
+    """
+    from soup_export.compare import compare as run_compare
+    from soup_export.compare import format_rows
+
+    click.echo(format_rows(run_compare(list(exports), ckpt, data, windows)))
 
 
 @main.command()

@@ -6,6 +6,7 @@ directory), the quantization plan, predicted vs actual size, parity metrics and 
 """
 from __future__ import annotations
 
+import functools
 import json
 import platform
 from importlib import metadata
@@ -19,6 +20,7 @@ LIBRARIES = ("soup", "torch", "transformers", "tokenizers", "safetensors", "onnx
              "onnxruntime-genai", "numpy")
 
 
+@functools.lru_cache(maxsize=1)
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for lib in LIBRARIES:
@@ -36,7 +38,7 @@ def file_table(root: Path) -> dict[str, dict]:
 
 
 def write_manifest(root: Path, record: dict) -> Path:
-    data = {"format": FORMAT, **record, "files": file_table(root), "versions": versions()}
+    data = {"format": FORMAT, **record, "files": file_table(root), "versions": dict(versions())}
     path = root / MANIFEST
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path

@@ -6,6 +6,7 @@ ORTModelForCausalLM, transformers' tokenizer), `generation_config.json` and `sou
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -37,8 +38,18 @@ def read_arch(directory: Path) -> tuple[Arch, dict]:
 
 
 def graph_bytes(arch: Arch, plan: Plan) -> tuple[bytes, DecoderGraph]:
-    """The serialized graph (deterministic) and its builder (for the data layout)."""
-    g = DecoderGraph(arch, plan)
+    """The serialized graph (deterministic) and its builder (for the data layout).
+
+    Cached per (architecture, plan): the graph depends on nothing else, so a batch, the budget's
+    predictions and the export itself build it once."""
+    return _graph_cached(arch, plan.tier, tuple(sorted(plan.params.items())))
+
+
+@functools.lru_cache(maxsize=32)
+def _graph_cached(arch: Arch, tier: str, params: tuple) -> tuple[bytes, DecoderGraph]:
+    from soup_export.quantize import make_plan
+
+    g = DecoderGraph(arch, make_plan(tier, dict(params)))
     return g.model().SerializeToString(deterministic=True), g
 
 
@@ -77,8 +88,6 @@ def copy_side_files(src: Path, out: Path) -> None:
     for name in SIDE_FILES:
         if (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
             shutil.copy2(src / name, out / name)
-    if (src / "domains").is_dir() and not (out / "domains").exists():
-        shutil.copytree(src / "domains", out / "domains")
 
 
 def write_genai_config(out: Path, arch: Arch) -> None:

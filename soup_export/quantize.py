@@ -9,8 +9,9 @@ Storage kinds (`Rep`), all weight-only (activations stay fp32):
 - float (fp32, or fp16 with a Cast that onnxruntime folds at load),
 - int8-channel: symmetric int8 per output channel, DequantizeLinear -> MatMul,
 - nbits: block-wise symmetric 4- or 8-bit, `com.microsoft.MatMulNBits` for matrices and
-  `GatherBlockQuantized` for the embedding; scale = max|w| / 2^(bits-1), zero point 2^(bits-1)
-  (the default of both ops, so it is not stored), CPU accuracy level 4 by default.
+  `GatherBlockQuantized` for the embedding; scale = (the block's signed extreme) / -2^(bits-1)
+  (onnxruntime's convention), so the extreme is exact; zero point 2^(bits-1)
+  (the default of both ops, so it is not stored); CPU accuracy level 4 by default.
 A dimension that is not a multiple of the block is zero-padded (MatMulNBits); an embedding
 whose width is not a multiple of the block is stored fp16 instead (GatherBlockQuantized needs it).
 
@@ -126,20 +127,29 @@ def nbits_specs(rows: int, cols: int, rep: Rep) -> dict[str, tuple[np.dtype, tup
 
 
 def quantize_nbits(w: np.ndarray, rep: Rep) -> dict[str, np.ndarray]:
-    """Block-wise symmetric quantization of w (rows, cols) along cols; packed low nibble first."""
-    rows, cols = w.shape
+    """Block-wise symmetric quantization of w (rows, cols) along cols; packed low nibble first.
+
+    The scale is the block's signed extreme / -2^(bits-1) (onnxruntime's MLAS convention), so
+    the extreme value is represented exactly; zero point 2^(bits-1). Runs in torch: in a batch
+    export this is the per-customer cost. (onnxruntime's own kernel would be as good, but its
+    spinning thread pool fights torch's for the two cores when the two interleave.)
+    """
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    rows, cols = t.shape
     nb = _blocks(cols, rep.block)
-    padded = np.zeros((rows, nb * rep.block), np.float32)
-    padded[:, :cols] = w
-    blocks = padded.reshape(rows, nb, rep.block)
+    if nb * rep.block != cols:
+        t = torch.nn.functional.pad(t, (0, nb * rep.block - cols))
+    blocks = t.reshape(rows, nb, rep.block)
     half = 2 ** (rep.bits - 1)
-    amax = np.abs(blocks).max(-1)
-    scales = np.where(amax > 0, amax / half, 1.0).astype(np.float32)  # (rows, nb)
-    q = np.clip(np.rint(blocks / scales[..., None]), -half, half - 1).astype(np.int16) + half
-    q = q.astype(np.uint8)
+    low, high = torch.aminmax(blocks, dim=-1)
+    extreme = torch.where(high >= -low, high, low)  # the signed extreme of each block, (rows, nb)
+    scales = torch.where(extreme != 0, extreme / -half, torch.ones_like(extreme))
+    q = torch.round(blocks / scales[..., None]).clamp_(-half, half - 1).add_(half).to(torch.uint8)
     if rep.bits == 4:
         q = q[..., 0::2] | (q[..., 1::2] << 4)
-    return {"q": np.ascontiguousarray(q), "scales": scales}
+    return {"q": np.ascontiguousarray(q.numpy()).reshape(rows, nb, -1), "scales": scales.numpy()}
 
 
 def dequantize_nbits(stored: dict[str, np.ndarray], rep: Rep, cols: int) -> np.ndarray:

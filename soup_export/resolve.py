@@ -29,7 +29,7 @@ from soup_export.stream import SafetensorsWriter
 from soup_train.checkpoint import CheckpointInfo, read_info, resolve_checkpoint
 from soup_train.errors import CheckpointError
 from soup_train.model.soup import CoefficientMLP
-from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine, expert_keys
+from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine_many, expert_keys
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SPEC_FILE = "soup_spec.json"
@@ -57,7 +57,7 @@ class Bank:
             raise CheckpointError(f"cannot read {weights}: {exc}; the checkpoint is missing or corrupt") from None
         if not shapes:
             raise CheckpointError(f"{weights} holds no shared.* tensors; it is not a soup checkpoint")
-        return cls(ckpt, info, file_sha256(weights), shapes)
+        return cls(ckpt, info, cached_sha256(weights), shapes)
 
     @property
     def weights(self) -> Path:
@@ -72,14 +72,43 @@ class Bank:
         with torch.no_grad():
             return mlp(torch.as_tensor(h, dtype=torch.float32)).float()
 
-    def fused(self, alphas: list[torch.Tensor], progress: bool = False) -> Iterator[tuple[str, list[torch.Tensor]]]:
-        """Tensor-major: (dense name, [Theta_m[name] for each alpha_m]) in fp32, one tensor at a time."""
+    def fused(self, alphas: list[torch.Tensor], progress: bool = False,
+              names: list[str] | None = None) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """Tensor-major: (dense name, [Theta_m[name] for each alpha_m]) in fp32, one tensor at a time,
+        in checkpoint order or the order of `names`. The yielded tensors are views of a reused
+        buffer: valid until the next iteration."""
         rank = self.info.run.soup.expert_rank
+        names = names or list(self.shapes)
+        stacked = torch.stack(alphas)  # (M, n)
+        largest = max(int(np.prod(self.shapes[n], dtype=np.int64)) for n in names)
+        workspace = torch.empty(len(alphas) * largest)  # reused by every tensor: no page faults per tensor
         with safe_open(str(self.weights), framework="pt") as f:
-            for name in tqdm(self.shapes, desc="fuse", unit="tensor", disable=not progress, leave=False):
+            for name in tqdm(names, desc="fuse", unit="tensor", disable=not progress, leave=False):
                 shared = f.get_tensor(SHARED_PREFIX + name).float()
                 bank = tuple(f.get_tensor(k).float() for k in expert_keys(name, shared.shape, rank))
-                yield name, [combine(shared, bank, a) for a in alphas]
+                yield name, list(combine_many(shared, bank, stacked, out=workspace))
+
+
+def cached_sha256(path: Path) -> str:
+    """SHA-256 of a checkpoint file, cached beside it keyed by (size, mtime_ns): checkpoints are
+    written once, and hashing a large bank on every export would cost more than the export."""
+    stat = path.stat()
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    cache = path.with_name(f"{path.name}.sha256.json")
+    try:
+        saved = json.loads(cache.read_text())
+        if {k: saved.get(k) for k in key} == key and len(saved.get("sha256", "")) == 64:
+            return saved["sha256"]
+    except (OSError, ValueError):
+        pass
+    digest = file_sha256(path)
+    try:
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        tmp.write_text(json.dumps({**key, "sha256": digest}) + "\n")
+        tmp.replace(cache)
+    except OSError:  # a read-only checkpoint: hash every time
+        pass
+    return digest
 
 
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -149,7 +178,6 @@ def write_hf_files(bank: Bank, out: Path, dtype: str) -> None:
     GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False,
                      max_length=bank.info.run.model.max_seq_len).to_json_file(str(out / "generation_config.json"))
     tok.save_pretrained(str(out))
-    shutil.copytree(bank.path / "domains", out / "domains", dirs_exist_ok=True)
 
 
 def read_spec(hf_dir: Path) -> dict:

@@ -1,0 +1,66 @@
+"""`soup-export compare`: each exported specialist against the generic model on its own mix.
+
+For every export directory: held-out windows drawn from the data's test split at the export's
+h (Algorithm 1, fixed seed), the loss of the shipped ONNX specialist (its quantized tier) and the
+loss of the soup at the natural domain frequencies (the generic model, PyTorch) on the same
+windows, plus the tier, bytes and dPPL recorded by parity.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from soup_export.evaltext import from_data
+from soup_export.manifest import read_manifest
+from soup_export.ort_model import OrtDecoder
+from soup_export.parity import _log_softmax
+
+
+def onnx_loss(model: OrtDecoder, windows: np.ndarray) -> float:
+    total, n = 0.0, 0
+    for row in windows:
+        lp = _log_softmax(model.logits(row[None, :-1])[0])
+        total -= lp[np.arange(len(row) - 1), row[1:]].sum()
+        n += len(row) - 1
+    return total / n
+
+
+def soup_loss(soup, windows: np.ndarray, h: np.ndarray) -> float:
+    from soup_train.model.llama import lm_loss
+
+    x = torch.as_tensor(windows, dtype=torch.long)
+    with torch.no_grad():
+        return float(lm_loss(soup(x[:, :-1], torch.as_tensor(h, dtype=torch.float32)), x[:, 1:]))
+
+
+def compare(exports: list[Path], ckpt: Path, data: Path, windows: int = 32, length: int = 128) -> list[dict]:
+    from soup_train.checkpoint import load_soup
+
+    soup, info = load_soup(ckpt)
+    natural = np.asarray(info.natural)
+    rows = []
+    for export in exports:
+        m = read_manifest(export)
+        h = np.asarray([m["mix"]["weights"][d] for d in info.domains])
+        w = from_data(data, info.view, h, windows, length)
+        c = m["parity"].get("c_quantized_vs_fp32", {})
+        rows.append({"name": m["mix"]["name"], "mix": ", ".join(f"{d} {x:.2f}" for d, x in m["mix"]["weights"].items() if x >= 0.005),
+                     "source": m["mix"]["source"], "tier": m["tier"], "bytes": m["size"]["actual"],
+                     "dppl": c.get("dppl", 0.0), "specialist": onnx_loss(OrtDecoder(export / "onnx"), w),
+                     "generic": soup_loss(soup, w, natural)})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    from soup_export.budget import human
+
+    lines = ["| customer | mix (from) | tier | bytes | dPPL vs fp32 | specialist loss | generic loss | gain |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        gain = (r["generic"] - r["specialist"]) / r["generic"]
+        dppl = "(reference)" if r["tier"] == "fp32" else f"{100 * r['dppl']:+.2f}%"
+        lines.append(f"| {r['name']} | {r['mix']} ({r['source'].split(':')[0]}) | {r['tier']} | {human(r['bytes'])} | "
+                     f"{dppl} | {r['specialist']:.4f} | {r['generic']:.4f} | {100 * gain:+.2f}% |")
+    return "\n".join(lines)

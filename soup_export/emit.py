@@ -1,0 +1,105 @@
+"""One tensor-major pass from the bank to finished specialists (the path of `build` and `batch`).
+
+For every weight, in the graph's storage order: read the shared tensor and its experts once,
+fuse them for every mix (fp32, `soup_math.combine`), and for each mix write the fused tensor to
+its HF `model.safetensors` (when asked) and its encoded form (the tier's storage) to its
+`model.onnx.data` at the offset the graph already names. `model.onnx` is the same bytes for every
+mix. No intermediate file is written and read back; peak memory is one bank tensor plus one
+fused tensor per mix.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from soup_export.graph import DATA_FILE, DecoderGraph, _encode_one, rotary_table
+from soup_export.mix import Mix
+from soup_export.onnx_dir import EXPORT_FILE, MODEL_FILE, copy_side_files, write_genai_config
+from soup_export.resolve import SPEC_FILE, Bank, checkpoint_ref, write_hf_files
+from soup_export.stream import SafetensorsWriter
+
+
+def weight_order(g: DecoderGraph) -> list[str]:
+    """Dense weights in the order the graph stores them (each once)."""
+    seen: dict[str, None] = {}
+    for s in g.stored:
+        if not s.weight.startswith("@"):
+            seen.setdefault(s.weight, None)
+    return list(seen)
+
+
+def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model_bytes: bytes,
+         write_hf_weights: bool, progress: bool = False) -> None:
+    """Write `root/onnx` for every mix, and `root/hf` (a complete HF directory) if `write_hf_weights`."""
+    import torch
+
+    order = weight_order(g)
+    missing = sorted(set(bank.shapes) - set(order))
+    assert not missing, f"the graph does not use {missing}"
+    alphas = [bank.alpha(m.h) for m in mixes]
+    hf_writers, data_files = [], []
+    for i, (root, mix, alpha) in enumerate(zip(roots, mixes, alphas)):
+        side = root / "hf" if write_hf_weights else root / "onnx"  # without HF weights, no hf/ at all
+        side.mkdir(parents=True, exist_ok=True)
+        (root / "onnx").mkdir(parents=True, exist_ok=True)
+        if i == 0:
+            write_hf_files(bank, side, "float32")
+        else:  # the same config and tokenizer files for every customer
+            copy_side_files(roots[0] / side.name, side)
+        spec = {"mix": mix.to_dict(), "alpha": [float(a) for a in alpha], "checkpoint": checkpoint_ref(bank),
+                "dtype": "float32"}
+        (side / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        if write_hf_weights:
+            specs = [(name, torch.float32, bank.shapes[name]) for name in order]
+            hf_writers.append(SafetensorsWriter(root / "hf" / "model.safetensors", specs, {"format": "pt"}))
+        (root / "onnx" / MODEL_FILE).write_bytes(model_bytes)
+        data_files.append(open(root / "onnx" / f".{DATA_FILE}.tmp", "wb"))
+    try:
+        _write_weights(bank, g, order, alphas, hf_writers, data_files, progress)
+        for w in hf_writers:
+            w.close()
+    except BaseException:
+        for w in hf_writers:
+            w.abort()
+        raise
+    finally:
+        for fh in data_files:
+            fh.close()
+    for root in roots:
+        (root / "onnx" / f".{DATA_FILE}.tmp").replace(root / "onnx" / DATA_FILE)
+        if write_hf_weights:
+            copy_side_files(root / "hf", root / "onnx")
+        write_genai_config(root / "onnx", g.arch)
+        (root / "onnx" / EXPORT_FILE).write_text(json.dumps({"tier": g.plan.tier, "quantization": g.plan.to_dict()},
+                                                            indent=2) + "\n")
+
+
+def _write_weights(bank, g, order, alphas, hf_writers, data_files, progress) -> None:
+    by_weight: dict[str, list] = {}
+    for s, offset in zip(g.stored, g.offsets()):
+        by_weight.setdefault(s.weight, []).append((s, offset))
+    for fn in ("cos", "sin"):  # architecture-derived tables: the same bytes for every mix
+        table = rotary_table(g.arch, fn)
+        for s, offset in by_weight[f"@rotary.{fn}"]:
+            for fh in data_files:
+                fh.seek(offset)
+                fh.write(table.tobytes())
+    for name, tensors in bank.fused(alphas, progress, names=order):
+        for m, tensor in enumerate(tensors):
+            if hf_writers:
+                hf_writers[m].write(name, tensor)
+            w = tensor.numpy()
+            encoded: dict = {}
+            for s, offset in by_weight[name]:
+                key = (s.how, s.rep)
+                if key not in encoded:
+                    encoded[key] = _encode_one(w, s)
+                arr = encoded[key][s.part]
+                assert arr.shape == s.shape and arr.dtype == s.dtype, s.name
+                data_files[m].seek(offset)
+                data_files[m].write(np.ascontiguousarray(arr).tobytes())
+    end = g.data_size()
+    for fh in data_files:  # the file ends where the last tensor ends (alignment padding is zeros)
+        fh.truncate(end)
