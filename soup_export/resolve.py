@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,11 +83,39 @@ class Bank:
         stacked = torch.stack(alphas)  # (M, n)
         largest = max(int(np.prod(self.shapes[n], dtype=np.int64)) for n in names)
         workspace = torch.empty(len(alphas) * largest)  # reused by every tensor: no page faults per tensor
-        with safe_open(str(self.weights), framework="pt") as f:
-            for name in tqdm(names, desc="fuse", unit="tensor", disable=not progress, leave=False):
-                shared = f.get_tensor(SHARED_PREFIX + name).float()
-                bank = tuple(f.get_tensor(k).float() for k in expert_keys(name, shared.shape, rank))
-                yield name, list(combine_many(shared, bank, stacked, out=workspace))
+        tensors = MappedSafetensors(self.weights)
+        for name in tqdm(names, desc="fuse", unit="tensor", disable=not progress, leave=False):
+            shared = tensors[SHARED_PREFIX + name].float()
+            bank = tuple(tensors[k].float() for k in expert_keys(name, shared.shape, rank))
+            yield name, list(combine_many(shared, bank, stacked, out=workspace))
+
+
+class MappedSafetensors:
+    """Zero-copy tensors of a safetensors file: views of one copy-on-write memory map.
+
+    `safe_open(...).get_tensor` copies every tensor out of the map; fusion reads each bank tensor
+    exactly once, so the copy would double the memory traffic of the whole export.
+    """
+
+    _NUMPY = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "U8": np.uint8, "I8": np.int8}
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            self.header = json.loads(fh.read(n))
+        self.header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.path = path
+        self.map = np.memmap(path, dtype=np.uint8, mode="c")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self.header[key]
+        if entry["dtype"] not in self._NUMPY:  # e.g. BF16: let safetensors convert it
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(key)
+        start, end = (self.base + o for o in entry["data_offsets"])
+        array = self.map[start:end].view(self._NUMPY[entry["dtype"]]).reshape(entry["shape"])
+        return torch.from_numpy(array)
 
 
 def cached_sha256(path: Path) -> str:
@@ -165,19 +194,31 @@ def checkpoint_ref(bank: Bank) -> dict:
 
 
 def write_hf_files(bank: Bank, out: Path, dtype: str) -> None:
-    """config.json, generation_config.json and the tokenizer files of an HF Llama directory."""
+    """config.json, generation_config.json and the tokenizer files of an HF Llama directory.
+
+    The tokenizer files are written directly (tokenizer.json copied, its config generated) rather
+    than by loading and re-saving a transformers tokenizer: same files, a fraction of the time.
+    """
     from transformers import GenerationConfig, LlamaConfig
 
-    from soup_train.data.tokenizer import hf_tokenizer
+    from soup_train.data.tokenizer import EOS
 
-    tok = hf_tokenizer(bank.path / "tokenizer.json")
-    eos = tok.eos_token_id
-    cfg = LlamaConfig(**bank.info.run.model.to_hf(), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+    vocab = json.loads((bank.path / "tokenizer.json").read_text())
+    eos = next(t["id"] for t in vocab["added_tokens"] if t["content"] == EOS)
+    model = bank.info.run.model
+    cfg = LlamaConfig(**model.to_hf(), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
                       torch_dtype=dtype, architectures=["LlamaForCausalLM"])
     cfg.to_json_file(str(out / "config.json"))
     GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False,
-                     max_length=bank.info.run.model.max_seq_len).to_json_file(str(out / "generation_config.json"))
-    tok.save_pretrained(str(out))
+                     max_length=model.max_seq_len).to_json_file(str(out / "generation_config.json"))
+    shutil.copyfile(bank.path / "tokenizer.json", out / "tokenizer.json")
+    special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    token = {"content": EOS, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    tok_cfg = {**special, "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+               "model_input_names": ["input_ids", "attention_mask"], "model_max_length": model.max_seq_len,
+               "added_tokens_decoder": {str(eos): token}}
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
 def read_spec(hf_dir: Path) -> dict:
