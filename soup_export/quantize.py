@@ -136,7 +136,8 @@ def quantize_nbits(w: np.ndarray, rep: Rep) -> dict[str, np.ndarray]:
     """
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    arr = np.ascontiguousarray(w, dtype=np.float32)
+    t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
     rows, cols = t.shape
     nb = _blocks(cols, rep.block)
     if nb * rep.block != cols:

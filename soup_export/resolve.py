@@ -87,6 +87,8 @@ class Bank:
         for name in tqdm(names, desc="fuse", unit="tensor", disable=not progress, leave=False):
             shared = tensors[SHARED_PREFIX + name].float()
             bank = tuple(tensors[k].float() for k in expert_keys(name, shared.shape, rank))
+            if len(alphas) > 1:  # a GEMM re-reads its operand in blocks: give it ordinary memory, not the map
+                bank = tuple(b.clone() for b in bank)
             yield name, list(combine_many(shared, bank, stacked, out=workspace))
 
 
