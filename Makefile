@@ -9,11 +9,11 @@ EXPORT := $(VENV)/bin/soup-export
 
 .PHONY: install test demo clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml runtimes/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first and alone: it takes the CPU wheel on disk; an unpinned resolve pulls CUDA.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" -e runtimes/python
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +30,8 @@ demo: $(STAMP)
 	$(EXPORT) build $(RUN) --name globex --from-texts examples/customers/globex --out $(EXPORTS)/globex --force
 	$(EXPORT) build $(RUN) --name initech --mix linux-docs=0.7,fortunes=0.3 --max-size 600KB --out $(EXPORTS)/initech --force
 	$(EXPORT) compare $(EXPORTS)/acme $(EXPORTS)/globex $(EXPORTS)/initech --ckpt $(RUN) --data $(DATA)
+	# and run one on the device runtime (onnxruntime + numpy + tokenizers only)
+	$(VENV)/bin/soup-run generate $(EXPORTS)/acme --prompt "It is a truth universally acknowledged" --max-new-tokens 48
 
 clean:
 	rm -rf $(VENV) data runs exports

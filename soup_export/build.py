@@ -25,6 +25,7 @@ from soup_export.errors import OutputExistsError, ParityError
 from soup_export.evaltext import from_data, from_texts, random_tokens, resolve_data_dir
 from soup_export.manifest import write_manifest
 from soup_export.mix import Mix
+from soup_export.mobile import write_ort_format
 from soup_export.emit import emit
 from soup_export.graph import Arch
 from soup_export.onnx_dir import dense_weights, graph_bytes, read_arch, write_onnx_dir
@@ -46,11 +47,12 @@ class ExportSpec:
     keep_hf: bool = True  # keep the resolved HF directory next to the ONNX one
     data: str | None = None  # data directory for held-out text (default: the checkpoint's, if present)
     eval_texts: tuple[str, ...] = ()  # the customer's own texts for parity (c)
+    ort_format: bool = False  # also write model.ort for onnxruntime mobile, with its usability report
 
     def to_dict(self) -> dict:
         return {"quant": self.quant, "quant_params": dict(self.quant_params), "max_size": self.max_size,
                 "parity": self.parity, "parity_config": self.parity_cfg.to_dict(), "keep_hf": self.keep_hf,
-                "eval_texts": [Path(t).name for t in self.eval_texts]}
+                "eval_texts": [Path(t).name for t in self.eval_texts], "ort_format": self.ort_format}
 
 
 @contextmanager
@@ -109,6 +111,9 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
     for mix, root in tqdm(list(zip(mixes, roots)), desc="check", unit="mix", disable=not progress or not spec.parity):
         t0 = time.perf_counter()
         size = budget_mod.verify(root / "onnx", preds[tier].total, spec.max_size)
+        mobile = write_ort_format(root / "onnx") if spec.ort_format else None
+        if mobile is not None:
+            mobile["within_budget"] = spec.max_size is None or mobile["bytes"] <= spec.max_size
         parity = run_parity(bank, mix, root / "hf", root / "onnx", tier, spec, cache) if spec.parity else {"skipped": True}
         if not spec.keep_hf:
             shutil.rmtree(root / "hf", ignore_errors=True)
@@ -116,7 +121,7 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
                   "alpha": read_spec(root / "onnx")["alpha"], "checkpoint": checkpoint_ref(bank), "tier": tier,
                   "quantization": g.plan.to_dict(),
                   "size": {**size, "predicted_by_tier": {t: p.total for t, p in preds.items()}},
-                  "parity": parity, "seconds": round(shared_seconds + time.perf_counter() - t0, 3)}
+                  "parity": parity, **({"ort_format": mobile} if mobile else {}), "seconds": round(shared_seconds + time.perf_counter() - t0, 3)}
         write_manifest(root, record)
         manifests.append(json.loads((root / "manifest.json").read_text()))
     return manifests

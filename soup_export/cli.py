@@ -28,6 +28,7 @@ def mix_options(f):
 
 
 def export_options(f):
+    f = click.option("--ort-format", is_flag=True, help="Also write model.ort for onnxruntime mobile.")(f)
     f = click.option("--force", is_flag=True, help="Replace --out if it exists.")(f)
     f = click.option("--no-hf", is_flag=True, help="Do not keep the resolved HF directory.")(f)
     f = click.option("--data", type=_path, help="Data directory for held-out text (default: the checkpoint's).")(f)
@@ -39,7 +40,7 @@ def export_options(f):
                         help="auto (highest precision that fits), fp32, fp16, int8, mixed or int4.")(f)
 
 
-def _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf):
+def _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format=False):
     from soup_export.budget import parse_size
     from soup_export.build import ExportSpec
     from soup_export.errors import QuantError
@@ -57,7 +58,7 @@ def _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf):
         raise QuantError("--qparam needs an explicit --quant (auto compares tiers at their defaults)")
     return ExportSpec(quant=quant, quant_params=tuple(params), max_size=parse_size(max_size) if max_size else None,
                       parity=not no_parity, keep_hf=not no_hf, data=str(data) if data else None,
-                      eval_texts=tuple(str(t) for t in eval_texts))
+                      eval_texts=tuple(str(t) for t in eval_texts), ort_format=ort_format)
 
 
 def _load_mix(ckpt: Path, name: str, mix_text: str | None, mix_file: Path | None, from_texts: tuple[Path, ...]):
@@ -94,6 +95,11 @@ def _summary(m: dict) -> str:
             line += f"  (c) dPPL {100 * c['dppl']:+.2f}% KL {c['mean_kl']:.4f} top-1 {c['top1_agreement']:.3f}"
         line += f"  (d) greedy {p['d_greedy']['tokens']} tokens identical"
         lines.append(line)
+    if "ort_format" in m:
+        o = m["ort_format"]
+        usable = ", ".join(f"{k} {v}" for k, v in o["usability"].items() if k != "may_use_mobile_accelerators")
+        lines.append(f"  ort format: model.ort {human(o['bytes'])}"
+                     + ("" if o["within_budget"] else " (over the budget)") + f"; mobile EPs: {usable}")
     return "\n".join(lines)
 
 
@@ -115,7 +121,7 @@ def main(verbose: bool) -> None:
 @click.option("--out", required=True, type=_path, help="Export directory to create.")
 @export_options
 def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_size, no_parity, eval_texts, data,
-          no_hf, force):
+          no_hf, force, ort_format):
     """Every stage: mix, resolve, graph, quantize, budget, parity, manifest.
 
     \b
@@ -125,7 +131,7 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
     """
     from soup_export.build import build as run_build
 
-    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf)
+    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format)
     mix = _load_mix(ckpt, name, mix_text, mix_file, from_texts)
     click.echo(_summary(run_build(ckpt, mix, out, spec, force)))
     click.echo(f"wrote {out}")
@@ -136,7 +142,7 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
 @click.argument("mixes", type=_path)
 @click.option("--out", required=True, type=_path, help="Batch directory to create (one sub-directory per customer).")
 @export_options
-def batch(ckpt, mixes, out, quant, qparam, max_size, no_parity, eval_texts, data, no_hf, force):
+def batch(ckpt, mixes, out, quant, qparam, max_size, no_parity, eval_texts, data, no_hf, force, ort_format):
     """Many customers in one pass over the bank (YAML/JSON: {customers: {NAME: {domain: w} | {texts: [...]}}}).
 
     \b
@@ -146,7 +152,7 @@ def batch(ckpt, mixes, out, quant, qparam, max_size, no_parity, eval_texts, data
     from soup_export.batchfile import read_batch
     from soup_export.build import batch as run_batch
 
-    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf)
+    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format)
     manifests = run_batch(ckpt, read_batch(ckpt, mixes), out, spec, force)
     for m in manifests:
         click.echo(_summary(m))

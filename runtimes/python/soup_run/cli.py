@@ -1,0 +1,137 @@
+"""`soup-run`: generate, score and chat with an exported specialist (argparse: no extra dependency).
+
+Examples:
+    soup-run generate exports/acme --prompt "It is a truth universally acknowledged"
+    soup-run generate exports/acme --prompt "Once" --prompt "In the beginning" --temperature 0.8 --top-p 0.9 --seed 1
+    soup-run score exports/acme my_texts/*.txt
+    soup-run chat exports/acme
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from soup_run.errors import RunError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="export directory (or its onnx/) written by soup-export")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--no-verify", action="store_true", help="skip the manifest's SHA-256 check")
+    p.add_argument("--ort-format", action="store_true", help="load model.ort (onnxruntime mobile format)")
+    p.add_argument("--engine", choices=["ort", "genai"], default="ort",
+                   help="ort: this runner; genai: onnxruntime-genai on the same files (if installed)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="soup-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = root.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text, streamed as it is produced",
+                       epilog='Example: soup-run generate exports/acme --prompt "It is a truth"')
+    _model_args(g)
+    _sampling_args(g)
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    g.add_argument("--prompt-file", type=Path, help="one prompt per line")
+    s = sub.add_parser("score", help="per-file perplexity", epilog="Example: soup-run score exports/acme notes/*.txt")
+    _model_args(s)
+    s.add_argument("files", nargs="+", type=Path)
+    s.add_argument("--json", action="store_true")
+    c = sub.add_parser("chat", help="interactive loop keeping the KV cache across turns",
+                       epilog="Example: soup-run chat exports/acme   (/reset, /quit)")
+    _model_args(c)
+    _sampling_args(c)
+    return root
+
+
+def _config(args):
+    from soup_run.generate import GenerationConfig
+    from soup_run.sampling import Sampling
+
+    if args.max_new_tokens < 1:
+        raise RunError("--max-new-tokens must be >= 1")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    return GenerationConfig(args.max_new_tokens, sampling, tuple(args.stop), args.seed)
+
+
+def _load(args):
+    if args.engine == "genai":
+        from soup_run.genai_engine import GenaiSpecialist
+
+        return GenaiSpecialist(args.model, verify_files=not args.no_verify)
+    from soup_run.model import Specialist
+
+    return Specialist(args.model, threads=args.threads, verify_files=not args.no_verify,
+                      ort_format=True if args.ort_format else None)
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        if not args.prompt_file.is_file():
+            raise RunError(f"--prompt-file {args.prompt_file} does not exist")
+        prompts += [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise RunError("give at least one --prompt TEXT (or --prompt-file FILE)")
+    return prompts
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "generate":
+        cfg, prompts = _config(args), _prompts(args)
+        model = _load(args)
+        if len(prompts) == 1:
+            sys.stdout.write(prompts[0])
+            for event in model.stream(prompts, cfg):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            for prompt, text in zip(prompts, model.generate(prompts, cfg)):
+                print(f"{prompt}{text}\n---")
+    elif args.command == "score":
+        if args.engine != "ort":
+            raise RunError("score runs on the ort engine only")
+        from soup_run.score import score_files
+
+        rows = score_files(_load(args), args.files)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for r in rows if not args.json else []:
+            print(f"{r['file']}: {r['tokens']} tokens, perplexity {r['perplexity']:.3f}")
+    else:
+        if args.engine != "ort":
+            raise RunError("chat runs on the ort engine only")
+        from soup_run.chat import run_chat
+
+        model = _load(args)
+        print("soup-run chat: type text and press enter; /reset starts over, /quit leaves", file=sys.stderr)
+        run_chat(model, _config(args), sys.stdin, lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except RunError as exc:
+        print(f"soup-run: error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Perplexity of texts under a specialist: non-overlapping windows of the context length."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from soup_run.errors import RunError
+from soup_run.model import Specialist
+
+
+def nll(model: Specialist, ids: list[int]) -> tuple[float, int]:
+    """(summed next-token NLL in nats, predicted tokens) over windows of the context length."""
+    total, count = 0.0, 0
+    window = model.contract.context
+    for start in range(0, max(len(ids) - 1, 0), window):
+        chunk = np.asarray(ids[start:start + window + 1], np.int64)
+        if len(chunk) < 2:
+            break
+        x, y = chunk[None, :-1], chunk[1:]
+        logits, _ = model.step(x, np.ones_like(x), np.arange(x.shape[1])[None], model.empty_past(1), all_logits=True)
+        z = logits[0].astype(np.float64)
+        z -= z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        total -= logp[np.arange(len(y)), y].sum()
+        count += len(y)
+    return total, count
+
+
+def score_files(model: Specialist, paths: list[Path]) -> list[dict]:
+    rows = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise RunError(f"{path} is not a file; pass text files to score")
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        ids = model.encode(text)
+        if len(ids) < 2:
+            raise RunError(f"{path} has fewer than 2 tokens; nothing to score")
+        total, count = nll(model, ids)
+        rows.append({"file": str(path), "tokens": count, "nll": total / count, "perplexity": float(np.exp(total / count))})
+    return rows
