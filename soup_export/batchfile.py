@@ -26,8 +26,9 @@ def read_batch(ckpt: Path, path: Path) -> list[Mix]:
     mixes = []
     for name, entry in customers.items():
         name = str(name)
-        if not NAME_RE.match(name):
-            raise MixError(f"{path}: customer name {name!r} must be letters, digits, '.', '_' or '-'")
+        if not NAME_RE.fullmatch(name) or name == "batch.json":
+            raise MixError(f"{path}: customer name {name!r} must be letters, digits, '.', '_' or '-' "
+                           "(and not batch.json)")
         if isinstance(entry, dict) and "texts" in entry:
             texts = entry["texts"] if isinstance(entry["texts"], list) else [entry["texts"]]
             paths = [(Path(path).parent / str(t)) for t in texts]

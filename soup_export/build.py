@@ -21,7 +21,7 @@ import numpy as np
 
 from soup_export import budget as budget_mod
 from soup_export import parity as P
-from soup_export.errors import OutputExistsError, ParityError
+from soup_export.errors import ExportInputError, MixError, OutputExistsError, ParityError
 from soup_export.evaltext import from_data, from_texts, random_tokens, resolve_data_dir
 from soup_export.manifest import write_manifest
 from soup_export.mix import Mix
@@ -55,22 +55,38 @@ class ExportSpec:
                 "eval_texts": [Path(t).name for t in self.eval_texts], "ort_format": self.ort_format}
 
 
+def check_output_path(out: Path, force: bool) -> Path:
+    """The absolute output path, refusing what --force must never delete."""
+    target = Path(out).resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents or target.parent == target:
+        raise OutputExistsError(f"--out {out} is the current directory or one of its parents; "
+                                "give a new directory name, e.g. --out exports/acme")
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"--out {out} exists and is a file; choose a directory name")
+    if target.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it or choose another --out")
+    return target
+
+
 @contextmanager
 def staged_output(out: Path, force: bool):
-    """Yield a temporary directory beside `out`; rename it to `out` only if the body succeeds."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Yield a temporary directory beside `out`; only if the body succeeds, move any old `out`
+    aside, rename the new one in, then delete the old one (never a half-replaced output)."""
+    target = check_output_path(out, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def build(ckpt: Path, mix: Mix, out: Path, spec: ExportSpec = ExportSpec(), force: bool = False) -> dict:
@@ -84,7 +100,7 @@ def batch(ckpt: Path, mixes: list[Mix], out: Path, spec: ExportSpec = ExportSpec
     """Many mixes: one tensor-major pass over the bank, the graph emitted once."""
     names = [m.name for m in mixes]
     if len(set(names)) != len(names):
-        raise OutputExistsError(f"customer names must be unique, got {names}")
+        raise MixError(f"customer names must be unique, got {', '.join(sorted(n for n in set(names) if names.count(n) > 1))} twice")
     with staged_output(out, force) as tmp:
         bank = Bank.open(ckpt)
         manifests = export(bank, mixes, [tmp / m.name for m in mixes], spec, progress)
@@ -101,6 +117,9 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
 
     start = time.perf_counter()
     arch = Arch.from_hf(bank.info.run.model.to_hf())
+    if spec.parity or spec.data or spec.eval_texts:  # bad --data / --eval-texts fail now, not after the export
+        for mix in mixes:
+            eval_data(bank, mix, bank.path / "tokenizer.json", spec, arch)
     params = dict(spec.quant_params)
     tier, preds = budget_mod.choose_tier(arch, spec.quant, spec.max_size, params or None)
     cache: dict = {}
@@ -119,7 +138,7 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
             shutil.rmtree(root / "hf", ignore_errors=True)
         record = {"spec": {**spec.to_dict(), "mix_source": mix.source}, "mix": mix.to_dict(),
                   "alpha": read_spec(root / "onnx")["alpha"], "checkpoint": checkpoint_ref(bank), "tier": tier,
-                  "quantization": g.plan.to_dict(),
+                  "quantization": g.storage(),
                   "size": {**size, "predicted_by_tier": {t: p.total for t, p in preds.items()}},
                   "parity": parity, **({"ort_format": mobile} if mobile else {}), "seconds": round(shared_seconds + time.perf_counter() - t0, 3)}
         write_manifest(root, record)
@@ -140,7 +159,7 @@ def run_parity(bank: Bank | None, mix: Mix, hf: Path, onnx_dir: Path, tier: str,
     written to a scratch directory and removed."""
     cfg = spec.parity_cfg
     arch, _ = read_arch(hf)
-    windows, source = eval_data(bank, mix, hf, spec, arch)
+    windows, source = eval_data(bank, mix, hf / "tokenizer.json", spec, arch)
     report: dict = {"eval_source": source}
     if bank is not None:
         report["a_soup_vs_dense"] = P.soup_vs_dense(bank.path, mix.h, hf, windows[:2, :32], cfg.soup_tol)
@@ -166,16 +185,18 @@ def run_parity(bank: Bank | None, mix: Mix, hf: Path, onnx_dir: Path, tier: str,
     return report
 
 
-def eval_data(bank: Bank | None, mix: Mix, hf: Path, spec: ExportSpec, arch) -> tuple[np.ndarray, str]:
+def eval_data(bank: Bank | None, mix: Mix, tokenizer: Path, spec: ExportSpec, arch) -> tuple[np.ndarray, str]:
+    """Held-out windows for parity: the customer's texts, the checkpoint's test split at h, or random tokens."""
     cfg = spec.parity_cfg
     length = min(cfg.window, arch.max_pos - 1)
     if spec.eval_texts:
         from soup_train.textfiles import read_texts
 
         texts = read_texts([Path(t) for t in spec.eval_texts])
-        return from_texts(texts, hf / "tokenizer.json", cfg.eval_windows, length), f"texts:{len(texts)} files"
-    data = resolve_data_dir(Path(spec.data) if spec.data else None, bank.info.run.data.path if bank else "")
+        return from_texts(texts, tokenizer, cfg.eval_windows, length), f"texts:{len(texts)} files"
+    view = bank.info.view if bank else "sources"
+    data = resolve_data_dir(Path(spec.data) if spec.data else None, bank.info.run.data.path if bank else "",
+                            list(mix.domains), view, arch.vocab)
     if data is not None:
-        view = bank.info.view if bank else "sources"
         return from_data(data, view, mix.h, cfg.eval_windows, length), "data:test split at h"
     return random_tokens(arch.vocab, cfg.eval_windows, max(length, 16)), "random tokens"

@@ -271,7 +271,7 @@ def estimate(ckpt, texts, as_json):
 @click.argument("exports", nargs=-1, required=True, type=_path)
 @click.option("--ckpt", required=True, type=_path, help="The checkpoint the exports were built from.")
 @click.option("--data", required=True, type=_path, help="Data directory (its test split is held out).")
-@click.option("--windows", default=32, show_default=True, help="Held-out windows per customer.")
+@click.option("--windows", default=32, show_default=True, type=click.IntRange(min=1), help="Held-out windows per customer.")
 def compare(exports, ckpt, data, windows):
     """Table of specialists vs the generic (natural-mix) model on each customer's held-out text.
 

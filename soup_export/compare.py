@@ -41,8 +41,15 @@ def compare(exports: list[Path], ckpt: Path, data: Path, windows: int = 32, leng
     soup, info = load_soup(ckpt)
     natural = np.asarray(info.natural)
     rows = []
+    from soup_export.errors import ExportInputError
+    from soup_export.resolve import Bank
+
+    sha = Bank.open(ckpt).sha256
     for export in exports:
         m = read_manifest(export)
+        if m["checkpoint"]["model_sha256"] != sha:
+            raise ExportInputError(f"{export} was built from another checkpoint than {ckpt} (SHA-256 differs); "
+                                   "compare exports against the checkpoint they came from")
         h = np.asarray([m["mix"]["weights"][d] for d in info.domains])
         w = from_data(data, info.view, h, windows, length)
         c = m["parity"].get("c_quantized_vs_fp32", {})

@@ -72,7 +72,7 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
         if write_hf_weights:
             copy_side_files(root / "hf", root / "onnx")
         write_genai_config(root / "onnx", g.arch)
-        (root / "onnx" / EXPORT_FILE).write_text(json.dumps({"tier": g.plan.tier, "quantization": g.plan.to_dict()},
+        (root / "onnx" / EXPORT_FILE).write_text(json.dumps({"tier": g.plan.tier, "quantization": g.storage()},
                                                             indent=2) + "\n")
 
 

@@ -45,12 +45,24 @@ def random_tokens(vocab: int, n: int, length: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(1, vocab, size=(n, length + 1), dtype=np.int64)
 
 
-def resolve_data_dir(explicit: Path | None, recorded: str) -> Path | None:
-    """--data, else the data path recorded in the checkpoint if it exists here."""
-    if explicit is not None:
-        if not (Path(explicit) / "data.json").is_file():
-            raise ParityError(f"--data {explicit} is not a data directory from `soup-train prepare`")
-        return Path(explicit)
-    if recorded and (Path(recorded) / "data.json").is_file():
-        return Path(recorded)
+def resolve_data_dir(explicit: Path | None, recorded: str, domains: list[str], view: str,
+                     vocab: int) -> Path | None:
+    """--data, else the data path recorded in the checkpoint if it exists here; either must hold
+    the checkpoint's domains (same view) and tokenizer size, or its windows would be meaningless."""
+    candidates = [(Path(explicit), True)] if explicit is not None else ([(Path(recorded), False)] if recorded else [])
+    for path, given in candidates:
+        if not (path / "data.json").is_file():
+            if given:
+                raise ParityError(f"--data {path} is not a data directory from `soup-train prepare`")
+            continue
+        from soup_train.data.shards import read_index
+
+        index = read_index(path)
+        names = index.get("views", {}).get(view, {}).get("names")
+        if names == list(domains) and index.get("vocab_size") == vocab:
+            return path
+        if given:
+            raise ParityError(f"--data {path} is not the checkpoint's data (its {view} domains or vocabulary "
+                              f"differ: {names}, vocab {index.get('vocab_size')}); pass the directory it was "
+                              "trained on, or --eval-texts")
     return None

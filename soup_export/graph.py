@@ -99,7 +99,18 @@ class DecoderGraph:
         embed_ok = plan.embed.kind != "nbits" or arch.hidden % plan.embed.block == 0
         self.embed_rep = plan.embed if embed_ok else Rep("float", "float16")
         self.lm_rep = self.embed_rep if arch.tie else plan.lm_head
+        self.notes = [] if embed_ok else [f"hidden size {arch.hidden} is not a multiple of block {plan.embed.block}: "
+                                          "the embedding is stored fp16 (GatherBlockQuantized needs whole blocks)"]
+        if arch.tie and self.lm_rep != plan.lm_head:
+            self.notes.append(f"tied embeddings: the LM head shares the embedding's storage ({self.lm_rep.describe()})")
         self._build()
+
+    def storage(self) -> dict:
+        """The plan as actually applied (fallbacks and tied sharing included), for export.json and manifests."""
+        from dataclasses import replace
+
+        used = replace(self.plan, embed=self.embed_rep, lm_head=self.lm_rep).to_dict()
+        return {**used, "requested": self.plan.to_dict(), "notes": self.notes}
 
     # ------------------------------------------------------------------ primitives
     def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, outputs: list[str] | None = None,

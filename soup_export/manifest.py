@@ -50,7 +50,9 @@ def read_manifest(root: Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise ExportInputError(f"{root} has no {MANIFEST}; pass a directory written by `soup-export build`")
-    data = json.loads(path.read_text())
+    from soup_export.onnx_dir import read_json
+
+    data = read_json(path)
     if data.get("format") != FORMAT:
         raise ExportInputError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
     return data

@@ -64,7 +64,7 @@ def read_mix_file(path: Path) -> object:
     if not path.is_file():
         raise MixError(f"mix file {path} does not exist; pass a JSON or YAML file like {{\"austen\": 0.7}}")
     try:
-        if path.suffix in (".yaml", ".yml"):
+        if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
             return yaml.safe_load(path.read_text())

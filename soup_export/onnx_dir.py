@@ -31,10 +31,21 @@ def read_arch(directory: Path) -> tuple[Arch, dict]:
     if not path.is_file():
         raise ExportInputError(f"{directory} has no config.json; pass a directory written by `soup-export resolve` "
                                "or `soup-export graph`")
-    config = json.loads(path.read_text())
+    config = read_json(path)
     if config.get("model_type") != "llama":
         raise ExportInputError(f"{path}: model_type {config.get('model_type')!r}, expected 'llama'")
     return Arch.from_hf(config), config
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file the user pointed at, with a clear error when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportInputError(f"{path} is not readable JSON ({exc}); the directory is corrupt: rebuild it") from None
+    if not isinstance(data, dict):
+        raise ExportInputError(f"{path} holds {type(data).__name__}, expected a JSON object; rebuild it")
+    return data
 
 
 def graph_bytes(arch: Arch, plan: Plan) -> tuple[bytes, DecoderGraph]:
@@ -73,7 +84,7 @@ def write_onnx_dir(out: Path, model_bytes: bytes, g: DecoderGraph, weight: Calla
     write_data(out / DATA_FILE, g, weight)
     copy_side_files(side_dir, out)
     write_genai_config(out, g.arch)
-    (out / EXPORT_FILE).write_text(json.dumps({"tier": g.plan.tier, "quantization": g.plan.to_dict()}, indent=2) + "\n")
+    (out / EXPORT_FILE).write_text(json.dumps({"tier": g.plan.tier, "quantization": g.storage()}, indent=2) + "\n")
 
 
 def read_tier(onnx_dir: Path) -> str:
@@ -81,7 +92,10 @@ def read_tier(onnx_dir: Path) -> str:
     if not path.is_file() or not (Path(onnx_dir) / MODEL_FILE).is_file():
         raise ExportInputError(f"{onnx_dir} is not an ONNX specialist directory (no {MODEL_FILE} or {EXPORT_FILE}); "
                                "create one with `soup-export graph` or `soup-export quantize`")
-    return json.loads(path.read_text())["tier"]
+    tier = read_json(path).get("tier")
+    if tier is None:
+        raise ExportInputError(f"{path} names no tier; rebuild the directory")
+    return tier
 
 
 def copy_side_files(src: Path, out: Path) -> None:
@@ -92,7 +106,7 @@ def copy_side_files(src: Path, out: Path) -> None:
 
 def write_genai_config(out: Path, arch: Arch) -> None:
     """onnxruntime-genai's config for this hand-built decoder (KV names, no shared past/present buffer)."""
-    gen = json.loads((out / "generation_config.json").read_text()) if (out / "generation_config.json").is_file() else {}
+    gen = read_json(out / "generation_config.json") if (out / "generation_config.json").is_file() else {}
     eos = gen.get("eos_token_id", 0)
     config = {
         "model": {
@@ -133,7 +147,12 @@ def dense_weights(directory: Path) -> Callable[[str], np.ndarray]:
 
 
 def _onnx_fp32_weights(directory: Path) -> Callable[[str], np.ndarray]:
-    model = onnx.load(str(directory / MODEL_FILE), load_external_data=False)
+    if not (directory / DATA_FILE).is_file():
+        raise ExportInputError(f"{directory} has {MODEL_FILE} but no {DATA_FILE}; copy the whole directory")
+    try:
+        model = onnx.load(str(directory / MODEL_FILE), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for a corrupt file
+        raise ExportInputError(f"{directory / MODEL_FILE} is not a readable ONNX model ({exc})") from None
     data = np.memmap(directory / DATA_FILE, dtype=np.uint8, mode="r")
     tensors = {}
     for t in model.graph.initializer:

@@ -60,7 +60,7 @@ def soup_vs_dense(ckpt: Path, h: np.ndarray, hf_dir: Path, ids: np.ndarray, tol:
 
     _quiet_transformers()
     soup, _ = load_soup(ckpt)
-    dense = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    dense = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, use_safetensors=True).eval()
     x = torch.as_tensor(ids, dtype=torch.long)
     with torch.no_grad():
         diff = (soup(x, torch.as_tensor(h, dtype=torch.float32)) - dense(x).logits).abs().max().item()
@@ -76,7 +76,7 @@ def torch_vs_onnx(hf_dir: Path, onnx_dir: Path, ids: np.ndarray, tol: float) -> 
     from soup_export.ort_model import OrtDecoder
 
     _quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, use_safetensors=True).eval()
     ort = OrtDecoder(onnx_dir)
     ids = np.resize(ids, (2, ids.shape[1]))  # two rows even from one window
     x = torch.as_tensor(ids[:2, :12], dtype=torch.long)
@@ -141,7 +141,7 @@ def greedy_match(hf_dir: Path, onnx_dir: Path, prompt: list[int], new_tokens: in
     from soup_export.ort_model import OrtDecoder
 
     _quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, use_safetensors=True).eval()
     ort = OrtDecoder(onnx_dir)
     new_tokens = min(new_tokens, ort.arch.max_pos - len(prompt))
     gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,

@@ -107,7 +107,12 @@ def make_plan(tier: str, overrides: dict | None = None) -> Plan:
     if unknown:
         declared = ", ".join(f"{k}={v}" for k, v in q.params.items()) or "none"
         raise QuantError(f"{tier} has no parameter {', '.join(unknown)}; its parameters: {declared}")
-    params = {k: type(v)(overrides[k]) if k in overrides else v for k, v in q.params.items()}
+    params = {}
+    for k, default in q.params.items():
+        try:
+            params[k] = type(default)(overrides[k]) if k in overrides else default
+        except ValueError:
+            raise QuantError(f"{tier} parameter {k} expects {type(default).__name__}, got {overrides[k]!r}") from None
     if "block_size" in params and (params["block_size"] < 16 or params["block_size"] & (params["block_size"] - 1)):
         raise QuantError(f"block_size must be a power of 2 >= 16, got {params['block_size']}")
     if "accuracy_level" in params and params["accuracy_level"] not in (0, 1, 2, 3, 4):

@@ -52,12 +52,13 @@ class Bank:
         weights = ckpt / "model.safetensors"
         try:
             with safe_open(str(weights), framework="pt") as f:
-                shapes = {k[len(SHARED_PREFIX):]: tuple(f.get_slice(k).get_shape()) for k in f.keys()
-                          if k.startswith(SHARED_PREFIX)}
+                stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"cannot read {weights}: {exc}; the checkpoint is missing or corrupt") from None
-        if not shapes:
-            raise CheckpointError(f"{weights} holds no shared.* tensors; it is not a soup checkpoint")
+        check_complete(ckpt, info, stored)
+        if not (ckpt / "tokenizer.json").is_file():
+            raise CheckpointError(f"{ckpt} has no tokenizer.json; the checkpoint is incomplete: copy it again")
+        shapes = {k[len(SHARED_PREFIX):]: s for k, s in stored.items() if k.startswith(SHARED_PREFIX)}
         return cls(ckpt, info, cached_sha256(weights), shapes)
 
     @property
@@ -92,6 +93,21 @@ class Bank:
             yield name, list(combine_many(shared, bank, stacked, out=workspace))
 
 
+def check_complete(ckpt: Path, info: CheckpointInfo, stored: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor the checkpoint's config implies is present with its shape (nothing allocated)."""
+    from soup_train.model.soup import SoupModel
+
+    with torch.device("meta"):
+        soup = SoupModel(info.run.model, info.run.soup, len(info.domains))
+    expected = {name: tuple(p.shape) for name, p in soup.named_parameters()}
+    missing = sorted(set(expected) - set(stored))
+    wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
+    if missing or wrong:
+        detail = (f"missing {missing[:3]}" if missing else "") + (f" shape mismatch {wrong[:3]}" if wrong else "")
+        raise CheckpointError(f"{ckpt}/model.safetensors does not match its config.json ({detail.strip()}); "
+                              "the checkpoint is corrupt or its config was edited")
+
+
 class MappedSafetensors:
     """Zero-copy tensors of a safetensors file: views of one copy-on-write memory map.
 
@@ -121,11 +137,15 @@ class MappedSafetensors:
 
 
 def cached_sha256(path: Path) -> str:
-    """SHA-256 of a checkpoint file, cached beside it keyed by (size, mtime_ns): checkpoints are
-    written once, and hashing a large bank on every export would cost more than the export."""
+    """SHA-256 of a checkpoint file, cached in ~/.cache/soup/sha256 keyed by its absolute path,
+    size and mtime_ns: checkpoints are written once, and hashing a large bank on every export
+    would cost more than the export itself. The checkpoint directory is never written to."""
     stat = path.stat()
     key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    cache = path.with_name(f"{path.name}.sha256.json")
+    import os
+
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "soup" / "sha256"
+    cache = root / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json")
     try:
         saved = json.loads(cache.read_text())
         if {k: saved.get(k) for k in key} == key and len(saved.get("sha256", "")) == 64:
@@ -134,6 +154,7 @@ def cached_sha256(path: Path) -> str:
         pass
     digest = file_sha256(path)
     try:
+        root.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.tmp")
         tmp.write_text(json.dumps({**key, "sha256": digest}) + "\n")
         tmp.replace(cache)
@@ -228,4 +249,6 @@ def read_spec(hf_dir: Path) -> dict:
     if not path.is_file():
         raise ExportInputError(f"{hf_dir} is not a resolved specialist (no {SPEC_FILE}); "
                                "create one with `soup-export resolve CKPT --mix ... --out DIR`")
-    return json.loads(path.read_text())
+    from soup_export.onnx_dir import read_json
+
+    return read_json(path)

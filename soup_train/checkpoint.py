@@ -135,6 +135,9 @@ def read_info(ckpt: Path) -> CheckpointInfo:
         run = from_dict(RunConfig, data["run"])
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc.message}") from None
+    missing = [k for k in ("domains", "view", "natural", "step") if k not in data]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; the checkpoint is corrupt or from another tool")
     return CheckpointInfo(run, data["domains"], data["view"], data["natural"], data["step"])
 
 

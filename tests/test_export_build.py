@@ -145,9 +145,11 @@ def test_batch_writes_the_graph_once_and_equals_single_builds(debug_ckpt, tmp_pa
     (["--mix", "licences=1", "--quant", "int3"], "unknown quantizer 'int3'"),
     (["--mix", "licences=1", "--max-size", "1KB"], "no tier fits 1.00 KB"),
     (["--mix", "licences=1", "--max-size", "lots"], "is not a number with an optional unit"),
+    (["--mix", "licences=1", "--quant", "int4", "--qparam", "block_size=abc"], "block_size expects int"),
+    (["--mix", "licences=1", "--data", "{tmp}"], "is not a data directory"),
 ])
 def test_user_mistakes_exit_non_zero_with_one_line_and_write_nothing(debug_ckpt, tmp_path, args, message):
-    result = run("build", debug_ckpt, "--out", tmp_path / "out", *args)
+    result = run("build", debug_ckpt, "--out", tmp_path / "out", *[a.format(tmp=tmp_path) for a in args])
     assert result.exit_code != 0 and message in result.output, result.output
     assert "Traceback" not in result.output and not isinstance(result.exception, (KeyError, TypeError, AttributeError))
     assert not list(tmp_path.iterdir())
@@ -179,3 +181,50 @@ def test_stage_commands_chain_resolve_graph_quantize(debug_ckpt, tmp_path):
     assert result.exit_code != 0 and "is not an fp32 ONNX specialist" in result.output
     result = run("estimate", debug_ckpt, tmp_path / "hf" / "tokenizer_config.json", "--json")
     assert result.exit_code == 0 and set(json.loads(result.output)) == {"python-code", "licences", "python-docs"}
+
+
+def test_force_never_deletes_the_working_directory_or_a_file(debug_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in (".", ".."):
+        result = run("build", debug_ckpt, "--mix", "licences=1", "--no-parity", "--out", out, "--force")
+        assert result.exit_code != 0 and "current directory or one of its parents" in result.output
+    (tmp_path / "file").write_text("keep me")
+    result = run("build", debug_ckpt, "--mix", "licences=1", "--no-parity", "--out", tmp_path / "file", "--force")
+    assert result.exit_code != 0 and "is a file" in result.output and (tmp_path / "file").read_text() == "keep me"
+
+
+def test_edited_checkpoint_config_and_foreign_data_are_refused(debug_ckpt, debug_data, tmp_path):
+    import shutil
+
+    bad = tmp_path / "edited"
+    shutil.copytree(debug_ckpt / "checkpoints" / "step_0000080", bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["run"]["soup"]["expert_rank"] = 4
+    (bad / "config.json").write_text(json.dumps(config))
+    result = run("build", bad, "--mix", "licences=1", "--no-parity", "--out", tmp_path / "o")
+    assert result.exit_code != 0 and "does not match its config.json" in result.output
+    other = tmp_path / "other-data"
+    shutil.copytree(debug_data, other)
+    index = json.loads((other / "data.json").read_text())
+    index["views"]["sources"]["names"] = ["a", "b", "c"]
+    (other / "data.json").write_text(json.dumps(index))
+    result = run("build", debug_ckpt, "--mix", "licences=1", "--data", other, "--out", tmp_path / "o")
+    assert result.exit_code != 0 and "is not the checkpoint's data" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_compare_refuses_an_export_of_another_checkpoint(built, debug_ckpt, debug_data, tmp_path):
+    import shutil
+
+    out, _, _ = built
+    other = tmp_path / "other"
+    shutil.copytree(debug_ckpt / "checkpoints" / "step_0000080", other)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(other / "model.safetensors"))
+    tensors["coef.net.0.bias"] = tensors["coef.net.0.bias"] + 1
+    save_file(tensors, str(other / "model.safetensors"))
+    result = run("compare", out, "--ckpt", other, "--data", debug_data)
+    assert result.exit_code != 0 and "built from another checkpoint" in result.output
+    result = run("compare", out, "--ckpt", debug_ckpt, "--data", debug_data)
+    assert result.exit_code == 0 and "| acme |" in result.output, result.output

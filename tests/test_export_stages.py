@@ -215,3 +215,17 @@ def test_budget_picks_the_highest_precision_that_fits_or_explains_why_none_does(
         choose_tier(arch, "auto", sizes["int4"] - 1)
     with pytest.raises(BudgetError, match="no tier fits"):
         choose_tier(arch, "fp32", sizes["fp16"])
+
+
+def test_storage_records_the_embedding_fallback_when_the_width_is_not_a_block_multiple():
+    from dataclasses import replace
+
+    from soup_export.graph import Arch
+
+    arch = Arch(vocab=300, hidden=48, layers=1, heads=4, kv_heads=2, head_dim=12, ff=96, max_pos=64,
+                rope_theta=10000.0, eps=1e-5, tie=True)
+    g = DecoderGraph(arch, make_plan("int4"))
+    storage = g.storage()
+    assert storage["embed"]["describe"] == "fp16" and storage["lm_head"]["describe"] == "fp16"
+    assert storage["requested"]["embed"]["describe"] == "int4 block 32" and "not a multiple of block" in storage["notes"][0]
+    assert not DecoderGraph(replace(arch, hidden=64, head_dim=16), make_plan("int4")).storage()["notes"][:1] == storage["notes"][:1]

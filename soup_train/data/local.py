@@ -22,7 +22,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
         raise DataError(f"source {spec!r} is not NAME=PATH_GLOB or NAME=hf:DATASET "
                         "(e.g. --source legal='contracts/*.txt')")
     name, where = (x.strip() for x in spec.split("=", 1))
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise DataError(f"source name {name!r} must be letters, digits, '.', '_' or '-' (e.g. legal)")
     return name, where
 

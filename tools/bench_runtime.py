@@ -1,0 +1,201 @@
+"""Benchmark: the device runtime on one trained specialist, fp32 / int8 / int4, against
+transformers (fp32 `generate` with the KV cache, same weights) and onnxruntime-genai (on its own
+builder's int4 output of the same HF directory).
+
+For each engine, in its own process (so peak RSS is its own): prefill latency of a P-token
+prompt (median), decode tokens/s over N greedy tokens after the prefill, and peak RSS. Also the
+soup-run --engine genai path on our int4 artifact. Last line: `int4_decode_over_torch: <ratio>`.
+
+    python tools/bench_runtime.py           # d256 x 8 layers, vocab ~8k (about 10M), 128 new tokens
+    python tools/bench_runtime.py --quick   # d128 x 2 layers, under a minute
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+PROMPT_TOKENS = 64
+
+
+def prepare(root: Path, quick: bool) -> None:
+    """A briefly trained soup, one mix exported at fp32 / int8 / int4, and genai's own int4 build."""
+    from soup_export.build import ExportSpec, build
+    from soup_export.mix import validate
+    from soup_export.resolve import Bank
+    from soup_train.config import DataConfig, ModelConfig, RunConfig, SoupConfig, TrainConfig
+    from soup_train.data.prepare import prepare as prepare_data
+    from soup_train.presets import prepare_preset
+    from soup_train.train import fit
+
+    data = root / "data"
+    prepare_data(replace(prepare_preset("debug"), vocab_size=2048 if quick else 8192, seq_len=128), data, root / "cache")
+    model = (ModelConfig(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=352, max_seq_len=512) if quick else
+             ModelConfig(d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=704, max_seq_len=512))
+    cfg = RunConfig(model=model, soup=SoupConfig(n_experts=4), data=DataConfig(path=str(data)),
+                    train=TrainConfig(steps=20 if quick else 60, batch_size=8, warmup_steps=5, eval_every=0,
+                                      eval_batches=1, log_every=10, ckpt_every=1000))
+    fit(cfg, root / "run", progress=False)
+    bank = Bank.open(root / "run")
+    mix = validate({bank.info.domains[0]: 0.7, bank.info.domains[1]: 0.3}, bank.info.domains)
+    for tier in ("fp32", "int8", "int4"):
+        build(root / "run", mix, root / tier, ExportSpec(quant=tier, parity=False, keep_hf=tier == "fp32"))
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+    argv = (str(root / "fp32" / "hf"), str(root / "fp32" / "hf"), str(root / "genai-int4"), "int4", "cpu", str(root / "c"))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        create_model(*argv, **parse_extra_options(*argv, []))
+
+
+def prompt_ids(root: Path) -> list[int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(root / "fp32" / "onnx" / "tokenizer.json"))
+    text = (root / "data" / "corpus" / "test" / "licences.jsonl").read_text()
+    ids = tok.encode(json.loads(text.splitlines()[0])["text"]).ids
+    return (ids * (PROMPT_TOKENS // max(len(ids), 1) + 1))[:PROMPT_TOKENS]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_soup_run(directory: Path, ids: list[int], new: int, engine: str) -> dict:
+    import numpy as np
+
+    from soup_run.generate import GenerationConfig
+    from soup_run.genai_engine import GenaiSpecialist
+    from soup_run.model import Specialist
+
+    model = Specialist(directory) if engine == "ort" else GenaiSpecialist(directory)
+    cfg = GenerationConfig(max_new_tokens=new, stop_at_eos=False)
+    prefill = []
+    if engine == "ort":
+        x = np.asarray([ids])
+        for _ in range(7):
+            t = time.perf_counter()
+            model.step(x, np.ones_like(x), np.arange(len(ids))[None], model.empty_past(1))
+            prefill.append(time.perf_counter() - t)
+    rates = []
+    for _ in range(3):
+        start = time.perf_counter()
+        stamps = [time.perf_counter() for _ in model.stream([ids], cfg)]
+        if engine != "ort":
+            prefill.append(stamps[0] - start)
+        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return {"prefill_ms": 1000 * statistics.median(prefill), "decode_tok_s": statistics.median(rates)}
+
+
+def measure_torch(hf_dir: Path, ids: list[int], new: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    prefill, rates = [], []
+    with torch.no_grad():
+        for _ in range(7):
+            t = time.perf_counter()
+            model(x, use_cache=True)
+            prefill.append(time.perf_counter() - t)
+        p = statistics.median(prefill)
+        for _ in range(3):
+            t = time.perf_counter()
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            rates.append((new - 1) / (time.perf_counter() - t - p))
+    return {"prefill_ms": 1000 * p, "decode_tok_s": statistics.median(rates)}
+
+
+def measure_genai_builder(directory: Path, ids: list[int], new: int) -> dict:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(directory))
+    prefill, rates = [], []
+    for _ in range(3):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + new, min_length=len(ids) + new, do_sample=False)
+        gen = og.Generator(model, params)
+        t = time.perf_counter()
+        gen.append_tokens(ids)
+        prefill.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        count = 0
+        while not gen.is_done():
+            gen.generate_next_token()
+            count += 1
+        rates.append(count / (time.perf_counter() - t))
+    return {"prefill_ms": 1000 * statistics.median(prefill), "decode_tok_s": statistics.median(rates)}
+
+
+def run_job(job: str, root: Path, new: int) -> dict:
+    ids = prompt_ids(root)
+    if job.startswith("soup-run"):
+        _, tier, engine = job.split(":")
+        result = measure_soup_run(root / tier, ids, new, engine)
+    elif job == "torch":
+        result = measure_torch(root / "fp32" / "hf", ids, new)
+    else:
+        result = measure_genai_builder(root / "genai-int4", ids, new)
+    return {**result, "peak_rss_mb": peak_rss_mb()}
+
+
+JOBS = {"soup-run:fp32:ort": "soup-run fp32", "soup-run:int8:ort": "soup-run int8", "soup-run:int4:ort": "soup-run int4",
+        "soup-run:int4:genai": "soup-run int4, --engine genai", "torch": "transformers fp32 generate (KV cache)",
+        "genai-builder": "onnxruntime-genai, its builder's int4"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small model; under a minute")
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--new", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    if args.job:
+        print(json.dumps(run_job(args.job, args.root, args.new)))
+        return
+    new = 32 if args.quick else 128
+    root = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
+    try:
+        prepare(root, args.quick)
+        results = {}
+        for job in JOBS:
+            proc = subprocess.run([sys.executable, __file__, "--job", job, "--root", str(root), "--new", str(new)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{job} failed:\n{proc.stderr[-3000:]}")
+            results[job] = json.loads(proc.stdout.strip().splitlines()[-1])
+        size = {t: sum(f.stat().st_size for f in (root / t / "onnx").glob("model.onnx*")) for t in ("fp32", "int8", "int4")}
+        print(f"prompt {PROMPT_TOKENS} tokens, {new} new tokens, batch 1, greedy; each engine in its own process")
+        print("| engine | model MB | prefill ms | decode tok/s | peak RSS MB |")
+        print("|---|---:|---:|---:|---:|")
+        for job, label in JOBS.items():
+            r = results[job]
+            mb = f"{size[job.split(':')[1]] / 1e6:.2f}" if job.startswith("soup-run") else ""
+            print(f"| {label} | {mb} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+        torch_rate = results["torch"]["decode_tok_s"]
+        print(f"ort_int4_over_genai_builder_int4: {results['soup-run:int4:ort']['decode_tok_s'] / results['genai-builder']['decode_tok_s']:.2f}")
+        print(f"int4_decode_over_torch: {results['soup-run:int4:ort']['decode_tok_s'] / torch_rate:.2f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
