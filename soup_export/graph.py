@@ -199,9 +199,9 @@ class DecoderGraph:
         sq = self.node("Pow", [x, self.const(2.0, np.float32)], f"{prefix}/Pow")[0]
         mean = self.node("ReduceMean", [sq, self.const([-1])], f"{prefix}/ReduceMean", keepdims=1)[0]
         var = self.node("Add", [mean, self.const(self.arch.eps, np.float32)], f"{prefix}/Add")[0]
-        inv = self.node("Reciprocal", [self.node("Sqrt", [var], f"{prefix}/Sqrt")[0]], f"{prefix}/Reciprocal")[0]
-        normed = self.node("Mul", [x, inv], f"{prefix}/Mul")[0]
-        return self.node("Mul", [w, normed], f"{prefix}/Mul_1")[0]
+        std = self.node("Sqrt", [var], f"{prefix}/Sqrt")[0]
+        normed = self.node("Div", [x, std], f"{prefix}/Div")[0]  # the pattern onnxruntime fuses into one kernel
+        return self.node("Mul", [normed, w], f"{prefix}/Mul")[0]
 
     def rope(self, x: str, cos: str, sin: str, prefix: str) -> str:
         """x * cos + rotate_half(x) * sin; x (B, H, S, hd), cos/sin (B, 1, S, hd)."""

@@ -72,6 +72,10 @@ def prompt_ids(root: Path) -> list[int]:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM; ru_maxrss would include the parent's peak inherited at fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
