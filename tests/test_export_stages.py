@@ -101,7 +101,7 @@ def test_graph_is_checker_clean_deterministic_and_named_like_hf(hf_dir, tmp_path
     assert inputs[3:] == [f"past_key_values.{i}.{k}" for i in range(arch.layers) for k in ("key", "value")]
     assert outputs[1:] == [f"present.{i}.{k}" for i in range(arch.layers) for k in ("key", "value")]
     names = {n.name for n in model.graph.node}
-    assert "/model/layers.1/mlp/up_proj/MatMul" in names and "/model/layers.0/self_attn/Softmax" in names
+    assert "/model/layers.1/mlp/up_proj/MatMul" in names and "/model/layers.0/self_attn/GroupQueryAttention" in names
     assert all(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer if i.dims and
                np.prod(i.dims) > 16)
     genai = json.loads((a / "genai_config.json").read_text())
