@@ -96,7 +96,7 @@ def measure_soup_run(directory: Path, ids: list[int], new: int, engine: str) -> 
             model.step(x, np.ones_like(x), np.arange(len(ids))[None], model.empty_past(1))
             prefill.append(time.perf_counter() - t)
     rates = []
-    for _ in range(3):
+    for _ in range(5):
         start = time.perf_counter()
         stamps = [time.perf_counter() for _ in model.stream([ids], cfg)]
         if engine != "ort":
@@ -179,15 +179,18 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
     try:
         prepare(root, args.quick)
-        results = {}
-        for job in JOBS:
-            proc = subprocess.run([sys.executable, __file__, "--job", job, "--root", str(root), "--new", str(new)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{job} failed:\n{proc.stderr[-3000:]}")
-            results[job] = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs: dict[str, list[dict]] = {job: [] for job in JOBS}
+        for _ in range(2 if args.quick else 3):  # round-robin, so slow drifts of a shared machine hit every engine
+            for job in JOBS:
+                proc = subprocess.run([sys.executable, __file__, "--job", job, "--root", str(root), "--new", str(new)],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{job} failed:\n{proc.stderr[-3000:]}")
+                runs[job].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        results = {job: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for job, rs in runs.items()}
         size = {t: sum(f.stat().st_size for f in (root / t / "onnx").glob("model.onnx*")) for t in ("fp32", "int8", "int4")}
-        print(f"prompt {PROMPT_TOKENS} tokens, {new} new tokens, batch 1, greedy; each engine in its own process")
+        print(f"prompt {PROMPT_TOKENS} tokens, {new} new tokens, batch 1, greedy; each engine in its own process, "
+              f"medians over {len(next(iter(runs.values())))} round-robin rounds")
         print("| engine | model MB | prefill ms | decode tok/s | peak RSS MB |")
         print("|---|---:|---:|---:|---:|")
         for job, label in JOBS.items():

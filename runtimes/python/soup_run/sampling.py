@@ -35,6 +35,8 @@ def penalise(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray
 
 def choose(logits: np.ndarray, seen: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     """The next token of one row."""
+    if s.temperature == 0 and s.repetition_penalty == 1.0:  # plain greedy: the hot path of decoding
+        return int(logits.argmax())
     logits = penalise(logits.astype(np.float64), seen, s.repetition_penalty)
     if s.temperature == 0:
         return int(logits.argmax())
