@@ -30,7 +30,7 @@ from soup_export.stream import SafetensorsWriter
 from soup_train.checkpoint import CheckpointInfo, read_info, resolve_checkpoint
 from soup_train.errors import CheckpointError
 from soup_train.model.soup import CoefficientMLP
-from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine_many, expert_keys
+from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine, expert_keys
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SPEC_FILE = "soup_spec.json"
@@ -77,20 +77,13 @@ class Bank:
     def fused(self, alphas: list[torch.Tensor], progress: bool = False,
               names: list[str] | None = None) -> Iterator[tuple[str, list[torch.Tensor]]]:
         """Tensor-major: (dense name, [Theta_m[name] for each alpha_m]) in fp32, one tensor at a time,
-        in checkpoint order or the order of `names`. The yielded tensors are views of a reused
-        buffer: valid until the next iteration."""
+        in checkpoint order or the order of `names`."""
         rank = self.info.run.soup.expert_rank
-        names = names or list(self.shapes)
-        stacked = torch.stack(alphas)  # (M, n)
-        largest = max(int(np.prod(self.shapes[n], dtype=np.int64)) for n in names)
-        workspace = torch.empty(len(alphas) * largest)  # reused by every tensor: no page faults per tensor
         tensors = MappedSafetensors(self.weights)
-        for name in tqdm(names, desc="fuse", unit="tensor", disable=not progress, leave=False):
+        for name in tqdm(names or list(self.shapes), desc="fuse", unit="tensor", disable=not progress, leave=False):
             shared = tensors[SHARED_PREFIX + name].float()
             bank = tuple(tensors[k].float() for k in expert_keys(name, shared.shape, rank))
-            if len(alphas) > 1:  # a GEMM re-reads its operand in blocks: give it ordinary memory, not the map
-                bank = tuple(b.clone() for b in bank)
-            yield name, list(combine_many(shared, bank, stacked, out=workspace))
+            yield name, [combine(shared, bank, a) for a in alphas]  # the bank is read once for all mixes
 
 
 def check_complete(ckpt: Path, info: CheckpointInfo, stored: dict[str, tuple[int, ...]]) -> None:

@@ -104,18 +104,3 @@ def test_alpha_softmax_is_on_the_simplex():
     soup = make_soup(*VARIANTS["lowrank-softmax"])
     alpha = soup.alpha(random_h())
     assert alpha.min() >= 0 and abs(alpha.sum().item() - 1) < 1e-6
-
-
-@pytest.mark.parametrize("low_rank", [False, True])
-def test_combine_many_equals_combine_for_each_mix(low_rank):
-    """Batch export fuses many mixes with one matrix product; it must equal the training path."""
-    from soup_train.model.soup_math import combine, combine_many
-
-    g = torch.Generator().manual_seed(0)
-    shared = torch.randn(6, 5, generator=g)
-    experts = (torch.randn(4, 6, 3, generator=g), torch.randn(4, 5, 3, generator=g)) if low_rank else \
-        (torch.randn(4, 6, 5, generator=g),)
-    alphas = torch.randn(3, 4, generator=g)
-    many = combine_many(shared, experts, alphas, out=torch.empty(3 * 30) if not low_rank else None)
-    for m in range(3):
-        assert (many[m] - combine(shared, experts, alphas[m])).abs().max() <= 1e-6

@@ -35,31 +35,12 @@ def combine(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alpha: torc
     """One fused tensor S + sum_j alpha_j E_j.
 
     shared: (*shape); alpha: (n,); experts: (E,) with E (n, *shape), or (U, V) with
-    U (n, out, r), V (n, in, r) for a low-rank matrix. (The training path: autograd through a
-    tensordot is cheaper than through the matrix product `combine_many` uses for many mixes;
-    tests check the two agree.)
+    U (n, out, r), V (n, in, r) for a low-rank matrix. Export calls this very function once per
+    mix (no batched matrix product): the fused weights are then bit-identical to the ones the
+    soup's own forward uses, which is what parity stage (a) checks.
     """
     if len(experts) == 1:
         bank = experts[0]  # (n, *shape)
         return shared + torch.tensordot(alpha.to(bank.dtype), bank, dims=1)
     u, v = experts  # (n, out, r), (n, in, r)
     return shared + torch.einsum("j,jor,jir->oi", alpha.to(u.dtype), u, v)
-
-
-def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused tensors for M coefficient vectors at once: (M, *shape), from alphas (M, n).
-
-    One (M, n) @ (n, numel) product reads the bank once for all M mixes (a batch export's
-    fusion is a matrix product, not M matrix-vector products). `out`: an optional flat buffer
-    of at least M * numel elements to write into (reused across tensors, it saves page faults).
-    """
-    if len(experts) == 1:
-        bank = experts[0]  # (n, *shape)
-        numel = bank[0].numel()
-        flat = (torch.addmm(shared.reshape(1, -1), alphas.to(bank.dtype), bank.reshape(bank.shape[0], -1)) if out is None
-                else torch.addmm(shared.reshape(1, -1), alphas.to(bank.dtype), bank.reshape(bank.shape[0], -1),
-                                 out=out[:len(alphas) * numel].view(len(alphas), numel)))
-        return flat.view(len(alphas), *bank.shape[1:])
-    u, v = experts  # (n, out, r), (n, in, r)
-    return shared + torch.einsum("mj,jor,jir->moi", alphas.to(u.dtype), u, v)
