@@ -128,7 +128,8 @@ def test_fp32_onnx_matches_transformers_with_padding_and_cache(hf_dir, tmp_path)
 def test_onnx_reads_back_the_fp32_weights_it_was_built_from(hf_dir, tmp_path):
     onnx_dir = write_tier(hf_dir, tmp_path / "fp32", "fp32")
     from_onnx, from_hf = dense_weights(onnx_dir), dense_weights(hf_dir)
-    for name in ("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight"):
+    for name in ("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight",
+                 "model.layers.1.self_attn.k_proj.weight"):
         assert np.array_equal(from_onnx(name), from_hf(name))
 
 
