@@ -117,3 +117,21 @@ def test_prepare_refuses_to_overwrite_and_accepts_user_sources(debug_data, tmp_p
     with pytest.raises(DataError, match="no file matches"):
         prepare(replace(cfg, sources=(f"x={tmp_path}/nothing/*.txt",)), tmp_path / "out2", tmp_path / "cache")
     assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2*"))
+
+
+def test_customer_text_directories_read_every_utf8_file_and_skip_binaries(tmp_path):
+    from soup_train.textfiles import read_texts
+
+    (tmp_path / "a.py").write_text("import os\n")
+    (tmp_path / "b.rst").write_text("Title\n=====\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.txt").write_text("plain text")
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    assert read_texts([tmp_path]) == ["import os\n", "Title\n=====\n", "plain text"]
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    (binary / "x.bin").write_bytes(b"\xff\xfe\xfd")
+    with pytest.raises(DataError, match="no text files"):
+        read_texts([binary])
