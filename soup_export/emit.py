@@ -16,7 +16,7 @@ import numpy as np
 
 from soup_export.graph import DATA_FILE, DecoderGraph, _encode_one, rotary_table
 from soup_export.mix import Mix
-from soup_export.onnx_dir import EXPORT_FILE, MODEL_FILE, copy_side_files, write_genai_config
+from soup_export.onnx_dir import MODEL_FILE, copy_side_files, write_runtime_configs
 from soup_export.resolve import SPEC_FILE, Bank, checkpoint_ref, write_hf_files
 from soup_export.stream import SafetensorsWriter
 
@@ -71,9 +71,7 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
         (root / "onnx" / f".{DATA_FILE}.tmp").replace(root / "onnx" / DATA_FILE)
         if write_hf_weights:
             copy_side_files(root / "hf", root / "onnx")
-        write_genai_config(root / "onnx", g.arch)
-        (root / "onnx" / EXPORT_FILE).write_text(json.dumps({"tier": g.plan.tier, "quantization": g.storage()},
-                                                            indent=2) + "\n")
+        write_runtime_configs(root / "onnx", g)
 
 
 def _write_weights(bank, g, order, alphas, hf_writers, data_files, progress) -> None:

@@ -71,14 +71,6 @@ class Arch:
                    c["intermediate_size"], c["max_position_embeddings"], float(c.get("rope_theta", 10000.0)),
                    float(c["rms_norm_eps"]), bool(c.get("tie_word_embeddings", False)))
 
-    def linear_names(self) -> list[str]:
-        names = []
-        for i in range(self.layers):
-            p = f"model.layers.{i}"
-            names += [f"{p}.self_attn.{x}_proj.weight" for x in "qkvo"]
-            names += [f"{p}.mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-        return names
-
 
 @dataclass(frozen=True)
 class Stored:

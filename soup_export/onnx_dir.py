@@ -83,6 +83,11 @@ def write_onnx_dir(out: Path, model_bytes: bytes, g: DecoderGraph, weight: Calla
     (out / MODEL_FILE).write_bytes(model_bytes)
     write_data(out / DATA_FILE, g, weight)
     copy_side_files(side_dir, out)
+    write_runtime_configs(out, g)
+
+
+def write_runtime_configs(out: Path, g: DecoderGraph) -> None:
+    """genai_config.json (onnxruntime-genai) and export.json (tier and storage as applied)."""
     write_genai_config(out, g.arch)
     (out / EXPORT_FILE).write_text(json.dumps({"tier": g.plan.tier, "quantization": g.storage()}, indent=2) + "\n")
 
