@@ -185,7 +185,9 @@ def test_every_tier_runs_and_stays_close_on_held_out_text(hf_dir, debug_data, tm
     q = write_tier(hf_dir, tmp_path / tier, tier)
     windows = from_data(debug_data, "sources", np.array([0.5, 0.5, 0.0]), 8, 32)
     report = quantized_vs_fp32(fp32, q, tier, windows, ParityConfig().max_dppl(tier))
-    assert report["dppl"] <= ParityConfig().max_dppl(tier) and report["top1_agreement"] > 0.7
+    # judged by dPPL and KL, not top-1: a barely trained model's near-ties make top-1 flip on any noise
+    max_kl = {"fp16": 1e-4, "int8": 1e-3, "mixed": 5e-3, "int4": 2e-2}[tier]  # local: 6e-9, 5e-6, 4e-5, 5e-4
+    assert report["dppl"] <= ParityConfig().max_dppl(tier) and 0 <= report["mean_kl"] <= max_kl
     assert (tmp_path / tier / "model.onnx.data").stat().st_size < (tmp_path / "fp32" / "model.onnx.data").stat().st_size
 
 
