@@ -76,19 +76,33 @@ def collect_state(model: nn.Module, optim: torch.optim.Optimizer) -> tuple[dict,
 
 def write_checkpoint(run_dir: Path, info: CheckpointInfo, model_sd: dict, optim_sd: dict,
                      samplers: list[dict], data_dir: Path, keep_last: int) -> Path:
-    """Write one checkpoint atomically (rank 0 only); prune to the last `keep_last`."""
-    final = step_dir(run_dir, info.step)
+    """Write one soup checkpoint atomically (rank 0 only); prune to the last `keep_last`."""
+    def side_files(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(info.to_dict(), indent=2) + "\n")
+        copy_domain_files(data_dir, tmp)
+
+    return write_step(run_dir, info.step, model_sd, optim_sd, {"samplers": samplers}, keep_last, side_files)
+
+
+def write_step(run_dir: Path, step: int, model_sd: dict, optim_sd: dict, state: dict, keep_last: int,
+               side_files=None) -> Path:
+    """Any model's resumable checkpoint `run_dir/checkpoints/step_N`, atomically; prunes old ones.
+
+    `state` (JSON) joins the step and the optimizer's param groups in train_state/state.json;
+    `side_files(tmp)` may add files before the directory is renamed into place.
+    """
+    final = step_dir(run_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "train_state").mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(info.to_dict(), indent=2) + "\n")
+    if side_files is not None:
+        side_files(tmp)
     save_file(model_sd, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-    copy_domain_files(data_dir, tmp)
     tensors = {f"{p}::{name}": t.contiguous() for p, st in optim_sd["state"].items()
                for name, t in st.items() if isinstance(t, torch.Tensor)}
     save_file(tensors, str(tmp / "train_state" / "optimizer.safetensors"))
-    state = {"step": info.step, "param_groups": optim_sd["param_groups"], "samplers": samplers}
-    (tmp / "train_state" / "state.json").write_text(json.dumps(state) + "\n")
+    record = {**state, "step": step, "param_groups": optim_sd["param_groups"]}
+    (tmp / "train_state" / "state.json").write_text(json.dumps(record) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     _write_latest(run_dir, final.name)
@@ -194,15 +208,22 @@ def check_resumable(saved: RunConfig, current: RunConfig, ckpt: Path) -> None:
 
 def restore_train_state(ckpt: Path, model: nn.Module, optim: torch.optim.Optimizer,
                         world_size: int) -> tuple[int, list[dict]]:
-    """Load model + optimizer state into a (wrapped) model; returns (step, sampler states)."""
+    """Load a soup checkpoint's model + optimizer state; returns (step, sampler states)."""
     state = json.loads((ckpt / "train_state" / "state.json").read_text())
     if len(state["samplers"]) != world_size:
         raise ResumeError(f"{ckpt} was written by {len(state['samplers'])} process(es), this run has "
                           f"{world_size}; resume with the same torchrun --nproc_per_node/--nnodes")
+    state = restore_step(ckpt, model, optim)
+    return int(state["step"]), state["samplers"]
+
+
+def restore_step(ckpt: Path, model: nn.Module, optim: torch.optim.Optimizer) -> dict:
+    """Load `write_step`'s model + optimizer state into a (wrapped) model; returns its state.json."""
+    state = json.loads((ckpt / "train_state" / "state.json").read_text())
     model_sd = read_tensors(ckpt / "model.safetensors")
-    base = unwrap(model)
-    if getattr(getattr(base, "model_cfg", None), "tie_embeddings", False):
-        model_sd["shared.lm_head.weight"] = model_sd["shared.model.embed_tokens.weight"]
+    for alias, name in tied_aliases(unwrap(model)).items():  # tied weights are stored once
+        if name in model_sd:
+            model_sd.setdefault(alias, model_sd[name])
     flat = read_tensors(ckpt / "train_state" / "optimizer.safetensors")
     optim_state: dict[str, dict] = {}
     for key, tensor in flat.items():
@@ -210,4 +231,11 @@ def restore_train_state(ckpt: Path, model: nn.Module, optim: torch.optim.Optimiz
         optim_state.setdefault(param, {})[name] = tensor
     optim_sd = {"state": optim_state, "param_groups": state["param_groups"]}
     set_state_dict(model, optim, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_OPTS)
-    return int(state["step"]), state["samplers"]
+    return state
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{name: canonical name} for parameters that share another's tensor (tied embeddings)."""
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    return {name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)
+            if canonical[id(p)] != name}

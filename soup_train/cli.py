@@ -209,5 +209,9 @@ def presets() -> None:
     click.echo("run presets (fit --preset):      " + ", ".join(RUN_PRESETS))
 
 
+from soup_train.smalltalk.cli import smalltalk  # noqa: E402 - registered after the soup commands
+
+main.add_command(smalltalk)
+
 if __name__ == "__main__":
     main()

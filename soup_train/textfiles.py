@@ -10,7 +10,12 @@ log = logging.getLogger(__name__)
 
 
 def read_texts(paths: tuple[Path, ...] | list[Path]) -> list[str]:
-    """The contents of files, and of every UTF-8 text file under directories, in a stable order.
+    """The contents of files and directories of text files (see `read_named_texts`)."""
+    return [text for _, text in read_named_texts(paths)]
+
+
+def read_named_texts(paths: tuple[Path, ...] | list[Path]) -> list[tuple[str, str]]:
+    """(path, contents) of files, and of every UTF-8 text file under directories, in a stable order.
 
     In a directory, hidden files and files that are not UTF-8 text (binaries) are skipped, with a
     log line naming how many; a customer's texts are whatever they have (.txt, .md, .py, .rst, ...).
@@ -27,13 +32,13 @@ def read_texts(paths: tuple[Path, ...] | list[Path]) -> list[str]:
     texts, skipped = [], 0
     for f in files:
         try:
-            texts.append(f.read_bytes().decode("utf-8"))
+            texts.append((str(f), f.read_bytes().decode("utf-8")))
         except UnicodeDecodeError:
             skipped += 1
     if skipped:
         log.info("skipped %d file(s) that are not UTF-8 text", skipped)
     if not texts:
         raise DataError(f"no text files under {', '.join(map(str, paths))}")
-    if not any(t.strip() for t in texts):
+    if not any(t.strip() for _, t in texts):
         raise DataError("the given text files are all empty")
     return texts

@@ -97,9 +97,11 @@ def autocast_for(t: TrainConfig, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def optimizer_step(model: torch.nn.Module, optim: torch.optim.Optimizer, batches, h: torch.Tensor,
+def optimizer_step(model: torch.nn.Module, optim: torch.optim.Optimizer, batches, h: torch.Tensor | None,
                    t: TrainConfig, step: int, seq_len: int, autocast=contextlib.nullcontext) -> tuple[float, float]:
     """Algorithm 2, one step: t.grad_accum micro-batches (B, >= seq_len + 1) at one h, then AdamW.
+
+    With h None the model is a dense LM (`model(x)`): the same step trains SmallTalk's models.
 
     Returns (loss averaged over micro-batches, gradient norm before clipping).
     """
@@ -107,7 +109,7 @@ def optimizer_step(model: torch.nn.Module, optim: torch.optim.Optimizer, batches
     for micro, batch in enumerate(batches):
         x, y = batch[:, :seq_len], batch[:, 1:seq_len + 1]
         with grad_sync(model, micro == t.grad_accum - 1), autocast():
-            loss = lm_loss(model(x, h), y) / t.grad_accum
+            loss = lm_loss(model(x) if h is None else model(x, h), y) / t.grad_accum
         loss.backward()
         total += loss.item()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
