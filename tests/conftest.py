@@ -45,3 +45,25 @@ def debug_ckpt(debug_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "export-src"
     fit(cfg, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def smalltalk_run(debug_data, tmp_path_factory) -> Path:
+    """A finished debug SmallTalk run (2 routers, 2 experts), trained in-process in seconds."""
+    from dataclasses import replace
+
+    from soup_train.config import apply_overrides
+    from soup_train.smalltalk.config import smalltalk_preset
+    from soup_train.smalltalk.experts import train_expert
+    from soup_train.smalltalk.routers import assign_budget, train_routers
+    from soup_train.smalltalk.run import SmallTalkRun
+
+    cfg = smalltalk_preset("debug")
+    cfg = apply_overrides(replace(cfg, data=replace(cfg.data, path=str(debug_data))),
+                          ["expert_train.steps=40", "expert_train.ckpt_every=40"])
+    run = SmallTalkRun.create(tmp_path_factory.mktemp("runs") / "smalltalk", cfg)
+    train_routers(run, progress=False)
+    assign_budget(run)
+    for e in range(run.experts):
+        train_expert(run, e, progress=False)
+    return run.path
