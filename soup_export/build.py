@@ -155,15 +155,22 @@ def _graph(cache: dict, arch, tier: str, params: dict):
 
 def run_parity(bank: Bank | None, mix: Mix, hf: Path, onnx_dir: Path, tier: str, spec: ExportSpec,
                cache: dict, scratch: Path | None = None) -> dict:
-    """Stages (a)-(d); (a) needs the checkpoint (`bank`). The fp32 reference of a quantized tier is
-    written to a scratch directory and removed."""
-    cfg = spec.parity_cfg
+    """Stages (a)-(d); (a) needs the checkpoint (`bank`)."""
     arch, _ = read_arch(hf)
     windows, source = eval_data(bank, mix, hf / "tokenizer.json", spec, arch)
     report: dict = {"eval_source": source}
     if bank is not None:
-        report["a_soup_vs_dense"] = P.soup_vs_dense(bank.path, mix.h, hf, windows[:2, :32], cfg.soup_tol)
-    fp32_dir = onnx_dir
+        report["a_soup_vs_dense"] = P.soup_vs_dense(bank.path, mix.h, hf, windows[:2, :32], spec.parity_cfg.soup_tol)
+    return {**report, **dense_parity(hf, onnx_dir, tier, windows, source, spec.parity_cfg, cache, scratch)}
+
+
+def dense_parity(hf: Path, onnx_dir: Path, tier: str, windows: np.ndarray, source: str, cfg: P.ParityConfig,
+                 cache: dict, scratch: Path | None = None) -> dict:
+    """Stages (b)-(d) of any dense Llama (a specialist, a SmallTalk router or expert) on `windows`.
+
+    The fp32 reference of a quantized tier is written to a scratch directory and removed."""
+    arch, _ = read_arch(hf)
+    fp32_dir, report = onnx_dir, {}
     scratch = scratch or onnx_dir.parent / ".fp32-reference"
     if tier != "fp32":
         model_bytes, g = _graph(cache, arch, "fp32", {})
@@ -176,7 +183,7 @@ def run_parity(bank: Bank | None, mix: Mix, hf: Path, onnx_dir: Path, tier: str,
                 raise ParityError("parity (c) needs held-out text: pass --eval-texts FILES or --data DIR "
                                   "(the prepared data directory), or --no-parity")
             report["c_quantized_vs_fp32"] = P.quantized_vs_fp32(fp32_dir, onnx_dir, tier, windows, cfg.max_dppl(tier))
-        prompt = [int(t) for t in windows[0, :16]]
+        prompt = [int(t) for t in windows[0, :min(16, arch.max_pos // 2)]]
         report["d_greedy"] = P.greedy_match(hf, fp32_dir, prompt, cfg.greedy_tokens)
         if tier != "fp32":
             report["d_greedy"]["quantized"] = P.greedy_agreement(fp32_dir, onnx_dir, prompt, cfg.greedy_tokens)

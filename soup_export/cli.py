@@ -5,6 +5,7 @@
     quantize HF or fp32 ONNX -> a tier             check    parity stages on an export
     estimate texts -> domain weights               inspect  summarise a manifest
     compare  specialists vs the generic model on their customers' held-out text
+    mixture  a SmallTalk run's routers and experts, under one budget
 """
 from __future__ import annotations
 
@@ -286,6 +287,31 @@ def compare(exports, ckpt, data, windows):
 
 
 @main.command()
+@click.argument("run", type=_path)
+@click.option("--out", required=True, type=_path, help="Mixture directory to create.")
+@click.option("--quant", default="auto", show_default=True,
+              help="One tier for every model: auto (highest precision whose total fits), fp32, fp16, int8, mixed or int4.")
+@click.option("--qparam", multiple=True, metavar="KEY=VALUE", help="Quantizer parameter, e.g. block_size=64.")
+@click.option("--max-size", help="Budget for the whole mixture (all routers and experts), e.g. 2MB.")
+@click.option("--no-parity", is_flag=True, help="Skip the parity stages.")
+@click.option("--no-hf", is_flag=True, help="Do not keep the HF directories of the models.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def mixture(run, out, quant, qparam, max_size, no_parity, no_hf, force):
+    """Export a SmallTalk run: every router and expert as ONNX, one tier, one budget for the whole mixture.
+
+    \b
+    Example:
+      soup-export mixture runs/st --out exports/st --max-size 4MB
+      soup-run generate exports/st --prompt "In the beginning"   # routes, then generates
+    """
+    from soup_export.mixture import export_mixture, summary
+
+    spec = _spec(quant, qparam, max_size, no_parity, (), None, no_hf)
+    click.echo(summary(export_mixture(run, out, spec, force)))
+    click.echo(f"wrote {out}")
+
+
+@main.command()
 @click.argument("export_dir", type=_path)
 def inspect(export_dir):
     """Summarise an export (or a batch) directory: mix, tier, sizes, parity.
@@ -301,6 +327,12 @@ def inspect(export_dir):
             click.echo(_summary(read_manifest(sub)))
         return
     m = read_manifest(export_dir)
+    if m.get("kind", "").startswith("smalltalk-"):
+        from soup_export.mixture import summary
+
+        click.echo(summary(m) if "models" in m else
+                   f"{m['kind']} {m['index']} of {m['source']['run']}: tier {m['tier']}, {m['size']['actual']} bytes")
+        return
     click.echo(_summary(m))
     click.echo(f"  checkpoint: {m['checkpoint']['name']} step {m['checkpoint']['step']} "
                f"sha256 {m['checkpoint']['model_sha256'][:16]}...")

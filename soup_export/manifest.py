@@ -32,9 +32,10 @@ def versions() -> dict[str, str]:
 
 
 def file_table(root: Path) -> dict[str, dict]:
-    """{relative path: {sha256, bytes}} of every file under root except the manifest."""
+    """{relative path: {sha256, bytes}} of every file under root except root's own manifest
+    (a mixture's table covers the manifests of its models)."""
     return {p.relative_to(root).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+            for p in sorted(root.rglob("*")) if p.is_file() and p != root / MANIFEST}
 
 
 def write_manifest(root: Path, record: dict) -> Path:

@@ -79,9 +79,13 @@ def torch_vs_onnx(hf_dir: Path, onnx_dir: Path, ids: np.ndarray, tol: float) -> 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, use_safetensors=True).eval()
     ort = OrtDecoder(onnx_dir)
     ids = np.resize(ids, (2, ids.shape[1]))  # two rows even from one window
-    x = torch.as_tensor(ids[:2, :12], dtype=torch.long)
+    n = min(12, ids.shape[1] - 2, ort.arch.max_pos - 2)  # prefill length: 2 decode steps must fit the context
+    if n < 2:
+        _fail("b", f"needs at least 4 tokens and a context of 4; got {ids.shape[1]} tokens, context {ort.arch.max_pos}")
+    pad = min(3, n - 1)
+    x = torch.as_tensor(ids[:2, :n], dtype=torch.long)
     mask = torch.ones_like(x)
-    mask[1, :3] = 0  # left padding on the second row
+    mask[1, :pad] = 0  # left padding on the second row
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True)
@@ -90,7 +94,7 @@ def torch_vs_onnx(hf_dir: Path, onnx_dir: Path, ids: np.ndarray, tol: float) -> 
     prefill = float(np.abs(logits - ref.logits.numpy())[real].max())
     decode, cache, ort_past = 0.0, ref.past_key_values, past
     for step in range(2):  # two decode steps of one token each, with the cache, on the padded batch
-        nxt = torch.as_tensor(ids[:2, 12 + step:13 + step], dtype=torch.long)
+        nxt = torch.as_tensor(ids[:2, n + step:n + step + 1], dtype=torch.long)
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
         pos = pos[:, -1:] + 1
         with torch.no_grad():
@@ -101,7 +105,7 @@ def torch_vs_onnx(hf_dir: Path, onnx_dir: Path, ids: np.ndarray, tol: float) -> 
     if not max(prefill, decode) <= tol:
         _fail("b", f"PyTorch vs ONNX fp32: prefill max|d| = {prefill:.3g}, decode {decode:.3g} > {tol:g}")
     return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode, "tolerance": tol,
-            "batch": 2, "left_padding": 3}
+            "batch": 2, "prefill": n, "left_padding": pad}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ from soup_export.errors import ExportInputError
 from soup_export.mix import Mix
 from soup_export.stream import SafetensorsWriter
 from soup_train.checkpoint import CheckpointInfo, read_info, resolve_checkpoint
+from soup_train.config import ModelConfig
 from soup_train.errors import CheckpointError
 from soup_train.model.soup import CoefficientMLP
 from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine, expert_keys
@@ -210,6 +211,11 @@ def checkpoint_ref(bank: Bank) -> dict:
 
 
 def write_hf_files(bank: Bank, out: Path, dtype: str) -> None:
+    """config.json, generation_config.json and the tokenizer files of the soup's HF Llama directory."""
+    write_hf_side_files(bank.info.run.model, bank.path / "tokenizer.json", out, dtype)
+
+
+def write_hf_side_files(model: ModelConfig, tokenizer: Path, out: Path, dtype: str) -> None:
     """config.json, generation_config.json and the tokenizer files of an HF Llama directory.
 
     The tokenizer files are written directly (tokenizer.json copied, its config generated) rather
@@ -219,15 +225,14 @@ def write_hf_files(bank: Bank, out: Path, dtype: str) -> None:
 
     from soup_train.data.tokenizer import EOS
 
-    vocab = json.loads((bank.path / "tokenizer.json").read_text())
+    vocab = json.loads(Path(tokenizer).read_text())
     eos = next(t["id"] for t in vocab["added_tokens"] if t["content"] == EOS)
-    model = bank.info.run.model
     cfg = LlamaConfig(**model.to_hf(), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
                       torch_dtype=dtype, architectures=["LlamaForCausalLM"])
     cfg.to_json_file(str(out / "config.json"))
     GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False,
                      max_length=model.max_seq_len).to_json_file(str(out / "generation_config.json"))
-    shutil.copyfile(bank.path / "tokenizer.json", out / "tokenizer.json")
+    shutil.copyfile(tokenizer, out / "tokenizer.json")
     special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     token = {"content": EOS, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
     tok_cfg = {**special, "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,

@@ -160,20 +160,26 @@ class SmallTalkRun:
     def routers_done(self) -> bool:
         return all(self.router_file(e).is_file() for e in range(self.experts))
 
-    def load_routers(self) -> list[Llama]:
+    def require_routers(self) -> None:
         if not self.routers_done():
             raise CheckpointError(f"{self.path} has no trained routers yet; run "
                                   f"`soup-train smalltalk routers --out {self.path}` first")
+
+    def load_routers(self) -> list[Llama]:
+        self.require_routers()
         return [load_model(self.config.router, self.router_file(e)) for e in range(self.experts)]
 
     def missing_experts(self) -> list[int]:
         return [e for e in range(self.experts) if not self.expert_file(e).is_file()]
 
-    def load_experts(self) -> list[Llama]:
+    def require_experts(self) -> None:
         missing = self.missing_experts()
         if missing:
             raise CheckpointError(f"experts {', '.join(map(str, missing))} of {self.path} are not trained; run "
                                   f"`soup-train smalltalk launch {self.path}` (or `smalltalk expert --index E`)")
+
+    def load_experts(self) -> list[Llama]:
+        self.require_experts()
         return [load_model(self.config.expert, self.expert_file(e)) for e in range(self.experts)]
 
     # ----------------------------------------------------------------------------- data

@@ -5,6 +5,7 @@ Examples:
     soup-run generate exports/acme --prompt "Once" --prompt "In the beginning" --temperature 0.8 --top-p 0.9 --seed 1
     soup-run score exports/acme my_texts/*.txt
     soup-run chat exports/acme
+    soup-run generate exports/smalltalk --prompt "In the beginning"   # a SmallTalk mixture: routes first
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from soup_run.errors import RunError
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="export directory (or its onnx/) written by soup-export")
+    p.add_argument("model", type=Path, help="export directory (or its onnx/) written by soup-export build, "
+                   "or a mixture directory written by soup-export mixture")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest's SHA-256 check")
     p.add_argument("--ort-format", action="store_true", help="load model.ort (onnxruntime mobile format)")
@@ -87,8 +89,61 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
+def _describe_route(name: str, e: int, scores) -> str:
+    listed = ", ".join(f"router {i} {s:.3f}" for i, s in enumerate(scores))
+    return f"soup-run: {name} -> expert {e} (prefix log-likelihood per token: {listed})"
+
+
+def _run_mixture(args) -> int:
+    """generate / score / chat on a SmallTalk mixture: route by the prefix, then run the expert."""
+    from soup_run.mixture import RoutedMixture
+
+    if args.engine != "ort":
+        raise RunError("a SmallTalk mixture runs on the ort engine only")
+    if getattr(args, "ort_format", False):
+        raise RunError("--ort-format is for a single specialist; a mixture loads each model's model.onnx")
+    if args.command == "generate":
+        cfg, prompts = _config(args), _prompts(args)
+        mixture = RoutedMixture(args.model, threads=args.threads, verify_files=not args.no_verify)
+        for prompt in prompts:
+            e, scores = mixture.route(prompt)
+            print(_describe_route(repr(prompt[:40]), e, scores), file=sys.stderr)
+            sys.stdout.write(prompt)
+            for event in mixture.expert(e).stream([prompt], cfg):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n" if len(prompts) == 1 else "\n---\n")
+    elif args.command == "score":
+        from soup_run.score import score_files
+
+        mixture = RoutedMixture(args.model, threads=args.threads, verify_files=not args.no_verify)
+        rows = []
+        for path in args.files:
+            if not Path(path).is_file():
+                raise RunError(f"{path} is not a file; pass text files to score")
+            e, scores = mixture.route(Path(path).read_text(encoding="utf-8", errors="replace"))
+            rows += [{**r, "expert": e, "router_scores": scores.tolist()} for r in score_files(mixture.expert(e), [path])]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for r in rows if not args.json else []:
+            print(f"{r['file']}: expert {r['expert']}, {r['tokens']} tokens, perplexity {r['perplexity']:.3f}")
+    else:
+        from soup_run.mixture import run_routed_chat
+
+        mixture = RoutedMixture(args.model, threads=args.threads, verify_files=not args.no_verify)
+        print("soup-run chat: the first line routes to an expert; /reset starts over (and routes again), /quit leaves",
+              file=sys.stderr)
+        run_routed_chat(mixture, _config(args), sys.stdin, lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+                        lambda e, s: print(_describe_route("conversation", e, s), file=sys.stderr))
+    return 0
+
+
 def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from soup_run.mixture import is_mixture
+
+    if is_mixture(args.model):
+        return _run_mixture(args)
     if args.command == "generate":
         cfg, prompts = _config(args), _prompts(args)
         model = _load(args)
