@@ -89,10 +89,11 @@ def staged_output(out: Path, force: bool):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build(ckpt: Path, mix: Mix, out: Path, spec: ExportSpec = ExportSpec(), force: bool = False) -> dict:
-    """Every stage for one mix; returns the manifest."""
+def build(ckpt: Path, mix: Mix, out: Path, spec: ExportSpec = ExportSpec(), force: bool = False,
+          extra: dict | None = None) -> dict:
+    """Every stage for one mix; returns the manifest (`extra` fields are added to it, e.g. the mix search)."""
     with staged_output(out, force) as tmp:
-        return export(Bank.open(ckpt), [mix], [tmp], spec)[0]
+        return export(Bank.open(ckpt), [mix], [tmp], spec, extras=[extra or {}])[0]
 
 
 def batch(ckpt: Path, mixes: list[Mix], out: Path, spec: ExportSpec = ExportSpec(), force: bool = False,
@@ -111,7 +112,8 @@ def batch(ckpt: Path, mixes: list[Mix], out: Path, spec: ExportSpec = ExportSpec
         return manifests
 
 
-def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, progress: bool = False) -> list[dict]:
+def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, progress: bool = False,
+           extras: list[dict] | None = None) -> list[dict]:
     """budget -> graph -> (resolve + quantize in one pass) -> size check -> parity -> manifest, per root."""
     from tqdm import tqdm
 
@@ -127,7 +129,9 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
     emit(bank, mixes, roots, g, model_bytes, write_hf_weights=spec.keep_hf or spec.parity, progress=progress)
     shared_seconds = (time.perf_counter() - start) / len(mixes)
     manifests = []
-    for mix, root in tqdm(list(zip(mixes, roots)), desc="check", unit="mix", disable=not progress or not spec.parity):
+    extras = extras or [{} for _ in mixes]
+    for mix, root, extra in tqdm(list(zip(mixes, roots, extras)), desc="check", unit="mix",
+                                 disable=not progress or not spec.parity):
         t0 = time.perf_counter()
         size = budget_mod.verify(root / "onnx", preds[tier].total, spec.max_size)
         mobile = write_ort_format(root / "onnx") if spec.ort_format else None
@@ -140,7 +144,8 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
                   "alpha": read_spec(root / "onnx")["alpha"], "checkpoint": checkpoint_ref(bank), "tier": tier,
                   "quantization": g.storage(),
                   "size": {**size, "predicted_by_tier": {t: p.total for t, p in preds.items()}},
-                  "parity": parity, **({"ort_format": mobile} if mobile else {}), "seconds": round(shared_seconds + time.perf_counter() - t0, 3)}
+                  "parity": parity, **({"ort_format": mobile} if mobile else {}), **extra,
+                  "seconds": round(shared_seconds + time.perf_counter() - t0, 3)}
         write_manifest(root, record)
         manifests.append(json.loads((root / "manifest.json").read_text()))
     return manifests

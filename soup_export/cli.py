@@ -121,20 +121,34 @@ def main(verbose: bool) -> None:
 @mix_options
 @click.option("--out", required=True, type=_path, help="Export directory to create.")
 @export_options
+@click.option("--optimize-mix", "optimize_texts", multiple=True, type=_path,
+              help="Refine the mix by gradient steps on h to fit these texts (held-out part stops it); "
+                   "starts from the given mix, or from these texts' histogram.")
 def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_size, no_parity, eval_texts, data,
-          no_hf, force, ort_format):
+          no_hf, force, ort_format, optimize_texts):
     """Every stage: mix, resolve, graph, quantize, budget, parity, manifest.
 
     \b
     Example:
       soup-export build runs/demo --mix austen=0.7,python-code=0.3 --out out/acme
       soup-export build runs/demo --from-texts mail/ --out out/globex --max-size 600KB
+      soup-export build runs/demo --optimize-mix mail/ --out out/globex-tuned
     """
     from soup_export.build import build as run_build
 
     spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format)
+    if optimize_texts and not (mix_text or mix_file or from_texts):
+        from_texts = optimize_texts  # start from the histogram estimate of the same texts
     mix = _load_mix(ckpt, name, mix_text, mix_file, from_texts)
-    click.echo(_summary(run_build(ckpt, mix, out, spec, force)))
+    extra = None
+    if optimize_texts:
+        from soup_export.optimize_mix import optimize_mix
+
+        mix, report = optimize_mix(ckpt, mix, list(optimize_texts))
+        click.echo(f"mix search: held-out loss {report['held_out_loss_start']:.4f} -> "
+                   f"{report['held_out_loss_best']:.4f} (best step {report['best_step']} of {report['steps_run']})")
+        extra = {"mix_search": report}
+    click.echo(_summary(run_build(ckpt, mix, out, spec, force, extra)))
     click.echo(f"wrote {out}")
 
 

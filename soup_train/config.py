@@ -71,7 +71,7 @@ class ModelConfig:
 class SoupConfig:
     """The Soup-of-Experts around the model: bank of experts and coefficient MLP."""
 
-    n_experts: int = 4  # n: experts in the bank, each the shapes of one model
+    n_experts: int = 4  # n: experts in the bank, each the shapes of one model; 0 = a plain dense model (Theta = S)
     coef_hidden: int = 256  # width of the coefficient MLP [choice]
     coef_layers: int = 3  # Linear layers in the coefficient MLP (ReLU between) [choice]
     alpha: Literal["raw", "softmax"] = "raw"  # raw alpha [choice] or a softmax over experts
@@ -80,7 +80,7 @@ class SoupConfig:
     expert_rank: int = 0  # 0 = full experts; r > 0 = low-rank experts E_j = U_j V_j^T
 
     def __post_init__(self) -> None:
-        _check(self.n_experts >= 1, f"soup.n_experts must be >= 1, got {self.n_experts}")
+        _check(self.n_experts >= 0, f"soup.n_experts must be >= 0 (0 = a dense model), got {self.n_experts}")
         _check(self.coef_layers >= 1 and self.coef_hidden >= 1,
                "soup.coef_layers and soup.coef_hidden must be >= 1")
         _check(self.expert_rank >= 0, f"soup.expert_rank must be >= 0, got {self.expert_rank}")

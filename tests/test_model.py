@@ -104,3 +104,16 @@ def test_alpha_softmax_is_on_the_simplex():
     soup = make_soup(*VARIANTS["lowrank-softmax"])
     alpha = soup.alpha(random_h())
     assert alpha.min() >= 0 and abs(alpha.sum().item() - 1) < 1e-6
+
+
+def test_zero_experts_is_the_dense_model_whatever_h():
+    """soup.n_experts = 0 (the reproduction's dense baselines): Theta(h) = S for every h."""
+    torch.manual_seed(0)
+    mc = ModelConfig(vocab_size=101, d_model=32, n_layers=2, n_heads=4, d_ff=48)
+    soup = SoupModel(mc, SoupConfig(n_experts=0, coef_hidden=16), 5)
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        ref = soup.shared(ids)
+        for _ in range(3):
+            assert (soup(ids, random_h()) - ref).abs().max().item() == 0.0
+    assert count_parameters(mc, SoupConfig(n_experts=0, coef_hidden=16), 5)["experts"] == 0

@@ -14,6 +14,7 @@ Design choices:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -34,7 +35,9 @@ class CoefficientMLP(nn.Module):
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
             if i > 0:
                 layers.append(nn.ReLU())
-            layers.append(nn.Linear(d_in, d_out))
+            with warnings.catch_warnings():  # n = 0 (a dense model): the last layer is empty, by design
+                warnings.simplefilter("ignore", UserWarning)
+                layers.append(nn.Linear(d_in, d_out))
         self.net = nn.Sequential(*layers)
         self.softmax = cfg.alpha == "softmax"
 
@@ -75,7 +78,7 @@ class ExpertBank(nn.Module):
 
     def reset_parameters(self, cfg: SoupConfig) -> None:
         """E_j ~ N(0, std^2 / n), or zeros; low-rank: V normal, U scaled so U V^T has that std."""
-        std = cfg.expert_std / math.sqrt(cfg.n_experts)
+        std = cfg.expert_std / math.sqrt(max(cfg.n_experts, 1))  # n = 0: an empty bank (a dense model)
         for key, param in self.named_parameters():
             if cfg.expert_init == "zeros":
                 nn.init.zeros_(param) if not key.endswith("_v") else nn.init.normal_(param, std=1.0)

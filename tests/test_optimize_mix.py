@@ -1,0 +1,73 @@
+"""`--optimize-mix`: gradient steps on h through the coefficient MLP, stopped on held-out text."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from soup_export.cli import main
+from soup_export.errors import MixError
+from soup_export.optimize_mix import MixSearchConfig, search_h, split_windows
+from soup_train.config import ModelConfig, SoupConfig
+from soup_train.model.soup import SoupModel
+
+
+def sampled_soup_and_texts(h_true: torch.Tensor, n: int = 24, length: int = 24):
+    """A soup whose alpha depends strongly on h, and windows sampled from it at h_true."""
+    torch.manual_seed(0)
+    mc = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=64)
+    soup = SoupModel(mc, SoupConfig(n_experts=4, coef_hidden=16), len(h_true)).eval()
+    with torch.no_grad():
+        for p in soup.experts.parameters():
+            p.normal_(std=0.3)
+        soup.coef.net[-1].weight.normal_(std=3.0)
+        x = torch.randint(0, 61, (n, 1))
+        for _ in range(length):
+            probs = torch.softmax(soup(x, h_true)[:, -1], -1)
+            x = torch.cat([x, torch.multinomial(probs, 1)], 1)
+    return soup, x.numpy()
+
+
+def test_search_moves_a_wrong_start_towards_the_texts_mix_and_never_worsens_held_out():
+    h_true = torch.tensor([0.1, 0.7, 0.2])
+    soup, windows = sampled_soup_and_texts(h_true)
+    start = np.array([1.0, 0.0, 0.0])
+    h, report = search_h(soup, windows, start)
+    assert report["improved"] and report["held_out_loss_best"] < report["held_out_loss_start"] - 0.01
+    assert np.abs(h - h_true.numpy()).sum() < 0.5 * np.abs(start - h_true.numpy()).sum()
+    assert abs(h.sum() - 1.0) < 1e-6 and (h >= 0).all()
+    assert report["steps_run"] <= MixSearchConfig().steps
+    # from the true mix, the held-out loss can only stay or improve (the start is kept otherwise)
+    h2, again = search_h(soup, windows, h_true.numpy())
+    assert again["held_out_loss_best"] <= again["held_out_loss_start"]
+    assert again["improved"] or np.array_equal(h2, h_true.numpy().astype(np.float64))
+
+
+def test_split_holds_out_a_quarter_and_refuses_one_window():
+    train, held = split_windows(np.zeros((8, 5), np.int64), MixSearchConfig())
+    assert len(train) == 6 and len(held) == 2
+    with pytest.raises(MixError, match="at least 2 windows"):
+        split_windows(np.zeros((1, 5), np.int64), MixSearchConfig())
+
+
+def test_build_records_the_search_in_the_manifest(debug_ckpt, debug_data, tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    docs = [json.loads(line)["text"] for line in (debug_data / "corpus/test/python-code.jsonl").read_text().splitlines()]
+    for i, doc in enumerate(docs[:20]):
+        (texts / f"{i}.py").write_text(doc)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["build", str(debug_ckpt), "--mix", "licences=1", "--optimize-mix", str(texts),
+                                  "--out", str(out), "--quant", "fp32", "--no-parity"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    s = m["mix_search"]
+    assert s["start_weights"]["licences"] == 1.0 and m["mix"]["source"].startswith("optimized:")
+    assert s["held_out_loss_best"] <= s["held_out_loss_start"] and "mix search: held-out loss" in r.output
+    short = tmp_path / "short.txt"
+    short.write_text("x = 1")
+    r = CliRunner().invoke(main, ["build", str(debug_ckpt), "--optimize-mix", str(short), "--out", str(tmp_path / "o2")])
+    assert r.exit_code != 0 and "Traceback" not in r.output and not (tmp_path / "o2").exists(), r.output
