@@ -1,0 +1,330 @@
+"""Reproduce the Soup-of-Experts claims at small scale, with the project's own training and export code.
+
+Trains on the default corpus (`soup-train prepare --preset default`), every run with the same
+tokens (the `demo` preset's steps and batch): a generic dense model of the instantiated size on
+the natural mix (`soup.n_experts=0`, `meta.fixed_h` = natural frequencies), soups with n = 4 and
+n = 16 experts, and, for two specialists only, a dense model trained on that specialist's mix
+(importance sampling: the per-specialist run the soup avoids).
+
+Specialists: every named domain's test split, plus mixtures of two domains (weights that training
+never fixed). For each, h is estimated from 32 of its test documents (Algorithm 3, the data's
+embedder and centroids) and the held-out loss (mean next-token NLL in nats, on windows drawn
+from the specialist's mix with Algorithm 1, seed 0) is reported for: the generic dense model, the
+soups at the estimated h, the n = 16 soup at the true h, at a wrong h (the true h rolled by half
+the domains) and at the uniform h, the importance-sampled models where trained, the n = 16
+soup's int8 and int4 ONNX exports (`soup-export build`) run in onnxruntime, and the mix search
+(`--optimize-mix`) started from the estimate on the same 32 documents.
+
+    python tools/reproduce_soup.py --data data/default            # about 40 minutes on 2 cores
+    python tools/reproduce_soup.py --data data/default --quick    # about 5 minutes (fewer steps)
+
+Writes OUT/soup.md (tables, the command and the commit), OUT/soup.json and the plots
+OUT/loss.png, OUT/cost.png, OUT/alpha.png. Runs are kept in --work and reused. Last line:
+`soup_beats_generic_fraction: <share of specialists where the n=16 soup at estimated h has a
+lower loss than the generic dense model>`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+TEXTS_PER_SPECIALIST = 32
+EVAL_WINDOWS = 64
+PAIRS = 3  # two-domain specialists: (d0, d1), (d2, d3), ... with weights 0.5/0.5, 0.7/0.3, 0.5/0.5
+
+
+# ----------------------------------------------------------------------------- training
+def train(work: Path, name: str, base, overrides: list[str], progress: bool) -> tuple[Path, float]:
+    """Fit (or reuse) one run; returns its directory and the seconds its training took."""
+    from soup_train.config import apply_overrides
+    from soup_train.train import fit
+
+    out = work / name
+    timing = out / "timing.json"
+    if timing.is_file():
+        return out, json.loads(timing.read_text())["seconds"]
+    cfg = apply_overrides(base, overrides)
+    start = time.perf_counter()
+    fit(cfg, out, progress=progress)
+    seconds = time.perf_counter() - start
+    timing.write_text(json.dumps({"seconds": seconds, "overrides": overrides}) + "\n")
+    return out, seconds
+
+
+def weights_arg(h: np.ndarray) -> str:
+    return ",".join(f"{x:.6f}" for x in h)
+
+
+# ----------------------------------------------------------------------------- specialists
+def specialists(data: Path, names: list[str]) -> list[dict]:
+    """Every named domain, then PAIRS two-domain mixtures."""
+    k = len(names)
+    out = [{"name": n, "h": np.eye(k)[i]} for i, n in enumerate(names)]
+    weights = [(0.5, 0.5), (0.7, 0.3), (0.5, 0.5)]
+    for p in range(min(PAIRS, k // 2)):
+        a, b = 2 * p, 2 * p + 1
+        h = np.zeros(k)
+        h[a], h[b] = weights[p]
+        out.append({"name": f"{names[a]}+{names[b]}", "h": h})
+    return out
+
+
+def documents(data: Path, name: str) -> list[str]:
+    path = data / "corpus" / "test" / f"{name}.jsonl"
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def specialist_texts(data: Path, names: list[str], h: np.ndarray) -> list[str]:
+    """32 test documents of the specialist, each domain's share by its weight."""
+    texts = []
+    for i in np.flatnonzero(h):
+        docs = documents(data, names[i])
+        texts += docs[:max(1, int(round(TEXTS_PER_SPECIALIST * h[i])))]
+    return texts[:TEXTS_PER_SPECIALIST]
+
+
+def wrong_h(h: np.ndarray) -> np.ndarray:
+    return np.roll(h, len(h) // 2)
+
+
+# ----------------------------------------------------------------------------- evaluation
+class Evaluator:
+    def __init__(self, runs: dict[str, Path], data: Path, seq_len: int) -> None:
+        import torch
+
+        from soup_train.checkpoint import load_soup
+
+        self.torch = torch
+        self.models = {name: load_soup(path)[0] for name, path in runs.items()}
+        self.data, self.seq_len = data, seq_len
+
+    def windows(self, h: np.ndarray) -> np.ndarray:
+        from soup_export.evaltext import from_data
+
+        return from_data(self.data, "sources", h, EVAL_WINDOWS, self.seq_len)
+
+    def loss(self, model: str, windows: np.ndarray, h: np.ndarray) -> float:
+        from soup_train.evaluate import loss_at
+
+        return loss_at(self.models[model], windows, h, 16, self.seq_len, self.torch.device("cpu"))
+
+    def alpha(self, model: str, h: np.ndarray) -> list[float]:
+        with self.torch.no_grad():
+            return self.models[model].alpha(self.torch.as_tensor(h, dtype=self.torch.float32)).tolist()
+
+
+def onnx_loss(onnx_dir: Path, windows: np.ndarray) -> float:
+    from soup_export.ort_model import OrtDecoder
+    from soup_export.parity import _log_softmax
+
+    model = OrtDecoder(onnx_dir)
+    total, count = 0.0, 0
+    for row in windows:
+        logp = _log_softmax(model.logits(row[None, :-1])[0])
+        total -= logp[np.arange(len(row) - 1), row[1:]].sum()
+        count += len(row) - 1
+    return total / count
+
+
+def exported_losses(ckpt: Path, names: list[str], h: np.ndarray, windows: np.ndarray) -> dict:
+    """int8 and int4 exports of the soup at h (`soup-export build`, parity off), scored in onnxruntime."""
+    from soup_export.build import ExportSpec, build
+    from soup_export.mix import validate
+
+    mix = validate({n: float(w) for n, w in zip(names, h) if w > 0}, names)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="soup-repro-") as tmp:
+        for tier in ("int8", "int4"):
+            build(ckpt, mix, Path(tmp) / tier, ExportSpec(quant=tier, parity=False, keep_hf=False))
+            out[tier] = onnx_loss(Path(tmp) / tier / "onnx", windows)
+    return out
+
+
+def searched_h(ev: Evaluator, model: str, texts: list[str], tokenizer: Path, h0: np.ndarray) -> tuple[np.ndarray, dict]:
+    from soup_export.evaltext import from_texts
+    from soup_export.optimize_mix import MixSearchConfig, search_h
+
+    cfg = MixSearchConfig()
+    windows = from_texts(texts, tokenizer, cfg.max_windows * 2, min(cfg.window, ev.seq_len))
+    h, report = search_h(ev.models[model], windows, h0, cfg)
+    return h, {k: v for k, v in report.items() if k != "history"}
+
+
+def evaluate_specialist(ev: Evaluator, spec: dict, names: list[str], runs: dict[str, Path], is_runs: dict[str, str],
+                        data: Path) -> dict:
+    from soup_train.data.domains import DomainMap
+
+    texts = specialist_texts(data, names, spec["h"])
+    h_est = DomainMap.load(data).histogram(texts, "sources")
+    windows = ev.windows(spec["h"])
+    h_true, k = spec["h"], len(names)
+    row = {"name": spec["name"], "h_true": h_true.tolist(), "h_est": h_est.tolist(), "texts": len(texts),
+           "generic": ev.loss("generic", windows, h_true),
+           "soup4_est": ev.loss("soup4", windows, h_est), "soup16_est": ev.loss("soup16", windows, h_est),
+           "soup4_true": ev.loss("soup4", windows, h_true), "soup16_true": ev.loss("soup16", windows, h_true),
+           "soup16_wrong": ev.loss("soup16", windows, wrong_h(h_true)),
+           "soup16_uniform": ev.loss("soup16", windows, np.full(k, 1.0 / k)),
+           "alpha16_est": ev.alpha("soup16", h_est)}
+    if spec["name"] in is_runs:
+        row["importance_sampled"] = ev.loss(is_runs[spec["name"]], windows, h_true)
+    row.update({f"soup16_{t}": v for t, v in exported_losses(runs["soup16"], names, h_est, windows).items()})
+    h_opt, report = searched_h(ev, "soup16", texts, data / "tokenizer.json", h_est)
+    row.update({"h_opt": h_opt.tolist(), "soup16_opt": ev.loss("soup16", windows, h_opt), "search": report})
+    return row
+
+
+# ----------------------------------------------------------------------------- report
+def summary(rows: list[dict]) -> dict:
+    rel = lambda a, b: (a - b) / b  # noqa: E731
+    gen, est = np.array([r["generic"] for r in rows]), np.array([r["soup16_est"] for r in rows])
+    return {
+        "soup_beats_generic_fraction": float((est < gen).mean()),
+        "mean_relative_gain_vs_generic": float(np.mean((gen - est) / gen)),
+        "wrong_worse_than_estimated_everywhere": bool(all(r["soup16_wrong"] > r["soup16_est"] for r in rows)),
+        "n16_minus_n4_mean_loss": float(np.mean([r["soup16_est"] - r["soup4_est"] for r in rows])),
+        "max_estimated_vs_true_gap": float(max(rel(r["soup16_est"], r["soup16_true"]) for r in rows)),
+        "max_int8_gap": float(max(abs(rel(r["soup16_int8"], r["soup16_est"])) for r in rows)),
+        "max_int4_gap": float(max(abs(rel(r["soup16_int4"], r["soup16_est"])) for r in rows)),
+        "search_beats_estimate": int(sum(r["soup16_opt"] < r["soup16_est"] for r in rows)),
+        "specialists": len(rows),
+    }
+
+
+def markdown(rows: list[dict], s: dict, costs: dict, command: str, commit: str, steps: int, tokens: int) -> str:
+    cols = [("generic", "generic dense"), ("soup4_est", "soup n=4, est. h"), ("soup16_est", "soup n=16, est. h"),
+            ("soup16_true", "n=16, true h"), ("soup16_wrong", "n=16, wrong h"), ("soup16_uniform", "n=16, uniform h"),
+            ("importance_sampled", "importance-sampled dense"), ("soup16_int8", "n=16 int8 ONNX"),
+            ("soup16_int4", "n=16 int4 ONNX"), ("soup16_opt", "n=16, searched h")]
+    lines = ["# Soup-of-Experts at small scale", "", f"Command: `{command}`  ", f"Commit: `{commit}`", "",
+             f"Every model trained for {steps} steps ({tokens:,} tokens). Held-out loss: mean next-token NLL "
+             f"(nats) on {EVAL_WINDOWS} test windows drawn from each specialist's mix; h estimated from "
+             f"{TEXTS_PER_SPECIALIST} of its test documents (Algorithm 3).", "",
+             "| specialist | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['name']} | " + " | ".join(f"{r[c]:.4f}" if c in r else "-" for c, _ in cols) + " |")
+    lines.append("| **mean** | " + " | ".join(
+        f"{np.mean([r[c] for r in rows if c in r]):.4f}" if any(c in r for r in rows) else "-" for c, _ in cols) + " |")
+    lines += ["", "| claim | target | measured |", "|---|---|---|",
+              f"| soup at estimated h beats generic | >= 0.8 of specialists, mean gain >= 3% | "
+              f"{s['soup_beats_generic_fraction']:.2f}, mean gain {100 * s['mean_relative_gain_vs_generic']:+.2f}% |",
+              f"| wrong h worse than estimated h | every specialist | {'yes' if s['wrong_worse_than_estimated_everywhere'] else 'no'} |",
+              f"| n=16 better than n=4 | on average | mean loss difference {s['n16_minus_n4_mean_loss']:+.4f} |",
+              f"| estimated h close to true h | within 2% loss | worst {100 * s['max_estimated_vs_true_gap']:+.2f}% |",
+              f"| int8 / int4 exports | within 0.5% / 3% of fp32 | worst {100 * s['max_int8_gap']:.2f}% / {100 * s['max_int4_gap']:.2f}% |",
+              f"| searched h beats the estimate | (beyond the paper) | {s['search_beats_estimate']} of {s['specialists']} |",
+              "", "Training seconds on this machine: " + ", ".join(f"{k} {v:.0f} s" for k, v in costs.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: list[dict], costs: dict, names: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [("generic", "generic dense"), ("soup4_est", "soup n=4 (est. h)"), ("soup16_est", "soup n=16 (est. h)"),
+              ("soup16_wrong", "n=16 wrong h"), ("soup16_int4", "n=16 int4 ONNX"), ("importance_sampled", "importance-sampled")]
+    fig, ax = plt.subplots(figsize=(13, 4.5))
+    width = 0.8 / len(models)
+    x = np.arange(len(rows))
+    for i, (key, label) in enumerate(models):
+        ax.bar(x + i * width, [r.get(key, np.nan) for r in rows], width, label=label)
+    ax.set_xticks(x + width * (len(models) - 1) / 2, [r["name"] for r in rows], rotation=30, ha="right")
+    ax.set(ylabel="held-out loss (nats)", title="Held-out loss per specialist")
+    lows = [min(r[k] for k, _ in models if k in r) for r in rows]
+    ax.set_ylim(min(lows) * 0.9, max(r["soup16_wrong"] for r in rows) * 1.05)
+    ax.legend(ncol=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n = np.arange(1, len(rows) + 1)
+    per_model = np.mean([v for k, v in costs.items() if k.startswith("importance")])
+    ax.plot(n, np.full(len(n), costs["soup16"]), "o-", label="soup n=16: one run serves all")
+    ax.plot(n, per_model * n, "s-", label="one importance-sampled run per specialist")
+    ax.plot(n, np.full(len(n), costs["generic"]), "--", label="generic dense (one run, no specialisation)")
+    ax.set(xlabel="specialists served", ylabel="training seconds (2 CPU cores)", title="Training cost")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "cost.png", dpi=110)
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    alpha = np.array([r["alpha16_est"] for r in rows])
+    im = ax.imshow(alpha, aspect="auto", cmap="coolwarm", vmin=-np.abs(alpha).max(), vmax=np.abs(alpha).max())
+    ax.set_yticks(range(len(rows)), [r["name"] for r in rows])
+    ax.set(xlabel="expert j", title="alpha(h) of the n=16 soup at each specialist's estimated h")
+    fig.colorbar(im)
+    fig.tight_layout()
+    fig.savefig(out / "alpha.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("data/default"), help="data directory (soup-train prepare)")
+    parser.add_argument("--work", type=Path, default=Path("runs/reproduce-soup"), help="runs (kept; reused)")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/soup"), help="table, plots and JSON")
+    parser.add_argument("--quick", action="store_true", help="300 steps instead of the demo preset's 1200")
+    parser.add_argument("--steps", type=int, default=0, help="training steps of every run (overrides --quick)")
+    args = parser.parse_args()
+
+    from dataclasses import replace as dc_replace
+
+    from soup_train.data.shards import DomainShards
+    from soup_train.errors import SoupError
+    from soup_train.presets import run_preset
+
+    if not (args.data / "data.json").is_file():
+        sys.exit(f"error: {args.data} is not a data directory; build it with "
+                 f"`soup-train prepare --preset default --out {args.data}` (or `make demo`)")
+    steps = args.steps or (300 if args.quick else run_preset("demo").train.steps)
+    base = run_preset("demo")
+    base = dc_replace(base, data=replace(base.data, path=str(args.data)),
+                      train=replace(base.train, steps=steps, eval_every=0, ckpt_every=steps,
+                                    warmup_steps=min(base.train.warmup_steps, steps // 10)))
+    shards = DomainShards.open(args.data, "sources", "train")
+    names, natural = shards.names, shards.natural()
+    specs = specialists(args.data, names)
+    is_targets = [specs[0], specs[len(names)]]  # one named domain and the first pair
+    work = args.work / f"steps{steps}"
+    progress = sys.stderr.isatty()
+    try:
+        runs, costs = {}, {}
+        plan = [("generic", ["soup.n_experts=0", f"meta.fixed_h={weights_arg(natural)}"]),
+                ("soup4", ["soup.n_experts=4"]), ("soup16", ["soup.n_experts=16"])]
+        plan += [(f"importance-{i}", ["soup.n_experts=0", f"meta.fixed_h={weights_arg(s['h'])}"])
+                 for i, s in enumerate(is_targets)]
+        for name, overrides in plan:
+            print(f"== train {name}: {' '.join(overrides)}", flush=True)
+            runs[name], costs[name] = train(work, name, base, overrides, progress)
+        ev = Evaluator(runs, args.data, int(json.loads((args.data / "data.json").read_text())["window"]) - 1)
+        is_runs = {s["name"]: f"importance-{i}" for i, s in enumerate(is_targets)}
+        rows = []
+        for spec in specs:
+            print(f"== evaluate {spec['name']}", flush=True)
+            rows.append(evaluate_specialist(ev, spec, names, runs, is_runs, args.data))
+    except SoupError as exc:
+        sys.exit(f"error: {exc.message}")
+    s = summary(rows)
+    from reproduce_smalltalk import commit_of_repo
+
+    command = ("python tools/reproduce_soup.py " + " ".join(sys.argv[1:])).strip()
+    tokens = steps * base.train.batch_size * ev.seq_len
+    text = markdown(rows, s, costs, command, commit_of_repo(), steps, tokens)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "soup.md").write_text(text)
+    (args.out / "soup.json").write_text(json.dumps({"summary": s, "costs": costs, "rows": rows}, indent=2) + "\n")
+    plots(rows, costs, names, args.out)
+    print(text)
+    print(f"wrote {args.out}/soup.md, soup.json, loss.png, cost.png, alpha.png")
+    print(f"soup_beats_generic_fraction: {s['soup_beats_generic_fraction']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
