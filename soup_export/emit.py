@@ -1,7 +1,7 @@
 """One tensor-major pass from the bank to finished specialists (the path of `build` and `batch`).
 
 For every weight, in the graph's storage order: read the shared tensor and its experts once,
-fuse them for every mix (fp32, `soup_math.combine`), and for each mix write the fused tensor to
+fuse them for every mix (fp32, `soup_math.combine_many`: `combine` block by block), and write the fused tensor to
 its HF `model.safetensors` (when asked) and its encoded form (the tier's storage) to its
 `model.onnx.data` at the offset the graph already names. `model.onnx` is the same bytes for every
 mix. No intermediate file is written and read back; peak memory is one bank tensor plus one

@@ -31,7 +31,7 @@ from soup_train.checkpoint import CheckpointInfo, read_info, resolve_checkpoint
 from soup_train.config import ModelConfig
 from soup_train.errors import CheckpointError
 from soup_train.model.soup import CoefficientMLP
-from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine, expert_keys
+from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine_many, expert_keys
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SPEC_FILE = "soup_spec.json"
@@ -84,7 +84,7 @@ class Bank:
         for name in tqdm(names or list(self.shapes), desc="fuse", unit="tensor", disable=not progress, leave=False):
             shared = tensors[SHARED_PREFIX + name].float()
             bank = tuple(tensors[k].float() for k in expert_keys(name, shared.shape, rank))
-            yield name, [combine(shared, bank, a) for a in alphas]  # the bank is read once for all mixes
+            yield name, combine_many(shared, bank, alphas)  # the bank is read once for all mixes
 
 
 def check_complete(ckpt: Path, info: CheckpointInfo, stored: dict[str, tuple[int, ...]]) -> None:

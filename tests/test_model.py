@@ -117,3 +117,19 @@ def test_zero_experts_is_the_dense_model_whatever_h():
         for _ in range(3):
             assert (soup(ids, random_h()) - ref).abs().max().item() == 0.0
     assert count_parameters(mc, SoupConfig(n_experts=0, coef_hidden=16), 5)["experts"] == 0
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_combine_many_is_bit_identical_to_combine_per_mix(rank):
+    """Export's batches fuse block by block (the bank read once from memory for all mixes); every
+    fused tensor must equal `combine` on the whole tensor exactly, ragged last block included."""
+    from soup_train.model.soup_math import combine_many
+
+    torch.manual_seed(0)
+    shared = torch.randn(301, 67)
+    experts = (torch.randn(7, 301, 67),) if rank == 0 else (torch.randn(7, 301, rank), torch.randn(7, 67, rank))
+    alphas = [torch.randn(7) for _ in range(5)]
+    fused = combine_many(shared, experts, alphas, block_bytes=7 * 4 * 1500)  # 1500-column blocks, ragged tail
+    assert len(fused) == 5
+    for alpha, got in zip(alphas, fused):
+        assert got.shape == shared.shape and torch.equal(got, combine(shared, experts, alpha))

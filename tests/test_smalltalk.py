@@ -182,16 +182,15 @@ def test_each_expert_is_its_own_torchrun_job_with_its_own_process_group(debug_da
     from soup_train.smalltalk.launch import expert_argv
 
     run = assigned_run(debug_data, tmp_path / "run")
-    procs = []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for e in range(2):  # both experts at once, each data parallel over 2 ranks
+    for e in range(2):  # each expert data parallel over 2 ranks, as its own torchrun
         argv = expert_argv(run, e, nproc=2)
         assert argv[0] == "torchrun" and "--standalone" in argv  # a rendezvous of its own
+        # One job after the other: two concurrent standalone torchruns each pick a free port for their
+        # workers by binding and releasing it, and on a busy machine both can pick the same one.
         argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:], "--quiet"]
-        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     for e in range(2):
         job = json.loads((run.expert_dir(e) / "job.json").read_text())
         assert job["world_size"] == 2 and job["name"] == f"expert_{e:02d}"  # 2 ranks each, not 4

@@ -44,3 +44,26 @@ def combine(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alpha: torc
         return shared + torch.tensordot(alpha.to(bank.dtype), bank, dims=1)
     u, v = experts  # (n, out, r), (n, in, r)
     return shared + torch.einsum("j,jor,jir->oi", alpha.to(u.dtype), u, v)
+
+
+def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas: list[torch.Tensor],
+                 block_bytes: int = 4 << 20) -> list[torch.Tensor]:
+    """`combine` for every alpha, bit-identical to calling it once per alpha (export's batches).
+
+    Called per alpha on a whole tensor, `combine` streams the full bank from memory for every
+    mix. Here a full bank is cut into blocks of columns (about `block_bytes` of bank each) and
+    `combine` runs on every block for every alpha, so each block is read from memory once and
+    then from cache: every output element is still one dot product over the n experts in the same
+    order (tests check torch.equal). Low-rank experts are small and are combined whole.
+    """
+    if len(alphas) == 1 or len(experts) != 1:
+        return [combine(shared, experts, a) for a in alphas]
+    bank = experts[0].reshape(experts[0].shape[0], -1)  # (n, P)
+    flat = shared.reshape(-1)
+    step = max(1024, block_bytes // (bank.shape[0] * bank.element_size()))
+    outs = [torch.empty_like(flat) for _ in alphas]
+    for start in range(0, flat.numel(), step):
+        block, s = bank[:, start:start + step], flat[start:start + step]
+        for out, alpha in zip(outs, alphas):
+            out[start:start + step] = combine(s, (block,), alpha)
+    return [o.reshape(shared.shape) for o in outs]
