@@ -136,7 +136,10 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
     """
     from soup_export.build import build as run_build
 
+    from soup_export.build import check_output_path
+
     spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format)
+    check_output_path(out, force)  # before the mix search, the slow part
     if optimize_texts and not (mix_text or mix_file or from_texts):
         from_texts = optimize_texts  # start from the histogram estimate of the same texts
     mix = _load_mix(ckpt, name, mix_text, mix_file, from_texts)

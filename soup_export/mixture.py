@@ -31,13 +31,16 @@ import numpy as np
 from safetensors.torch import save_file
 
 from soup_export import budget as budget_mod
-from soup_export.build import ExportSpec, _graph, dense_parity, staged_output
+from soup_export.build import ExportSpec, _graph, check_output_path, dense_parity, staged_output
 from soup_export.errors import BudgetError, ExportInputError, ParityError
 from soup_export.graph import Arch
 from soup_export.manifest import write_manifest
 from soup_export.onnx_dir import dense_weights, write_onnx_dir
 from soup_export.quantize import TIERS
 from soup_export.resolve import file_sha256, write_hf_side_files
+from soup_train.config import ModelConfig
+from soup_train.errors import DataError
+from soup_train.smalltalk.run import SmallTalkRun
 
 log = logging.getLogger(__name__)
 KIND = "smalltalk-mixture"
@@ -52,7 +55,7 @@ class Member:
     kind: str  # router | expert
     index: int
     source: Path  # the run's safetensors file
-    config: object  # soup_train.config.ModelConfig
+    config: ModelConfig
 
     @property
     def rel(self) -> str:
@@ -63,7 +66,7 @@ class Member:
         return Arch.from_hf(self.config.to_hf())
 
 
-def members(run) -> list[Member]:
+def members(run: SmallTalkRun) -> list[Member]:
     """Every router then every expert of a finished run (a clear error for an unfinished one)."""
     run.require_routers()
     run.require_experts()
@@ -96,45 +99,49 @@ def write_hf_dir(member: Member, tokenizer: Path, out: Path) -> None:
     write_hf_side_files(member.config, tokenizer, out, "float32")
 
 
-def held_out(run) -> tuple[np.ndarray, np.ndarray]:
+def held_out(run: SmallTalkRun) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out windows of every named domain and the expert the PyTorch routers send each to."""
     from soup_train.smalltalk.mixture import test_windows
 
-    windows, _ = test_windows(run, per_domain=HELD_OUT_PER_DOMAIN)
-    if len(windows) == 0:
-        raise ExportInputError(f"the test split of {run.config.data.path} is empty; parity needs held-out text "
-                               "(or pass --no-parity)")
+    if min(run.prefix_len, run.config.expert.max_seq_len) < 4:
+        raise ExportInputError(f"parity runs the models on at least 4 tokens; this run's prefix is {run.prefix_len} "
+                               "tokens: pass --no-parity")
+    try:
+        windows, _ = test_windows(run, per_domain=HELD_OUT_PER_DOMAIN)
+    except DataError as exc:
+        raise ExportInputError(f"{exc.message}; parity needs held-out text (or pass --no-parity)") from None
     return windows, _torch_routes(run, windows)
 
 
-def _torch_routes(run, windows: np.ndarray) -> np.ndarray:
+def _torch_routes(run: SmallTalkRun, windows: np.ndarray) -> np.ndarray:
     from soup_train.smalltalk.routing import prefix_scores, route
 
     return route(prefix_scores(run.load_routers(), windows, run.prefix_len))
 
 
-def member_windows(member: Member, windows: np.ndarray, routes: np.ndarray, prefix_len: int) -> np.ndarray:
-    """A router's prefixes, or the windows routed to an expert (all of them if none is)."""
-    if member.kind == "router":
-        return windows[:, :prefix_len + 1][:, :member.config.max_seq_len]
-    mine = windows[routes == member.index]
-    return mine if len(mine) else windows
+def member_windows(member: Member, windows: np.ndarray, routes: np.ndarray) -> np.ndarray:
+    """A router's prefixes, or the windows routed to an expert (all of them if none is), each cut to
+    the model's context + 1 tokens (a router: the M + 1 tokens routing reads, M of them as inputs)."""
+    if member.kind == "expert" and (routes == member.index).any():
+        windows = windows[routes == member.index]
+    return windows[:, :member.config.max_seq_len + 1]
 
 
-def onnx_routes(directory: Path, run, windows: np.ndarray) -> np.ndarray:
+def onnx_routes(directory: Path, run: SmallTalkRun, windows: np.ndarray) -> np.ndarray:
     """Route with the exported routers (onnxruntime), the same scoring as training."""
     from soup_export.ort_model import OrtDecoder
-    from soup_export.parity import _log_softmax
+    from soup_export.parity import log_softmax
 
     span = windows[:, :run.prefix_len + 1]
     x, y = span[:, :-1], span[:, 1:]
     scores = np.empty((len(windows), run.experts))
     for e in range(run.experts):
-        logp = _log_softmax(OrtDecoder(directory / f"routers/router_{e:02d}/onnx").logits(x))
+        logp = log_softmax(OrtDecoder(directory / f"routers/router_{e:02d}/onnx").logits(x))
         scores[:, e] = np.take_along_axis(logp, y[..., None], -1)[..., 0].mean(-1)
     return scores.argmax(1)
 
 
-def export_member(member: Member, root: Path, tier: str, run, spec: ExportSpec, cache: dict,
+def export_member(member: Member, root: Path, tier: str, run: SmallTalkRun, spec: ExportSpec, cache: dict,
                   evaluation: tuple[np.ndarray, np.ndarray] | None) -> dict:
     """One router or expert: hf/, onnx/ at the tier, parity, its own manifest; returns its summary."""
     write_hf_dir(member, run.tokenizer, root / "hf")
@@ -146,7 +153,7 @@ def export_member(member: Member, root: Path, tier: str, run, spec: ExportSpec, 
     parity: dict = {"skipped": True}
     if evaluation is not None:
         windows, routes = evaluation
-        mine = member_windows(member, windows, routes, run.prefix_len)
+        mine = member_windows(member, windows, routes)
         parity = {"eval_source": f"data:test split, {len(mine)} windows",
                   **dense_parity(root / "hf", root / "onnx", tier, mine, "data", spec.parity_cfg, cache)}
     if not spec.keep_hf:
@@ -167,9 +174,8 @@ def export_mixture(run_path: Path, out: Path, spec: ExportSpec = ExportSpec(), f
     """Every router and expert of a finished SmallTalk run into one mixture directory; returns its manifest."""
     from tqdm import tqdm
 
-    from soup_train.smalltalk.run import SmallTalkRun
-
     run = SmallTalkRun.open(run_path)
+    check_output_path(out, force)  # before any slow work
     models = members(run)
     tier, totals = choose_tier(models, spec.quant, spec.max_size, dict(spec.quant_params) or None)
     evaluation = held_out(run) if spec.parity else None
@@ -192,7 +198,7 @@ def export_mixture(run_path: Path, out: Path, spec: ExportSpec = ExportSpec(), f
         return json.loads((tmp / "manifest.json").read_text())
 
 
-def _routing_parity(directory: Path, run, evaluation: tuple[np.ndarray, np.ndarray]) -> dict:
+def _routing_parity(directory: Path, run: SmallTalkRun, evaluation: tuple[np.ndarray, np.ndarray]) -> dict:
     windows, routes = evaluation
     got = onnx_routes(directory, run, windows)
     agreement = float((got == routes).mean())

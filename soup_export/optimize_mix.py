@@ -6,7 +6,7 @@ weight 0 can still grow. Adam on z minimises the soup's loss at Theta(h) (throug
 coefficient MLP; S, the experts and the MLP are frozen) on the customer's texts. The texts'
 windows are split once: the last `holdout` share is never trained on and picks the best step;
 the search stops after `patience` steps without a held-out improvement. If no step beats the
-start on the held-out part, the start is returned unchanged, so the search never makes the
+start on the held-out part, the start mix is returned unchanged (its source too), so the search never makes the
 estimate worse on data it did not fit.
 
 Choices (each a field of `MixSearchConfig`): Adam, lr 0.3 on z, at most 40 steps, patience 5,
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soup_export.errors import MixError
+from soup_export.errors import MixError, ParityError
 from soup_export.mix import Mix, validate
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,21 @@ def _loss_grad(soup, windows: torch.Tensor, h: torch.Tensor, batch: int, grad: b
 
 
 def split_windows(windows: np.ndarray, cfg: MixSearchConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out): the last `holdout` share (at least one window) is held out."""
+    """(train, held-out): every k-th window is held out (k = 1 / holdout, at least one window), so both
+    parts span all the files; training keeps at most `max_windows`."""
     if len(windows) < 2:
         raise MixError(f"--optimize-mix needs at least 2 windows of {windows.shape[1] if windows.ndim == 2 else '?'} "
                        "tokens of the customer's text (one to fit, one to stop on); pass more text")
-    held = max(1, int(round(len(windows) * cfg.holdout)))
-    return windows[:len(windows) - held][:cfg.max_windows], windows[len(windows) - held:]
+    every = max(2, int(round(1 / cfg.holdout)))
+    held = np.arange(len(windows)) % every == every - 1
+    if not held.any():
+        held[-1] = True
+    return windows[~held][:cfg.max_windows], windows[held]
+
+
+def windows_wanted(cfg: MixSearchConfig) -> int:
+    """Windows to cut from the texts so that training gets up to `max_windows` after the hold-out."""
+    return int(np.ceil(cfg.max_windows / (1 - cfg.holdout)))
 
 
 def search_h(soup, windows: np.ndarray, h0: np.ndarray, cfg: MixSearchConfig = MixSearchConfig()) -> tuple[np.ndarray, dict]:
@@ -78,9 +87,9 @@ def search_h(soup, windows: np.ndarray, h0: np.ndarray, cfg: MixSearchConfig = M
     train, held = (torch.as_tensor(w, dtype=torch.long) for w in split_windows(windows, cfg))
     z = torch.log(torch.as_tensor(h0, dtype=torch.float32) + cfg.floor).requires_grad_(True)
     optim = torch.optim.Adam([z], lr=cfg.lr)
-    start_train = _loss(soup, train, torch.softmax(z, 0), cfg.batch)
-    best = {"step": 0, "held_out": _loss(soup, held, torch.as_tensor(h0, dtype=torch.float32), cfg.batch),
-            "h": np.asarray(h0, dtype=np.float64)}
+    start = torch.as_tensor(h0, dtype=torch.float32)
+    start_train = _loss(soup, train, start, cfg.batch)
+    best = {"step": 0, "held_out": _loss(soup, held, start, cfg.batch), "h": np.asarray(h0, dtype=np.float64)}
     start_held, history, since = best["held_out"], [], 0
     for step in range(1, cfg.steps + 1):
         optim.zero_grad()
@@ -110,12 +119,17 @@ def optimize_mix(ckpt: Path, start: Mix, texts: list[Path], cfg: MixSearchConfig
 
     soup, info = load_soup(ckpt)
     length = min(cfg.window, info.run.data.seq_len or info.run.model.max_seq_len)  # the trained context
-    windows = from_texts(read_texts(texts), resolve_checkpoint(ckpt) / "tokenizer.json",
-                         cfg.max_windows * 2, length)
+    try:
+        windows = from_texts(read_texts(texts), resolve_checkpoint(ckpt) / "tokenizer.json", windows_wanted(cfg), length)
+    except ParityError:
+        raise MixError(f"--optimize-mix needs at least 2 windows of {length + 1} tokens of the customer's text; "
+                       "pass more text") from None
     h, report = search_h(soup, windows, start.h, cfg)
     log.info("mix search: held-out loss %.4f -> %.4f (step %d of %d)", report["held_out_loss_start"],
              report["held_out_loss_best"], report["best_step"], report["steps_run"])
+    report["start_weights"] = dict(zip(start.domains, start.weights))
+    if not report["improved"]:
+        return start, report  # no step beat the start on the held-out windows: keep it as it was
     given = {d: round(float(w), 6) for d, w in zip(start.domains, h) if w > 0}
     mix = validate(given, list(start.domains), f"optimized:{len(texts)} path(s) from {start.source}", start.name)
-    report["start_weights"] = dict(zip(start.domains, start.weights))
     return Mix(mix.domains, tuple(float(x) for x in h), given, False, mix.source, start.name), report

@@ -108,7 +108,7 @@ def torch_vs_onnx(hf_dir: Path, onnx_dir: Path, ids: np.ndarray, tol: float) -> 
             "batch": 2, "prefill": n, "left_padding": pad}
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -122,7 +122,7 @@ def quantized_vs_fp32(fp32_dir: Path, quant_dir: Path, tier: str, windows: np.nd
     nll_f, nll_q, kl, agree, n = 0.0, 0.0, 0.0, 0, 0
     for row in windows:
         x, y = row[None, :-1], row[1:]
-        lf, lq = _log_softmax(ref.logits(x)[0]), _log_softmax(q.logits(x)[0])
+        lf, lq = log_softmax(ref.logits(x)[0]), log_softmax(q.logits(x)[0])
         idx = np.arange(len(y))
         nll_f -= lf[idx, y].sum()
         nll_q -= lq[idx, y].sum()

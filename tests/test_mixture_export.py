@@ -51,7 +51,8 @@ def test_layout_sizes_parity_and_routing_parity(smalltalk_run, mixture_fp32):
         assert sub["kind"] == f"smalltalk-{r['kind']}" and sub["source"]["sha256"] == r["source"]["sha256"]
         assert f"{r['path']}/manifest.json" in m["files"]  # the mixture's table covers every model's manifest
     assert m["routing_parity"]["agreement"] >= 0.98 and sum(m["routing_parity"]["shares"]) == m["routing_parity"]["sequences"]
-    assert not any("/" in v or "\\" in v for v in (m["run"],))  # no absolute paths
+    text = (mixture_fp32 / "manifest.json").read_text()
+    assert str(mixture_fp32) not in text and str(smalltalk_run) not in text  # no absolute paths
 
 
 def test_hf_directories_are_the_runs_models(smalltalk_run, mixture_fp32):
@@ -141,3 +142,17 @@ def test_cli_export_inspect_and_errors(smalltalk_run, mixture_fp32, tmp_path):
         members(SmallTalkRun.open(partial))
     r = runner.invoke(export_main, ["mixture", str(partial), "--out", str(tmp_path / "y")])
     assert r.exit_code != 0 and "are not trained" in r.output and not (tmp_path / "y").exists()
+
+
+def test_routed_chat_routes_the_first_line_and_again_after_reset(mixture_fp32):
+    from soup_run.generate import GenerationConfig
+    from soup_run.mixture import RoutedMixture, run_routed_chat
+
+    device = RoutedMixture(mixture_fp32)
+    said, routed = [], []
+    lines = ["", "It is a truth universally acknowledged", "and more", "/reset", "def f(x):", "/quit", "never read"]
+    run_routed_chat(device, GenerationConfig(max_new_tokens=3), lines, said.append, lambda e, s: routed.append(e))
+    text = "".join(said)
+    assert "routing needs a text of at least 2 tokens" in text  # a blank first line is refused, the chat goes on
+    assert len(routed) == 2 and "[new conversation]" in text
+    assert routed == [device.route("It is a truth universally acknowledged")[0], device.route("def f(x):")[0]]

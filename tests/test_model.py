@@ -119,17 +119,34 @@ def test_zero_experts_is_the_dense_model_whatever_h():
     assert count_parameters(mc, SoupConfig(n_experts=0, coef_hidden=16), 5)["experts"] == 0
 
 
-@pytest.mark.parametrize("rank", [0, 3])
-def test_combine_many_is_bit_identical_to_combine_per_mix(rank):
+@pytest.mark.parametrize("n, rank, shape, block", [
+    (7, 0, (301, 67), 1500),  # 1500-column blocks, a ragged last block
+    (128, 0, (3073,), 1024),  # a 1-column tail (BLAS would take another kernel): joins the block before
+    (7, 3, (301, 67), 1500),  # low-rank experts: combined whole
+    (0, 0, (40, 9), 1024),  # no experts (a dense model)
+])
+def test_combine_many_is_bit_identical_to_combine_per_mix(n, rank, shape, block):
     """Export's batches fuse block by block (the bank read once from memory for all mixes); every
-    fused tensor must equal `combine` on the whole tensor exactly, ragged last block included."""
+    fused tensor must equal `combine` on the whole tensor exactly."""
     from soup_train.model.soup_math import combine_many
 
     torch.manual_seed(0)
-    shared = torch.randn(301, 67)
-    experts = (torch.randn(7, 301, 67),) if rank == 0 else (torch.randn(7, 301, rank), torch.randn(7, 67, rank))
-    alphas = [torch.randn(7) for _ in range(5)]
-    fused = combine_many(shared, experts, alphas, block_bytes=7 * 4 * 1500)  # 1500-column blocks, ragged tail
+    shared = torch.randn(*shape)
+    experts = (torch.randn(n, *shape),) if rank == 0 else (torch.randn(n, shape[0], rank), torch.randn(n, shape[1], rank))
+    alphas = [torch.randn(n) for _ in range(5)]
+    fused = combine_many(shared, experts, alphas, block_bytes=max(n, 1) * 4 * block)
     assert len(fused) == 5
     for alpha, got in zip(alphas, fused):
         assert got.shape == shared.shape and torch.equal(got, combine(shared, experts, alpha))
+
+
+def test_column_blocks_never_leave_a_narrow_tail():
+    from soup_train.model.soup_math import MIN_BLOCK, column_blocks
+
+    assert column_blocks(3073, 1024) == [(0, 1024), (1024, 2048), (2048, 3073)]
+    assert column_blocks(5000, 2000) == [(0, 2000), (2000, 5000)]
+    assert column_blocks(6000, 2000) == [(0, 2000), (2000, 4000), (4000, 6000)]
+    assert column_blocks(500, 2000) == [(0, 500)]
+    for total in (1, 1023, 1025, 4096, 9999):
+        blocks = column_blocks(total, MIN_BLOCK)
+        assert blocks[0][0] == 0 and blocks[-1][1] == total and all(b - a >= min(MIN_BLOCK, total) for a, b in blocks)

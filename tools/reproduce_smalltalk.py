@@ -86,7 +86,8 @@ def evaluate_run(run, dense_file: Path, prefix_lens: list[int], per_domain: int)
 
     mixture = Mixture.load(run)
     windows, labels = test_windows(run, per_domain)
-    sweep = [evaluate(run, mixture, windows, labels, m) for m in prefix_lens if m <= run.prefix_len]
+    lens = sorted({m for m in prefix_lens if m <= run.prefix_len} | {run.prefix_len})  # the trained M always
+    sweep = [evaluate(run, mixture, windows, labels, m) for m in lens]
     main = next(r for r in sweep if r["prefix_len"] == run.prefix_len)
     dense = dense_perplexity(run, load_model(run.config.expert, dense_file), windows, labels)
     c = run.config

@@ -8,9 +8,9 @@ n = 16 experts, and, for two specialists only, a dense model trained on that spe
 
 Specialists: every named domain's test split, plus mixtures of two domains (weights that training
 never fixed). For each, h is estimated from 32 of its test documents (Algorithm 3, the data's
-embedder and centroids) and the held-out loss (mean next-token NLL in nats, on windows drawn
-from the specialist's mix with Algorithm 1, seed 0) is reported for: the generic dense model, the
-soups at the estimated h, the n = 16 soup at the true h, at a wrong h (the true h rolled by half
+embedder and centroids). The held-out loss (mean next-token NLL in nats) is measured on 64
+windows of the specialist's other test documents, each domain's share by its weight, for: the
+generic dense model, the soups at the estimated h, the n = 16 soup at the true h, at a wrong h (the true h rolled by half
 the domains) and at the uniform h, the importance-sampled models where trained, the n = 16
 soup's int8 and int4 ONNX exports (`soup-export build`) run in onnxruntime, and the mix search
 (`--optimize-mix`) started from the estimate on the same 32 documents.
@@ -34,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from reproduce_smalltalk import commit_of_repo  # tools/ is the script's directory, hence on sys.path
 
 TEXTS_PER_SPECIALIST = 32
 EVAL_WINDOWS = 64
@@ -81,13 +82,28 @@ def documents(data: Path, name: str) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
 
 
+def shares(h: np.ndarray, total: int) -> dict[int, int]:
+    """How many of `total` items each domain of h contributes (at least 1 per domain in h)."""
+    return {int(i): max(1, int(round(total * h[i]))) for i in np.flatnonzero(h)}
+
+
 def specialist_texts(data: Path, names: list[str], h: np.ndarray) -> list[str]:
-    """32 test documents of the specialist, each domain's share by its weight."""
+    """The customer's texts: 32 test documents of the specialist, each domain's share by its weight."""
     texts = []
-    for i in np.flatnonzero(h):
-        docs = documents(data, names[i])
-        texts += docs[:max(1, int(round(TEXTS_PER_SPECIALIST * h[i])))]
-    return texts[:TEXTS_PER_SPECIALIST]
+    for i, n in shares(h, TEXTS_PER_SPECIALIST).items():
+        texts += documents(data, names[i])[:n]
+    return texts
+
+
+def eval_windows(data: Path, names: list[str], h: np.ndarray, seq_len: int) -> np.ndarray:
+    """Held-out windows of the specialist: its domains' test documents that `specialist_texts` did not
+    take (so neither the estimate nor the mix search saw them), each domain's share by its weight."""
+    from soup_export.evaltext import from_texts
+
+    used = shares(h, TEXTS_PER_SPECIALIST)
+    parts = [from_texts(documents(data, names[i])[used[i]:], data / "tokenizer.json", n, seq_len)
+             for i, n in shares(h, EVAL_WINDOWS).items()]
+    return np.concatenate(parts)
 
 
 def wrong_h(h: np.ndarray) -> np.ndarray:
@@ -105,11 +121,6 @@ class Evaluator:
         self.models = {name: load_soup(path)[0] for name, path in runs.items()}
         self.data, self.seq_len = data, seq_len
 
-    def windows(self, h: np.ndarray) -> np.ndarray:
-        from soup_export.evaltext import from_data
-
-        return from_data(self.data, "sources", h, EVAL_WINDOWS, self.seq_len)
-
     def loss(self, model: str, windows: np.ndarray, h: np.ndarray) -> float:
         from soup_train.evaluate import loss_at
 
@@ -120,30 +131,19 @@ class Evaluator:
             return self.models[model].alpha(self.torch.as_tensor(h, dtype=self.torch.float32)).tolist()
 
 
-def onnx_loss(onnx_dir: Path, windows: np.ndarray) -> float:
-    from soup_export.ort_model import OrtDecoder
-    from soup_export.parity import _log_softmax
-
-    model = OrtDecoder(onnx_dir)
-    total, count = 0.0, 0
-    for row in windows:
-        logp = _log_softmax(model.logits(row[None, :-1])[0])
-        total -= logp[np.arange(len(row) - 1), row[1:]].sum()
-        count += len(row) - 1
-    return total / count
-
-
 def exported_losses(ckpt: Path, names: list[str], h: np.ndarray, windows: np.ndarray) -> dict:
     """int8 and int4 exports of the soup at h (`soup-export build`, parity off), scored in onnxruntime."""
     from soup_export.build import ExportSpec, build
+    from soup_export.compare import onnx_loss
     from soup_export.mix import validate
+    from soup_export.ort_model import OrtDecoder
 
     mix = validate({n: float(w) for n, w in zip(names, h) if w > 0}, names)
     out = {}
     with tempfile.TemporaryDirectory(prefix="soup-repro-") as tmp:
         for tier in ("int8", "int4"):
             build(ckpt, mix, Path(tmp) / tier, ExportSpec(quant=tier, parity=False, keep_hf=False))
-            out[tier] = onnx_loss(Path(tmp) / tier / "onnx", windows)
+            out[tier] = onnx_loss(OrtDecoder(Path(tmp) / tier / "onnx"), windows)
     return out
 
 
@@ -163,7 +163,7 @@ def evaluate_specialist(ev: Evaluator, spec: dict, names: list[str], runs: dict[
 
     texts = specialist_texts(data, names, spec["h"])
     h_est = DomainMap.load(data).histogram(texts, "sources")
-    windows = ev.windows(spec["h"])
+    windows = eval_windows(data, names, spec["h"], ev.seq_len)
     h_true, k = spec["h"], len(names)
     row = {"name": spec["name"], "h_true": h_true.tolist(), "h_est": h_est.tolist(), "texts": len(texts),
            "generic": ev.loss("generic", windows, h_true),
@@ -204,8 +204,8 @@ def markdown(rows: list[dict], s: dict, costs: dict, command: str, commit: str, 
             ("soup16_int4", "n=16 int4 ONNX"), ("soup16_opt", "n=16, searched h")]
     lines = ["# Soup-of-Experts at small scale", "", f"Command: `{command}`  ", f"Commit: `{commit}`", "",
              f"Every model trained for {steps} steps ({tokens:,} tokens). Held-out loss: mean next-token NLL "
-             f"(nats) on {EVAL_WINDOWS} test windows drawn from each specialist's mix; h estimated from "
-             f"{TEXTS_PER_SPECIALIST} of its test documents (Algorithm 3).", "",
+             f"(nats) on {EVAL_WINDOWS} windows of each specialist's test documents; h estimated (Algorithm 3), and "
+             f"searched, on {TEXTS_PER_SPECIALIST} other test documents of the specialist.", "",
              "| specialist | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for r in rows:
         lines.append(f"| {r['name']} | " + " | ".join(f"{r[c]:.4f}" if c in r else "-" for c, _ in cols) + " |")
@@ -274,8 +274,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="training steps of every run (overrides --quick)")
     args = parser.parse_args()
 
-    from dataclasses import replace as dc_replace
-
     from soup_train.data.shards import DomainShards
     from soup_train.errors import SoupError
     from soup_train.presets import run_preset
@@ -285,7 +283,7 @@ def main() -> None:
                  f"`soup-train prepare --preset default --out {args.data}` (or `make demo`)")
     steps = args.steps or (300 if args.quick else run_preset("demo").train.steps)
     base = run_preset("demo")
-    base = dc_replace(base, data=replace(base.data, path=str(args.data)),
+    base = replace(base, data=replace(base.data, path=str(args.data)),
                       train=replace(base.train, steps=steps, eval_every=0, ckpt_every=steps,
                                     warmup_steps=min(base.train.warmup_steps, steps // 10)))
     shards = DomainShards.open(args.data, "sources", "train")
@@ -312,8 +310,6 @@ def main() -> None:
     except SoupError as exc:
         sys.exit(f"error: {exc.message}")
     s = summary(rows)
-    from reproduce_smalltalk import commit_of_repo
-
     command = ("python tools/reproduce_soup.py " + " ".join(sys.argv[1:])).strip()
     tokens = steps * base.train.batch_size * ev.seq_len
     text = markdown(rows, s, costs, command, commit_of_repo(), steps, tokens)

@@ -56,14 +56,25 @@ def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas
     then from cache: every output element is still one dot product over the n experts in the same
     order (tests check torch.equal). Low-rank experts are small and are combined whole.
     """
-    if len(alphas) == 1 or len(experts) != 1:
+    if len(alphas) == 1 or len(experts) != 1 or experts[0].shape[0] == 0:
         return [combine(shared, experts, a) for a in alphas]
     bank = experts[0].reshape(experts[0].shape[0], -1)  # (n, P)
     flat = shared.reshape(-1)
-    step = max(1024, block_bytes // (bank.shape[0] * bank.element_size()))
     outs = [torch.empty_like(flat) for _ in alphas]
-    for start in range(0, flat.numel(), step):
-        block, s = bank[:, start:start + step], flat[start:start + step]
+    for start, stop in column_blocks(flat.numel(), max(MIN_BLOCK, block_bytes // (bank.shape[0] * bank.element_size()))):
+        block, s = bank[:, start:stop], flat[start:stop]
         for out, alpha in zip(outs, alphas):
-            out[start:start + step] = combine(s, (block,), alpha)
+            out[start:stop] = combine(s, (block,), alpha)
     return [o.reshape(shared.shape) for o in outs]
+
+
+MIN_BLOCK = 1024  # columns; BLAS takes another kernel (another summation order) for very narrow products
+
+
+def column_blocks(total: int, step: int) -> list[tuple[int, int]]:
+    """[start, stop) blocks of `step` columns; a last block narrower than MIN_BLOCK joins the one before,
+    so no block is narrower than MIN_BLOCK unless the whole tensor is."""
+    bounds = list(range(0, total, step)) + [total]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < MIN_BLOCK:
+        del bounds[-2]
+    return list(zip(bounds[:-1], bounds[1:]))

@@ -2,8 +2,8 @@
 
 The directory is what `soup-export mixture` writes: `manifest.json` (kind "smalltalk-mixture",
 the prefix length M and every model's directory) and one export directory per router and expert.
-Routing is the training's rule: a router reads the first M tokens and is scored on predicting
-tokens 1..M (M + 1 tokens in all, fewer for a shorter text); the mean log-likelihood per
+Routing is the training's rule: a router reads the first M + 1 tokens (fewer for a shorter text),
+takes tokens 0..M-1 as inputs and is scored on predicting tokens 1..M; the mean log-likelihood per
 predicted token is compared and the argmax wins (no balancing at inference).
 
 Verification: the member manifests are checked against the mixture's manifest when it opens, and
@@ -13,13 +13,16 @@ expert the first time a text is routed to it), so a device never reads an expert
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
 from soup_run.errors import RunError
+from soup_run.generate import GenerationConfig
 from soup_run.integrity import sha256
 from soup_run.model import Specialist
+from soup_run.score import token_log_probs
 
 KIND = "smalltalk-mixture"
 
@@ -32,14 +35,6 @@ def is_mixture(path: Path) -> bool:
         return json.loads(manifest.read_text()).get("kind") == KIND
     except ValueError:
         return False
-
-
-def log_likelihood(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Mean log-probability of `targets` (S,) under `logits` (S, V)."""
-    z = logits.astype(np.float64)
-    z -= z.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    return float(logp[np.arange(len(targets)), targets].mean())
 
 
 class RoutedMixture:
@@ -91,7 +86,7 @@ class RoutedMixture:
         for e, router in enumerate(self.routers):
             logits, _ = router.step(x, np.ones_like(x), np.arange(x.shape[1])[None], router.empty_past(1),
                                     all_logits=True)
-            out[e] = log_likelihood(logits[0], y)
+            out[e] = float(token_log_probs(logits[0], y).mean())
         return out
 
     def route(self, text: str) -> tuple[int, np.ndarray]:
@@ -105,7 +100,8 @@ class RoutedMixture:
         return self._experts[e]
 
 
-def run_routed_chat(mixture: RoutedMixture, cfg, lines, emit, announce) -> None:
+def run_routed_chat(mixture: RoutedMixture, cfg: GenerationConfig, lines: Iterable[str], emit: Callable[[str], None],
+                    announce: Callable[[int, np.ndarray], None]) -> None:
     """`soup-run chat` on a mixture: the first line of a conversation picks the expert."""
     from soup_run.chat import Conversation
 
@@ -119,7 +115,11 @@ def run_routed_chat(mixture: RoutedMixture, cfg, lines, emit, announce) -> None:
             emit("[new conversation]\n")
             continue
         if conv is None:
-            e, scores = mixture.route(line)
+            try:
+                e, scores = mixture.route(line)
+            except RunError as exc:  # e.g. a one-token first line: ask again, keep the session
+                emit(f"[{exc}]\n")
+                continue
             announce(e, scores)
             conv = Conversation(mixture.expert(e), cfg)
         conv.turn(line, emit)

@@ -19,12 +19,17 @@ def nll(model: Specialist, ids: list[int]) -> tuple[float, int]:
             break
         x, y = chunk[None, :-1], chunk[1:]
         logits, _ = model.step(x, np.ones_like(x), np.arange(x.shape[1])[None], model.empty_past(1), all_logits=True)
-        z = logits[0].astype(np.float64)
-        z -= z.max(-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        total -= logp[np.arange(len(y)), y].sum()
+        total -= token_log_probs(logits[0], y).sum()
         count += len(y)
     return total, count
+
+
+def token_log_probs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(S,) log-probability of each target under logits (S, V), in float64."""
+    z = logits.astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return logp[np.arange(len(targets)), targets]
 
 
 def score_files(model: Specialist, paths: list[Path]) -> list[dict]:
