@@ -56,19 +56,32 @@ def predict(arch: Arch, tier: str, params: dict | None = None) -> Prediction:
     return Prediction(tier, len(model), g.data_size(), tensors)
 
 
-def choose_tier(arch: Arch, quant: str, max_size: int | None, params: dict | None = None) -> tuple[str, dict[str, Prediction]]:
-    """The requested tier (checked against the budget) or, for `auto`, the highest precision that fits."""
+def predict_models(models: dict[str, Arch], tier: str, params: dict | None = None) -> Prediction:
+    """Several models at one tier as one prediction (a SmallTalk mixture); tensors named `model/tensor`."""
+    preds = {label: predict(arch, tier, params) for label, arch in models.items()}
+    tensors = sorted(((f"{label}/{name}", n) for label, p in preds.items() for name, n in p.tensors), key=lambda x: -x[1])
+    return Prediction(tier, sum(p.graph_bytes for p in preds.values()), sum(p.data_bytes for p in preds.values()),
+                      tuple(tensors))
+
+
+def choose_tier(arch: Arch | dict[str, Arch], quant: str, max_size: int | None,
+                params: dict | None = None) -> tuple[str, dict[str, Prediction]]:
+    """The requested tier (checked against the budget) or, for `auto`, the highest precision that fits.
+
+    `arch` is one model, or {label: arch} for several models that share one tier and one budget."""
+    def pred(tier: str, p: dict | None) -> Prediction:
+        return predict_models(arch, tier, p) if isinstance(arch, dict) else predict(arch, tier, p)
+
     tiers = list(TIERS) if quant == "auto" else [quant]
-    preds = {t: predict(arch, t, params if quant != "auto" else None) for t in tiers}
+    preds = {t: pred(t, params if quant != "auto" else None) for t in tiers}
     if max_size is None:
         return tiers[0], preds
     for t in tiers:
         if preds[t].total <= max_size:
             return t, preds
     smallest = min(preds.values(), key=lambda p: p.total)
-    if quant == "auto":
-        preds = {t: predict(arch, t) for t in TIERS}
-    raise BudgetError(f"no tier fits {human(max_size)}: " + ", ".join(f"{t} {human(p.total)}" for t, p in preds.items())
+    what = f"the {len(arch)} models of the mixture in " if isinstance(arch, dict) else ""
+    raise BudgetError(f"no tier fits {what}{human(max_size)}: " + ", ".join(f"{t} {human(p.total)}" for t, p in preds.items())
                       + f". Smallest ({smallest.tier}) by tensor: " + breakdown(smallest)
                       + ". Raise --max-size, or train a smaller model (fewer layers, smaller vocabulary)")
 

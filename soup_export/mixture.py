@@ -36,7 +36,6 @@ from soup_export.errors import BudgetError, ExportInputError, ParityError
 from soup_export.graph import Arch
 from soup_export.manifest import write_manifest
 from soup_export.onnx_dir import dense_weights, write_onnx_dir
-from soup_export.quantize import TIERS
 from soup_export.resolve import file_sha256, write_hf_side_files
 from soup_train.config import ModelConfig
 from soup_train.errors import DataError
@@ -77,17 +76,8 @@ def members(run: SmallTalkRun) -> list[Member]:
 
 def choose_tier(models: list[Member], quant: str, max_size: int | None, params: dict | None) -> tuple[str, dict]:
     """The tier of the whole mixture and every tier's predicted total (bytes of all models)."""
-    tiers = list(TIERS) if quant == "auto" else [quant]
-    totals = {t: sum(budget_mod.predict(m.arch, t, params if quant != "auto" else None).total for m in models)
-              for t in tiers}
-    if max_size is None:
-        return tiers[0], totals
-    for t in tiers:
-        if totals[t] <= max_size:
-            return t, totals
-    raise BudgetError(f"no tier fits the {len(models)} models of the mixture in {budget_mod.human(max_size)}: "
-                      + ", ".join(f"{t} {budget_mod.human(n)}" for t, n in totals.items())
-                      + ". Raise --max-size, or train smaller experts (they dominate the total)")
+    tier, preds = budget_mod.choose_tier({m.rel: m.arch for m in models}, quant, max_size, params)
+    return tier, {t: p.total for t, p in preds.items()}
 
 
 def write_hf_dir(member: Member, tokenizer: Path, out: Path) -> None:

@@ -4,7 +4,8 @@ builder's int4 output of the same HF directory).
 
 For each engine, in its own process (so peak RSS is its own): prefill latency of a P-token
 prompt (median), decode tokens/s over N greedy tokens after the prefill, and peak RSS. Also the
-soup-run --engine genai path on our int4 artifact. Last line: `int4_decode_over_torch: <ratio>`.
+soup-run --engine genai path on our int4 artifact, and soup-run int4 on one onnxruntime thread.
+Last line: `int4_decode_over_torch: <ratio>`.
 
     python tools/bench_runtime.py           # d256 x 8 layers, vocab ~8k (about 10M), 128 new tokens
     python tools/bench_runtime.py --quick   # d128 x 2 layers, under a minute
@@ -86,10 +87,11 @@ def measure_soup_run(directory: Path, ids: list[int], new: int, engine: str) -> 
     from soup_run.genai_engine import GenaiSpecialist
     from soup_run.model import Specialist
 
-    model = Specialist(directory) if engine == "ort" else GenaiSpecialist(directory)
+    ort = engine.startswith("ort")
+    model = Specialist(directory, threads=int(engine[3:] or 0)) if ort else GenaiSpecialist(directory)
     cfg = GenerationConfig(max_new_tokens=new, stop_at_eos=False)
     prefill = []
-    if engine == "ort":
+    if ort:
         x = np.asarray([ids])
         for _ in range(7):
             t = time.perf_counter()
@@ -99,7 +101,7 @@ def measure_soup_run(directory: Path, ids: list[int], new: int, engine: str) -> 
     for _ in range(5):
         start = time.perf_counter()
         stamps = [time.perf_counter() for _ in model.stream([ids], cfg)]
-        if engine != "ort":
+        if not ort:
             prefill.append(stamps[0] - start)
         rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     return {"prefill_ms": 1000 * statistics.median(prefill), "decode_tok_s": statistics.median(rates)}
@@ -159,8 +161,8 @@ def run_job(job: str, root: Path, new: int) -> dict:
 
 
 JOBS = {"soup-run:fp32:ort": "soup-run fp32", "soup-run:int8:ort": "soup-run int8", "soup-run:int4:ort": "soup-run int4",
-        "soup-run:int4:genai": "soup-run int4, --engine genai", "torch": "transformers fp32 generate (KV cache)",
-        "genai-builder": "onnxruntime-genai, its builder's int4"}
+        "soup-run:int4:ort1": "soup-run int4, --threads 1", "soup-run:int4:genai": "soup-run int4, --engine genai",
+        "torch": "transformers fp32 generate (KV cache)", "genai-builder": "onnxruntime-genai, its builder's int4"}
 
 
 def main() -> None:
