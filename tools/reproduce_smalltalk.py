@@ -10,8 +10,8 @@ named domains, and a sweep of the routing prefix length at inference. FLOPs use 
 formulas (method.md section 3): forward = B*S*H + L*(8BSH^2 + 4BS^2H + 4BSH*Dff) + 2BSHV + 3BSV,
 training = 3 x forward per step; mixture inference = one expert on S tokens + E routers on M.
 
-    python tools/reproduce_smalltalk.py --data data/default            # about 15 minutes on 2 cores
-    python tools/reproduce_smalltalk.py --data data/default --quick    # about 5 minutes
+    python tools/reproduce_smalltalk.py --data data/default            # about 30 minutes on 2 cores
+    python tools/reproduce_smalltalk.py --data data/default --quick    # about 10 minutes
 
 Writes OUT/smalltalk.md (tables, the command and the commit), OUT/smalltalk.png and
 OUT/smalltalk.json; runs are kept in --work, so a second call only evaluates. Last line:
@@ -145,7 +145,11 @@ def plot(results: list[dict], path: Path) -> None:
         line = a.plot([s["prefix_len"] for s in r["sweep"]], [s["ppl"] for s in r["sweep"]], "o-",
                       label=f"SmallTalk E={r['experts']}")
         a.axhline(r["dense"]["ppl"], ls="--", color=line[0].get_color(), label=f"dense, E={r['experts']} budget")
-    a.set(xscale="log", xlabel="routing prefix length M (tokens)", ylabel="held-out perplexity",
+    lens = [s["prefix_len"] for s in results[0]["sweep"]]
+    a.set_xscale("log", base=2)
+    a.set_xticks(lens, [str(m) for m in lens])
+    a.minorticks_off()
+    a.set(xlabel="routing prefix length M (tokens)", ylabel="held-out perplexity",
           title="Mixture vs dense at equal training tokens")
     a.legend()
     domains = list(results[0]["dense"]["per_domain"])
