@@ -135,7 +135,6 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
       soup-export build runs/demo --optimize-mix mail/ --out out/globex-tuned
     """
     from soup_export.build import build as run_build
-
     from soup_export.build import check_output_path
 
     spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format)

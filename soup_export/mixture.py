@@ -18,7 +18,7 @@ Choices:
   windows of the run's data: a router on the test split's prefixes (its whole context), an expert
   on the test windows its PyTorch routers send it (all test windows if they send it none).
 - Routing parity: the exported routers route the held-out windows; the share that reaches the
-  same expert as under the PyTorch routers is recorded and must be >= `min_route_agreement`.
+  same expert as under the PyTorch routers is recorded and must be >= MIN_ROUTE_AGREEMENT (0.9).
 """
 from __future__ import annotations
 

@@ -102,9 +102,10 @@ def _run_mixture(args) -> int:
         raise RunError("a SmallTalk mixture runs on the ort engine only")
     if getattr(args, "ort_format", False):
         raise RunError("--ort-format is for a single specialist; a mixture loads each model's model.onnx")
+    cfg = _config(args) if args.command != "score" else None
+    prompts = _prompts(args) if args.command == "generate" else []  # bad options fail before any model loads
+    mixture = RoutedMixture(args.model, threads=args.threads, verify_files=not args.no_verify)
     if args.command == "generate":
-        cfg, prompts = _config(args), _prompts(args)
-        mixture = RoutedMixture(args.model, threads=args.threads, verify_files=not args.no_verify)
         for prompt in prompts:
             e, scores = mixture.route(prompt)
             print(_describe_route(repr(prompt[:40]), e, scores), file=sys.stderr)
@@ -116,7 +117,6 @@ def _run_mixture(args) -> int:
     elif args.command == "score":
         from soup_run.score import score_files
 
-        mixture = RoutedMixture(args.model, threads=args.threads, verify_files=not args.no_verify)
         rows = []
         for path in args.files:
             if not Path(path).is_file():
@@ -130,10 +130,9 @@ def _run_mixture(args) -> int:
     else:
         from soup_run.mixture import run_routed_chat
 
-        mixture = RoutedMixture(args.model, threads=args.threads, verify_files=not args.no_verify)
         print("soup-run chat: the first line routes to an expert; /reset starts over (and routes again), /quit leaves",
               file=sys.stderr)
-        run_routed_chat(mixture, _config(args), sys.stdin, lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+        run_routed_chat(mixture, cfg, sys.stdin, lambda t: (sys.stdout.write(t), sys.stdout.flush()),
                         lambda e, s: print(_describe_route("conversation", e, s), file=sys.stderr))
     return 0
 
