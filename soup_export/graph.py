@@ -9,23 +9,26 @@ I/O (Hugging Face / onnxruntime-genai names):
     past_key_values.{i}.key|value (B, KV, P, hd) float32
     -> logits (B, S, V) float32, present.{i}.key|value (B, KV, P+S, hd) float32
 
-One decoder layer (x: (B, S, d)):
+One decoder layer (x: (B, S, d)), with the residual sums carried by the fused norms:
 
-    x ──┬─ RMSNorm ─ q/k/v proj ─ RotaryEmbedding(q, k) ─ GroupQueryAttention(+ past, mask bias) ─ o_proj ─┐
-        └────────────────────────────────────────────────────────────────────────────────────────────────(+)─ x'
-    x' ─┬─ RMSNorm ─ down_proj(silu(gate_proj(.)) * up_proj(.)) ─┐
-        └──────────────────────────────────────────────────────(+)─ x''
+    (x, branch) ─ SkipRMSNorm ─┬─ h ─ q/k/v proj ─ GroupQueryAttention(RoPE, past, padding bias) ─ o_proj ─ branch'
+                               └─ x' = x + branch  (carried to the next SkipRMSNorm)
+    (x', branch') ─ SkipRMSNorm ─ h' ─ down_proj(silu(gate_proj(h')) * up_proj(h')) ─ branch''
 
-onnxruntime's fused kernels do the heavy lifting (com.microsoft RotaryEmbedding and
-GroupQueryAttention; RMSNorm is emitted in the pattern onnxruntime fuses into
-SimplifiedLayerNormalization). Under callgrind, on a 10M-parameter int4 specialist with the
-same runner, a decoded token costs 9.2M instructions with standard ops and 7.1M with these.
-Tried, measured worse and not used: SkipSimplifiedLayerNormalization for the residual adds
-(9.0M), and q/k/v and gate/up each stored as one matrix and then split (8.9M, against 6.2M
-with the runner's current stepping). RoPE is applied at the given position_ids (so left padding matches transformers), padding reaches attention as a bias, and
-past / present are separate buffers. GroupQueryAttention's one restriction: a batch of more than
-one row cannot feed several new tokens on top of a past (prefill, and one token per step after,
-are what every runner does).
+onnxruntime's fused kernels do the work: com.microsoft SkipSimplifiedLayerNormalization (the
+residual add and the RMSNorm in one node; the first norm is emitted as the pattern onnxruntime
+fuses into SimplifiedLayerNormalization), GroupQueryAttention, MatMulNBits for the quantized
+tiers. Fewer nodes per layer matter on a device: each node is a kernel launch and, with a thread
+pool, a synchronisation. RoPE: when head_size is a multiple of 16 it runs inside
+GroupQueryAttention, which rotates each new key and query at its cache slot (RoPE is relative,
+so a left-padded row, shifted by its padding, gets the same attention as transformers gives it
+at its position_ids). Otherwise (the kernel's restriction) a com.microsoft RotaryEmbedding node
+rotates q and k at position_ids. Padding reaches the attention as a bias.
+
+The cache can be fed as separate past / present tensors (P and P+S positions) or as one shared
+(B, KV, context, head) buffer bound as both, written in place (see runtimes/README.md).
+GroupQueryAttention's one restriction: with a past, a batch of more than one row must feed one
+new token per step. Prefill, and one token per step after it, is what every runner does.
 
 Mask: key j is visible to query i (absolute position P + i) iff j <= P + i and attention_mask[b, j] = 1;
 hidden entries get float32's lowest value (as transformers does). Node names are hierarchical
@@ -197,54 +200,46 @@ class DecoderGraph:
 
     # ------------------------------------------------------------------ blocks
     def rms_norm(self, x: str, weight: str, prefix: str) -> str:
-        """weight * x / sqrt(mean(x^2) + eps), in fp32 (as transformers' LlamaRMSNorm)."""
+        """weight * x / sqrt(mean(x^2) + eps), in fp32 (as transformers' LlamaRMSNorm); emitted in the
+        pattern onnxruntime fuses into SimplifiedLayerNormalization (a standard-ops graph stays checker-clean)."""
         w = self.store(weight, np.float32, (self.arch.hidden,), weight, "raw", Rep("float"))
         sq = self.node("Pow", [x, self.const(2.0, np.float32)], f"{prefix}/Pow")[0]
         mean = self.node("ReduceMean", [sq, self.const([-1])], f"{prefix}/ReduceMean", keepdims=1)[0]
         var = self.node("Add", [mean, self.const(self.arch.eps, np.float32)], f"{prefix}/Add")[0]
         std = self.node("Sqrt", [var], f"{prefix}/Sqrt")[0]
-        normed = self.node("Div", [x, std], f"{prefix}/Div")[0]  # the pattern onnxruntime fuses into one kernel
+        normed = self.node("Div", [x, std], f"{prefix}/Div")[0]
         return self.node("Mul", [normed, w], f"{prefix}/Mul")[0]
 
-    def rope(self, x: str, rotary: tuple[str, str], n_heads: int, prefix: str) -> str:
-        """transformers' rotate_half RoPE on x (B, S, n*hd) at position_ids (onnxruntime's fused kernel)."""
-        return self.node("RotaryEmbedding", [x, "position_ids", *rotary], f"{prefix}/RotaryEmbedding",
-                         domain="com.microsoft", interleaved=0, num_heads=n_heads)[0]
-
-    def heads(self, x: str, n: int, prefix: str) -> str:
-        """(B, S, n*hd) -> (B, n, S, hd)."""
-        r = self.node("Reshape", [x, self.const([0, 0, n, self.arch.head_dim])], f"{prefix}/Reshape")[0]
-        return self.node("Transpose", [r], f"{prefix}/Transpose", perm=[0, 2, 1, 3])[0]
-
-    def repeat_kv(self, x: str, prefix: str) -> str:
-        """(B, KV, T, hd) -> (B, H, T, hd), each KV head repeated H/KV times (transformers' repeat_kv)."""
-        a = self.arch
-        if a.kv_heads == a.heads:
-            return x
-        u = self.node("Unsqueeze", [x, self.const([2])], f"{prefix}/Unsqueeze")[0]
-        e = self.node("Expand", [u, self.const([1, 1, a.heads // a.kv_heads, 1, 1])], f"{prefix}/Expand")[0]
-        return self.node("Reshape", [e, self.const([0, a.heads, -1, a.head_dim])], f"{prefix}/Reshape")[0]
+    def residual_norm(self, x: str, branch: str, weight: str, prefix: str) -> tuple[str, str]:
+        """(RMSNorm(x + branch), x + branch) in one com.microsoft SkipSimplifiedLayerNormalization."""
+        w = self.store(weight, np.float32, (self.arch.hidden,), weight, "raw", Rep("float"))
+        out = self.node("SkipSimplifiedLayerNormalization", [x, branch, w], f"{prefix}/SkipLayerNorm",
+                        outputs=[f"{prefix}/output_0", "", "", f"{prefix}/output_3"], domain="com.microsoft",
+                        epsilon=self.arch.eps)
+        return out[0], out[3]
 
     def attention(self, x: str, i: int, rotary: tuple[str, str], bias: str, lengths: tuple[str, str]) -> str:
-        """onnxruntime's GroupQueryAttention: one fused kernel for QK^T, mask, softmax, V and the cache.
-
-        RoPE is applied before it (RotaryEmbedding at position_ids, so left padding matches
-        transformers); padding reaches it as attention_bias; past and present are separate buffers.
-        """
+        """onnxruntime's GroupQueryAttention: one fused kernel for RoPE (at position_ids, so left padding
+        matches transformers' rotate_half RoPE), QK^T, the padding bias, softmax, V and the cache."""
         a, p = self.arch, f"/model/layers.{i}/self_attn"
         w = f"model.layers.{i}.self_attn"
         q = self.linear(x, f"{w}.q_proj.weight", a.heads * a.head_dim, a.hidden, f"{p}/q_proj")  # (B, S, H*hd)
         k = self.linear(x, f"{w}.k_proj.weight", a.kv_heads * a.head_dim, a.hidden, f"{p}/k_proj")
         v = self.linear(x, f"{w}.v_proj.weight", a.kv_heads * a.head_dim, a.hidden, f"{p}/v_proj")
-        q = self.rope(q, rotary, a.heads, f"{p}/q_rotary")
-        k = self.rope(k, rotary, a.kv_heads, f"{p}/k_rotary")
+        fused_rope = a.head_dim % 16 == 0  # the kernel's RoPE needs it; otherwise RoPE is its own node
+        if not fused_rope:
+            q, k = (self.node("RotaryEmbedding", [t, "position_ids", *rotary], f"{p}/{n}_rotary/RotaryEmbedding",
+                              domain="com.microsoft", interleaved=0, num_heads=h)[0]
+                    for t, n, h in ((q, "q", a.heads), (k, "k", a.kv_heads)))
         seqlens, total = lengths
+        rope_inputs = [*rotary, ""] if fused_rope else ["", "", ""]
         y = self.node("GroupQueryAttention",
-                      [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, "", "", "", bias],
+                      [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total,
+                       *rope_inputs, bias],
                       f"{p}/GroupQueryAttention", outputs=[f"{p}/GroupQueryAttention/output_0", f"present.{i}.key",
                                                            f"present.{i}.value"],
                       domain="com.microsoft", num_heads=a.heads, kv_num_heads=a.kv_heads,
-                      scale=1.0 / math.sqrt(a.head_dim), do_rotary=0)[0]
+                      scale=1.0 / math.sqrt(a.head_dim), do_rotary=int(fused_rope), rotary_interleaved=0)[0]
         return self.linear(y, f"{w}.o_proj.weight", a.hidden, a.heads * a.head_dim, f"{p}/o_proj")
 
     def mlp(self, x: str, i: int) -> str:
@@ -291,13 +286,15 @@ class DecoderGraph:
         x = self.embedding("input_ids")
         rotary, lengths = self.rotary(), self.lengths()
         bias = self.mask_bias()
+        h = self.rms_norm(x, "model.layers.0.input_layernorm.weight", "/model/layers.0/input_layernorm")
         for i in range(a.layers):
             p = f"/model/layers.{i}"
-            h = self.rms_norm(x, f"model.layers.{i}.input_layernorm.weight", f"{p}/input_layernorm")
-            x = self.node("Add", [x, self.attention(h, i, rotary, bias, lengths)], f"{p}/attn_residual/Add")[0]
-            h = self.rms_norm(x, f"model.layers.{i}.post_attention_layernorm.weight", f"{p}/post_attention_layernorm")
-            x = self.node("Add", [x, self.mlp(h, i)], f"{p}/mlp_residual/Add")[0]
-        self.lm_head(self.rms_norm(x, "model.norm.weight", "/model/norm"))
+            h, x = self.residual_norm(x, self.attention(h, i, rotary, bias, lengths),
+                                      f"model.layers.{i}.post_attention_layernorm.weight", f"{p}/post_attention_layernorm")
+            last = i == a.layers - 1
+            h, x = self.residual_norm(x, self.mlp(h, i), "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight",
+                                      "/model/norm" if last else f"/model/layers.{i + 1}/input_layernorm")
+        self.lm_head(h)
 
     # ------------------------------------------------------------------ model
     def offsets(self) -> list[int]:

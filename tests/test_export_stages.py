@@ -106,7 +106,7 @@ def test_graph_is_checker_clean_deterministic_and_named_like_hf(hf_dir, tmp_path
                np.prod(i.dims) > 16)
     genai = json.loads((a / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
-    assert genai["search"]["past_present_share_buffer"] is False
+    assert genai["search"]["past_present_share_buffer"] is True  # the graph writes the cache in place when bound so
 
 
 def test_graph_depends_only_on_the_architecture(debug_ckpt, hf_dir, tmp_path):
@@ -122,6 +122,26 @@ def test_fp32_onnx_matches_transformers_with_padding_and_cache(hf_dir, tmp_path)
     onnx_dir = write_tier(hf_dir, tmp_path / "fp32", "fp32")
     ids = np.random.default_rng(0).integers(1, read_arch(hf_dir)[0].vocab, size=(2, 16))
     report = torch_vs_onnx(hf_dir, onnx_dir, ids, ONNX_TOL)
+    assert report["prefill_max_abs_diff"] <= ONNX_TOL and report["decode_max_abs_diff"] <= ONNX_TOL
+
+
+def test_graph_with_rope_inside_attention_matches_transformers(hf_dir, tmp_path):
+    """Head size 16: RoPE runs inside GroupQueryAttention (at cache slots; RoPE is relative, so left
+    padding still matches transformers' position_ids), prefill, decode and a padded batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from soup_export.parity import torch_vs_onnx
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    wide = tmp_path / "hf16"
+    LlamaForCausalLM(config).save_pretrained(wide)
+    onnx_dir = write_tier(wide, tmp_path / "fp32", "fp32")
+    ops = [n.op_type for n in onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.node]
+    assert "RotaryEmbedding" not in ops and "SkipSimplifiedLayerNormalization" in ops
+    ids = np.random.default_rng(1).integers(1, 96, size=(2, 16))
+    report = torch_vs_onnx(wide, onnx_dir, ids, ONNX_TOL)
     assert report["prefill_max_abs_diff"] <= ONNX_TOL and report["decode_max_abs_diff"] <= ONNX_TOL
 
 

@@ -4,10 +4,12 @@ The I/O contract (what `soup-export` writes, read from `genai_config.json`):
     inputs  input_ids (B, S) int64, attention_mask (B, P+S) int64, position_ids (B, S) int64,
             past_key_values.{i}.key|value (B, KV, P, head) float32
     outputs logits (B, S, V) float32, present.{i}.key|value (B, KV, P+S, head) float32
-The KV cache stays in onnxruntime-owned OrtValues between steps: present outputs are fed as the
-next step's past inputs without a round trip through numpy (one `run_with_ort_values` call per
-step, which measured less Python overhead than rebuilding an I/O binding of 2 x layers + 4
-names every step); only the last position's logits are copied out.
+The KV cache is one preallocated onnxruntime buffer per layer and kind, (B, KV, context, head),
+bound through an I/O binding as both the past input and the present output of every step:
+GroupQueryAttention then writes each new position in place instead of copying the whole cache
+into a new tensor (onnxruntime-genai's `past_present_share_buffer`). The cache bindings are made
+once per sequence; a step rebinds only input_ids, attention_mask and position_ids, and a decode
+step writes its logits into a preallocated (B, 1, V) buffer.
 """
 from __future__ import annotations
 
@@ -88,8 +90,6 @@ class Specialist:
                            "the file is corrupt or not a soup-export model") from None
         self.model_file = model_file
         self._ort = ort
-        self._past_names = self.contract.past_names()
-        self._output_names = ["logits", *self.contract.present_names()]
 
     def _model_file(self, ort_format: bool | None) -> Path:
         onnx, ort_file = self.dir / "model.onnx", self.dir / "model.ort"
@@ -117,22 +117,58 @@ class Specialist:
         return generate(self, prompts, cfg)
 
     # ------------------------------------------------------------------ steps
-    def empty_past(self, batch: int) -> list:
-        c = self.contract
-        empty = np.zeros((batch, c.kv_heads, 0, c.head_size), np.float32)
-        return [self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * c.layers)]
+    def empty_past(self, batch: int) -> "KVCache":
+        """A fresh KV cache for `batch` rows, up to the model's context."""
+        return KVCache(self, batch)
 
-    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list,
-             all_logits: bool = False) -> tuple[np.ndarray, list]:
-        """One forward: ids/positions (B, S), mask (B, P+S), past OrtValues -> (logits, present OrtValues).
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: "KVCache",
+             all_logits: bool = False) -> tuple[np.ndarray, "KVCache"]:
+        """One forward: ids/positions (B, S), mask (B, P+S), the cache after P tokens -> (logits, the cache
+        after P+S tokens; the same object, updated in place).
 
         logits: (B, V) for the last position, or (B, S, V) with all_logits.
         """
-        value = self._ort.OrtValue.ortvalue_from_numpy
-        feeds = {"input_ids": value(np.ascontiguousarray(ids, dtype=np.int64)),
-                 "attention_mask": value(np.ascontiguousarray(mask, dtype=np.int64)),
-                 "position_ids": value(np.ascontiguousarray(positions, dtype=np.int64))}
-        feeds.update(zip(self._past_names, past))
-        outputs = self.session.run_with_ort_values(self._output_names, feeds)
-        logits = outputs[0].numpy()
-        return (logits if all_logits else logits[:, -1].copy()), list(outputs[1:])
+        logits = past.run(ids, mask, positions)
+        return (logits if all_logits else logits[:, -1]), past
+
+
+class KVCache:
+    """Past = present buffers of one sequence batch, with their I/O binding (see the module docstring)."""
+
+    def __init__(self, model: Specialist, batch: int) -> None:
+        c, ort = model.contract, model._ort
+        self.model, self.batch, self.length = model, batch, 0
+        self.binding = model.session.io_binding()
+        shape = (batch, c.kv_heads, c.context, c.head_size)
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * c.layers)]
+        for past, present, value in zip(c.past_names(), c.present_names(), self.buffers):
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
+        self._decode_logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1, c.vocab), np.float32))
+        self._logits_bound = None  # which logits output is bound: "decode" (the buffer) or "new" (allocated per run)
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """(B, S, V) logits; the new positions' keys and values are written into the buffers."""
+        b, s = ids.shape
+        total = mask.shape[1]
+        if b != self.batch or total != self.length + s:
+            raise RunError(f"cache holds {self.batch} rows of {self.length} tokens; got {b} rows, {s} new tokens "
+                           f"and a mask of {total}")
+        if total > self.model.contract.context:
+            raise RunError(f"{total} tokens exceed the model's context of {self.model.contract.context}")
+        bind = self.binding
+        bind.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        bind.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        bind.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        kind = "decode" if s == 1 else "new"
+        if kind != self._logits_bound or kind == "new":
+            if kind == "decode":
+                bind.bind_ortvalue_output("logits", self._decode_logits)
+            else:
+                bind.bind_output("logits")
+            self._logits_bound = kind
+        self.model.session.run_with_iobinding(bind)
+        self.length = total
+        if kind == "decode":
+            return np.array(self._decode_logits.numpy())  # owned: the buffer is rewritten by the next step
+        return bind.get_outputs()[-1].numpy()
