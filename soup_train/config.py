@@ -94,6 +94,8 @@ class MetaConfig:
     beta: float = 1.0  # Dirichlet concentration on the s chosen domains [choice]
     p_nat: float = 0.1  # probability of using the natural domain frequencies [choice]
     fixed_h: tuple[float, ...] | None = None  # always this h (tests, ablations); None = sample
+    h_per_micro_batch: bool = False  # a new h for every micro-batch of a step: train.grad_accum h's per step
+    # and rank, as if each micro-batch were its own data-parallel rank [choice]
 
     def __post_init__(self) -> None:
         _check(self.s_max >= 1, f"meta.s_max must be >= 1, got {self.s_max}")

@@ -97,19 +97,21 @@ def autocast_for(t: TrainConfig, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def optimizer_step(model: torch.nn.Module, optim: torch.optim.Optimizer, batches, h: torch.Tensor | None,
+def optimizer_step(model: torch.nn.Module, optim: torch.optim.Optimizer, batches, h,
                    t: TrainConfig, step: int, seq_len: int, autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """Algorithm 2, one step: t.grad_accum micro-batches (B, >= seq_len + 1) at one h, then AdamW.
+    """Algorithm 2, one step: t.grad_accum micro-batches (B, >= seq_len + 1) at h, then AdamW.
 
-    With h None the model is a dense LM (`model(x)`): the same step trains SmallTalk's models.
+    h: one (k,) tensor for every micro-batch, or a list with one per micro-batch. With h None the
+    model is a dense LM (`model(x)`): the same step trains SmallTalk's models.
 
     Returns (loss averaged over micro-batches, gradient norm before clipping).
     """
     total = 0.0
     for micro, batch in enumerate(batches):
         x, y = batch[:, :seq_len], batch[:, 1:seq_len + 1]
+        h_micro = h[micro] if isinstance(h, list) else h
         with grad_sync(model, micro == t.grad_accum - 1), autocast():
-            loss = lm_loss(model(x) if h is None else model(x, h), y) / t.grad_accum
+            loss = lm_loss(model(x) if h_micro is None else model(x, h_micro), y) / t.grad_accum
         loss.backward()
         total += loss.item()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
@@ -193,9 +195,10 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """One optimizer step at this rank's h; returns (mean loss over ranks, grad norm)."""
         t, device = self.cfg.train, self.env.device
-        h = self.sampler.next_h()
-        batches = (torch.from_numpy(self.sampler.batch(m, h, t.batch_size)).to(device) for m in range(t.grad_accum))
-        h_t = torch.as_tensor(h, dtype=torch.float32, device=device)
+        hs = ([self.sampler.next_h() for _ in range(t.grad_accum)] if self.cfg.meta.h_per_micro_batch
+              else [self.sampler.next_h()] * t.grad_accum)
+        batches = (torch.from_numpy(self.sampler.batch(m, h, t.batch_size)).to(device) for m, h in enumerate(hs))
+        h_t = [torch.as_tensor(h, dtype=torch.float32, device=device) for h in hs]
         loss, norm = optimizer_step(self.model, self.optim, batches, h_t, t, self.step,
                                     self.cfg.data.seq_len, self.autocast)
         self.step += 1

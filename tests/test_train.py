@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from soup_train.checkpoint import load_soup, read_info
+from soup_train.checkpoint import load_soup, read_info, resolve_checkpoint
 from soup_train.config import apply_overrides
 from soup_train.errors import CheckpointError, ConfigError, ResumeError
 from soup_train.presets import run_preset
@@ -71,8 +71,9 @@ def test_loaded_checkpoint_reproduces_the_trained_soup(debug_run, debug_data):
         assert abs(table[name]["natural"] - row["natural"]) <= 1e-5
 
 
-def test_resume_reproduces_the_uninterrupted_loss_curve(debug_data, tmp_path):
-    overrides = ("train.steps=8", "train.ckpt_every=4", "train.log_every=1")
+@pytest.mark.parametrize("extra", [(), ("train.grad_accum=2", "meta.h_per_micro_batch=true")])
+def test_resume_reproduces_the_uninterrupted_loss_curve(debug_data, tmp_path, extra):
+    overrides = ("train.steps=8", "train.ckpt_every=4", "train.log_every=1", *extra)
     whole = tmp_path / "whole"
     fit(debug_cfg(debug_data, *overrides), whole, progress=False)
     cut = tmp_path / "cut"
@@ -132,3 +133,28 @@ def test_run_config_json_travels_with_the_run(debug_run):
     out, _ = debug_run
     saved = json.loads((out / "config.json").read_text())
     assert saved["run"]["model"]["vocab_size"] > 0 and saved["run"]["data"]["seq_len"] > 0
+
+
+@pytest.mark.parametrize("per_micro", [False, True])
+def test_h_per_micro_batch_draws_one_h_per_micro_batch(debug_data, tmp_path, monkeypatch, per_micro):
+    import soup_train.train as train_mod
+
+    seen = []
+    original = train_mod.optimizer_step
+
+    def recording(model, optim, batches, h, *args, **kwargs):
+        seen.append([x.clone() for x in h])
+        return original(model, optim, batches, h, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "optimizer_step", recording)
+    cfg = debug_cfg(debug_data, "train.steps=3", "train.grad_accum=3", f"meta.h_per_micro_batch={str(per_micro).lower()}",
+                    "train.ckpt_every=3")
+    fit(cfg, tmp_path, progress=False)
+    from soup_train.data.sampler import _H_STREAM, MetaDistribution, _rng
+
+    meta, rng = MetaDistribution(cfg.meta, np.asarray(read_info(resolve_checkpoint(tmp_path)).natural)), _rng(cfg.train.seed, _H_STREAM, 0)
+    draws = [meta.sample(rng) for _ in range(9)]  # this rank's h stream
+    expected = [draws[3 * i:3 * i + 3] if per_micro else [draws[i]] * 3 for i in range(3)]
+    assert len(seen) == 3
+    for got, want in zip(seen, expected):
+        assert len(got) == 3 and all(np.allclose(g.numpy(), w, atol=1e-7) for g, w in zip(got, want))
