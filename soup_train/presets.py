@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from soup_train.config import (
-    DataConfig, ModelConfig, PrepareConfig, RunConfig, SoupConfig, TrainConfig,
+    DataConfig, MetaConfig, ModelConfig, PrepareConfig, RunConfig, SoupConfig, TrainConfig,
 )
 from soup_train.errors import ConfigError
 
@@ -29,8 +29,11 @@ RUN_PRESETS: dict[str, RunConfig] = {
     "demo": RunConfig(
         model=ModelConfig(d_model=96, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=256),
         soup=SoupConfig(n_experts=8),
-        train=TrainConfig(steps=1200, batch_size=16, warmup_steps=60, lr=4e-3, eval_every=300,
-                          eval_batches=4, log_every=20, ckpt_every=300),
+        # 16 sequences per step as 4 micro-batches, each from its own h (meta.h_per_micro_batch): one h
+        # per step made every step's gradient one narrow mixture's, which cost more than the experts gained
+        meta=MetaConfig(h_per_micro_batch=True),
+        train=TrainConfig(steps=1200, batch_size=4, grad_accum=4, warmup_steps=60, lr=4e-3, eval_every=300,
+                          eval_batches=16, log_every=20, ckpt_every=300),
     ),
     "paper-110m": RunConfig(
         model=ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,

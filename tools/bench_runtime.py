@@ -160,9 +160,16 @@ def run_job(job: str, root: Path, new: int) -> dict:
     return {**result, "peak_rss_mb": peak_rss_mb()}
 
 
-JOBS = {"soup-run:fp32:ort": "soup-run fp32", "soup-run:int8:ort": "soup-run int8", "soup-run:int4:ort": "soup-run int4",
+# Each ratio's two engines run back to back in every round (the machine's speed drifts between rounds).
+JOBS = {"soup-run:fp32:ort": "soup-run fp32", "soup-run:int8:ort": "soup-run int8",
+        "soup-run:int4:ort": "soup-run int4", "genai-builder": "onnxruntime-genai, its builder's int4",
         "soup-run:int4:ort1": "soup-run int4, --threads 1", "soup-run:int4:genai": "soup-run int4, --engine genai",
-        "torch": "transformers fp32 generate (KV cache)", "genai-builder": "onnxruntime-genai, its builder's int4"}
+        "torch": "transformers fp32 generate (KV cache)"}
+
+
+def paired_ratio(runs: dict[str, list[dict]], a: str, b: str) -> float:
+    """Median over rounds of a's decode rate over b's, each pair measured in the same round."""
+    return statistics.median(x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[a], runs[b]))
 
 
 def main() -> None:
@@ -182,7 +189,7 @@ def main() -> None:
     try:
         prepare(root, args.quick)
         runs: dict[str, list[dict]] = {job: [] for job in JOBS}
-        for _ in range(2 if args.quick else 3):  # round-robin, so slow drifts of a shared machine hit every engine
+        for _ in range(2 if args.quick else 5):  # round-robin, so slow drifts of a shared machine hit every engine
             for job in JOBS:
                 proc = subprocess.run([sys.executable, __file__, "--job", job, "--root", str(root), "--new", str(new)],
                                       capture_output=True, text=True)
@@ -199,9 +206,9 @@ def main() -> None:
             r = results[job]
             mb = f"{size[job.split(':')[1]] / 1e6:.2f}" if job.startswith("soup-run") else ""
             print(f"| {label} | {mb} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.0f} | {r['peak_rss_mb']:.0f} |")
-        torch_rate = results["torch"]["decode_tok_s"]
-        print(f"ort_int4_over_genai_builder_int4: {results['soup-run:int4:ort']['decode_tok_s'] / results['genai-builder']['decode_tok_s']:.2f}")
-        print(f"int4_decode_over_torch: {results['soup-run:int4:ort']['decode_tok_s'] / torch_rate:.2f}")
+        print("ratios: median over rounds of the two engines' decode rates in the same round")
+        print(f"ort_int4_over_genai_builder_int4: {paired_ratio(runs, 'soup-run:int4:ort', 'genai-builder'):.2f}")
+        print(f"int4_decode_over_torch: {paired_ratio(runs, 'soup-run:int4:ort', 'torch'):.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

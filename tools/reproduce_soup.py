@@ -44,14 +44,20 @@ PAIRS = 3  # two-domain specialists: (d0, d1), (d2, d3), ... with weights 0.5/0.
 # ----------------------------------------------------------------------------- training
 def train(work: Path, name: str, base, overrides: list[str], progress: bool) -> tuple[Path, float]:
     """Fit (or reuse) one run; returns its directory and the seconds its training took."""
-    from soup_train.config import apply_overrides
+    import shutil
+
+    from soup_train.config import apply_overrides, to_dict
     from soup_train.train import fit
 
     out = work / name
     timing = out / "timing.json"
-    if timing.is_file():
-        return out, json.loads(timing.read_text())["seconds"]
     cfg = apply_overrides(base, overrides)
+    if timing.is_file():
+        saved = json.loads((out / "config.json").read_text())["run"]
+        if saved == json.loads(json.dumps(to_dict(cfg))):
+            return out, json.loads(timing.read_text())["seconds"]
+        print(f"   {out} was trained with another configuration: training it again", flush=True)
+        shutil.rmtree(out)
     start = time.perf_counter()
     fit(cfg, out, progress=progress)
     seconds = time.perf_counter() - start
@@ -316,7 +322,7 @@ def main() -> None:
         sys.exit(f"error: {exc.message}")
     s = summary(rows)
     command = ("python tools/reproduce_soup.py " + " ".join(sys.argv[1:])).strip()
-    tokens = steps * base.train.batch_size * ev.seq_len
+    tokens = steps * base.train.batch_size * base.train.grad_accum * ev.seq_len
     text = markdown(rows, s, costs, command, commit_of_repo(), steps, tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soup.md").write_text(text)

@@ -133,19 +133,30 @@ class Specialist:
 
 
 class KVCache:
-    """Past = present buffers of one sequence batch, with their I/O binding (see the module docstring)."""
+    """Past = present buffers of one sequence batch, with their I/O binding (see the module docstring).
+
+    A decode step (one new token per row) is the hot path: its input_ids and position_ids live in
+    (B, 1) arrays that onnxruntime reads in place (bound once, overwritten per step), its logits
+    land in a bound (B, 1, V) buffer, and only attention_mask (its length grows) is rebound, as a
+    zero-copy view of the caller's array. A prefill (several new tokens) binds copies of its inputs.
+    """
 
     def __init__(self, model: Specialist, batch: int) -> None:
         c, ort = model.contract, model._ort
         self.model, self.batch, self.length = model, batch, 0
+        self._value = ort.OrtValue.ortvalue_from_numpy  # wraps CPU numpy memory without copying
         self.binding = model.session.io_binding()
         shape = (batch, c.kv_heads, c.context, c.head_size)
-        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * c.layers)]
+        self.buffers = [self._value(np.zeros(shape, np.float32)) for _ in range(2 * c.layers)]
         for past, present, value in zip(c.past_names(), c.present_names(), self.buffers):
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)
-        self._decode_logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1, c.vocab), np.float32))
-        self._logits_bound = None  # which logits output is bound: "decode" (the buffer) or "new" (allocated per run)
+        self._ids, self._positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
+        self._step_values = (self._value(self._ids), self._value(self._positions))
+        self._logits = np.zeros((batch, 1, c.vocab), np.float32)
+        self._step_logits = self._value(self._logits)
+        self._mask = None  # the bound attention_mask OrtValue, kept alive while bound
+        self._bound = None  # what input_ids / position_ids / logits are bound to: "decode" or "prefill"
 
     def run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """(B, S, V) logits; the new positions' keys and values are written into the buffers."""
@@ -157,18 +168,22 @@ class KVCache:
         if total > self.model.contract.context:
             raise RunError(f"{total} tokens exceed the model's context of {self.model.contract.context}")
         bind = self.binding
-        bind.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        bind.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
-        bind.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        kind = "decode" if s == 1 else "new"
-        if kind != self._logits_bound or kind == "new":
-            if kind == "decode":
-                bind.bind_ortvalue_output("logits", self._decode_logits)
-            else:
-                bind.bind_output("logits")
-            self._logits_bound = kind
+        self._mask = self._value(np.ascontiguousarray(mask, dtype=np.int64))
+        bind.bind_ortvalue_input("attention_mask", self._mask)
+        if s == 1:
+            self._ids[:], self._positions[:] = ids, positions
+            if self._bound != "decode":
+                bind.bind_ortvalue_input("input_ids", self._step_values[0])
+                bind.bind_ortvalue_input("position_ids", self._step_values[1])
+                bind.bind_ortvalue_output("logits", self._step_logits)
+                self._bound = "decode"
+        else:
+            bind.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+            bind.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+            bind.bind_output("logits")  # a new shape every prefill: onnxruntime allocates it
+            self._bound = "prefill"
         self.model.session.run_with_iobinding(bind)
         self.length = total
-        if kind == "decode":
-            return np.array(self._decode_logits.numpy())  # owned: the buffer is rewritten by the next step
+        if s == 1:
+            return self._logits.copy()  # owned: the buffer is rewritten by the next step
         return bind.get_outputs()[-1].numpy()
