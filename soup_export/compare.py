@@ -15,14 +15,13 @@ import torch
 from soup_export.evaltext import from_data
 from soup_export.manifest import read_manifest
 from soup_export.ort_model import OrtDecoder
-from soup_export.parity import log_softmax
+from soup_export.parity import log_softmax, target_log_probs
 
 
 def onnx_loss(model: OrtDecoder, windows: np.ndarray) -> float:
     total, n = 0.0, 0
     for row in windows:
-        lp = log_softmax(model.logits(row[None, :-1])[0])
-        total -= lp[np.arange(len(row) - 1), row[1:]].sum()
+        total -= target_log_probs(log_softmax(model.logits(row[None, :-1])[0]), row[1:]).sum()
         n += len(row) - 1
     return total / n
 

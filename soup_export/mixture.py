@@ -120,14 +120,14 @@ def member_windows(member: Member, windows: np.ndarray, routes: np.ndarray) -> n
 def onnx_routes(directory: Path, run: SmallTalkRun, windows: np.ndarray) -> np.ndarray:
     """Route with the exported routers (onnxruntime), the same scoring as training."""
     from soup_export.ort_model import OrtDecoder
-    from soup_export.parity import log_softmax
+    from soup_export.parity import log_softmax, target_log_probs
 
     span = windows[:, :run.prefix_len + 1]
     x, y = span[:, :-1], span[:, 1:]
     scores = np.empty((len(windows), run.experts))
     for e in range(run.experts):
         logp = log_softmax(OrtDecoder(directory / f"routers/router_{e:02d}/onnx").logits(x))
-        scores[:, e] = np.take_along_axis(logp, y[..., None], -1)[..., 0].mean(-1)
+        scores[:, e] = target_log_probs(logp, y).mean(-1)
     return scores.argmax(1)
 
 

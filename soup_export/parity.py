@@ -114,6 +114,11 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def target_log_probs(logp: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """logp (..., S, V), targets (..., S) -> (..., S): the log-probability of every next token."""
+    return np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+
+
 def quantized_vs_fp32(fp32_dir: Path, quant_dir: Path, tier: str, windows: np.ndarray, max_dppl: float) -> dict:
     """(c) dPPL, mean KL and top-1 agreement of the quantized model against fp32."""
     from soup_export.ort_model import OrtDecoder
@@ -123,9 +128,8 @@ def quantized_vs_fp32(fp32_dir: Path, quant_dir: Path, tier: str, windows: np.nd
     for row in windows:
         x, y = row[None, :-1], row[1:]
         lf, lq = log_softmax(ref.logits(x)[0]), log_softmax(q.logits(x)[0])
-        idx = np.arange(len(y))
-        nll_f -= lf[idx, y].sum()
-        nll_q -= lq[idx, y].sum()
+        nll_f -= target_log_probs(lf, y).sum()
+        nll_q -= target_log_probs(lq, y).sum()
         kl += (np.exp(lf) * (lf - lq)).sum()
         agree += int((lf.argmax(-1) == lq.argmax(-1)).sum())
         n += len(y)

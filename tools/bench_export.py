@@ -79,11 +79,11 @@ def main() -> None:
     if args.job:
         print(json.dumps(run_job(args.job, args.root, args.repeat)))
         return
-    repeat = 1 if args.quick else 3
+    rounds = 1 if args.quick else 3
     root = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
         make_checkpoint(root, args.quick, args.experts or (16 if args.quick else 32))
-        report(root, repeat)
+        report(root, rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -97,26 +97,38 @@ def job_in_subprocess(job: str, root: Path, repeat: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(root: Path, repeat: int) -> None:
-    jobs = {name: job_in_subprocess(name, root, repeat) for name in ("ours", "optimum", "genai", "batch", "singles", "fusion")}
-    info = jobs["ours"]["info"]
-    print(f"checkpoint: {info}; median of {repeat}, each path in its own process after a warm-up")
+JOBS = ("ours", "optimum", "genai", "batch", "singles")
+
+
+def report(root: Path, rounds: int) -> None:
+    """Every job once per round, back to back, so each ratio compares runs made minutes apart at most;
+    a ratio is the median over rounds of its per-round value, a time the median of its rounds."""
+    runs = {name: [] for name in (*JOBS, "fusion")}
+    for _ in range(rounds):
+        for name in JOBS:
+            runs[name].append(job_in_subprocess(name, root, 3))  # median of 3 in the process (singles: 1)
+    runs["fusion"].append(job_in_subprocess("fusion", root, 3))
+    sec = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items() if name != "fusion"}
+
+    def ratio(slow: str, fast: str) -> float:
+        return statistics.median(x["seconds"] / y["seconds"] for x, y in zip(runs[slow], runs[fast]))
+
+    print(f"checkpoint: {runs['ours'][0]['info']}; {rounds} round(s), every path in its own process after a warm-up; "
+          "ratios are medians of per-round ratios")
     print("| path | seconds | ours faster by |")
     print("|---|---:|---:|")
-    base = jobs["ours"]["seconds"]
     names = {"ours": "ours (build, int4)", "optimum": "resolve + optimum export + ORT int4",
              "genai": "resolve + onnxruntime-genai builder int4"}
     for key, label in names.items():
-        print(f"| {label} | {jobs[key]['seconds']:.3f} | {jobs[key]['seconds'] / base:.1f}x |")
-    t_batch, t_singles = jobs["batch"]["seconds"], jobs["singles"]["seconds"]
-    print(f"| batch of 16 mixes | {t_batch:.3f} | |")
-    print(f"| 16 single builds | {t_singles:.3f} | batch {t_singles / t_batch:.1f}x faster |")
-    f = jobs["fusion"]
+        print(f"| {label} | {sec[key]:.3f} | {ratio(key, 'ours'):.1f}x |")
+    print(f"| batch of 16 mixes | {sec['batch']:.3f} | |")
+    print(f"| 16 single builds | {sec['singles']:.3f} | batch {ratio('singles', 'batch'):.1f}x faster |")
+    f = runs["fusion"][0]
     print(f"fusion: {f['fuse_gbps']:.2f} GB/s of bank read+fused vs numpy copy {f['copy_gbps']:.2f} GB/s "
           f"({100 * f['fuse_gbps'] / f['copy_gbps']:.0f}% of memcpy)")
-    print(f"speedup_vs_genai: {jobs['genai']['seconds'] / base:.2f}")
-    print(f"batch_over_singles: {t_singles / t_batch:.2f}")
-    print(f"speedup_vs_optimum: {jobs['optimum']['seconds'] / base:.2f}")
+    print(f"speedup_vs_genai: {ratio('genai', 'ours'):.2f}")
+    print(f"batch_over_singles: {ratio('singles', 'batch'):.2f}")
+    print(f"speedup_vs_optimum: {ratio('optimum', 'ours'):.2f}")
 
 
 def run_job(job: str, root: Path, repeat: int) -> dict:

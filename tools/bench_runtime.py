@@ -206,7 +206,9 @@ def main() -> None:
             r = results[job]
             mb = f"{size[job.split(':')[1]] / 1e6:.2f}" if job.startswith("soup-run") else ""
             print(f"| {label} | {mb} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.0f} | {r['peak_rss_mb']:.0f} |")
-        print("ratios: median over rounds of the two engines' decode rates in the same round")
+        per_round = [x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs["soup-run:int4:ort"], runs["genai-builder"])]
+        print("ratios: median over rounds of the two engines' decode rates in the same round "
+              f"(soup-run int4 / genai builder per round: {', '.join(f'{r:.2f}' for r in per_round)})")
         print(f"ort_int4_over_genai_builder_int4: {paired_ratio(runs, 'soup-run:int4:ort', 'genai-builder'):.2f}")
         print(f"int4_decode_over_torch: {paired_ratio(runs, 'soup-run:int4:ort', 'torch'):.2f}")
     finally:

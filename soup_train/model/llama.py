@@ -128,7 +128,10 @@ class Llama(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """HF-style init: every matrix ~ N(0, init_std^2), norm weights = 1."""
+        """HF-style init: every matrix ~ N(0, init_std^2), norm weights = 1 (nothing to do on the meta device,
+        where shapes are only counted or checked)."""
+        if self.lm_head.weight.is_meta:
+            return
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)

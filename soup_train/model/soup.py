@@ -80,6 +80,8 @@ class ExpertBank(nn.Module):
         """E_j ~ N(0, std^2 / n), or zeros; low-rank: V normal, U scaled so U V^T has that std."""
         std = cfg.expert_std / math.sqrt(max(cfg.n_experts, 1))  # n = 0: an empty bank (a dense model)
         for key, param in self.named_parameters():
+            if param.is_meta:  # shapes only (counting, checkpoint checks): nothing to draw
+                continue
             if cfg.expert_init == "zeros":
                 nn.init.zeros_(param) if not key.endswith("_v") else nn.init.normal_(param, std=1.0)
             elif key.endswith("_u") or key.endswith("_v"):
