@@ -219,8 +219,9 @@ class DecoderGraph:
         return out[0], out[3]
 
     def attention(self, x: str, i: int, rotary: tuple[str, str], bias: str, lengths: tuple[str, str]) -> str:
-        """onnxruntime's GroupQueryAttention: one fused kernel for RoPE (at position_ids, so left padding
-        matches transformers' rotate_half RoPE), QK^T, the padding bias, softmax, V and the cache."""
+        """onnxruntime's GroupQueryAttention: one fused kernel for RoPE (when head_size allows: at each
+        token's cache slot, see the module docstring; otherwise RotaryEmbedding nodes at position_ids run
+        first), QK^T, the padding bias, softmax, V and the cache."""
         a, p = self.arch, f"/model/layers.{i}/self_attn"
         w = f"model.layers.{i}.self_attn"
         q = self.linear(x, f"{w}.q_proj.weight", a.heads * a.head_dim, a.hidden, f"{p}/q_proj")  # (B, S, H*hd)
@@ -251,7 +252,7 @@ class DecoderGraph:
         return self.linear(h, f"{w}.down_proj.weight", a.hidden, a.ff, f"{p}/down_proj")
 
     def rotary(self) -> tuple[str, str]:
-        """The cos / sin caches (max_pos, hd/2) that RotaryEmbedding indexes with position_ids."""
+        """The cos / sin caches (max_pos, hd/2) that the RoPE kernels index (by position_ids or cache slot)."""
         shape = (self.arch.max_pos, self.arch.head_dim // 2)
         return tuple(self.store(f"model.rotary_emb.{fn}_cache", np.float32, shape, f"@rotary.{fn}", "raw", Rep("float"))
                      for fn in ("cos", "sin"))

@@ -79,11 +79,11 @@ def main() -> None:
     if args.job:
         print(json.dumps(run_job(args.job, args.root, args.repeat)))
         return
-    rounds = 1 if args.quick else 3
+    rounds, repeat = (1, 1) if args.quick else (3, 3)
     root = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
         make_checkpoint(root, args.quick, args.experts or (16 if args.quick else 32))
-        report(root, rounds)
+        report(root, rounds, repeat)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -100,13 +100,13 @@ def job_in_subprocess(job: str, root: Path, repeat: int) -> dict:
 JOBS = ("ours", "optimum", "genai", "batch", "singles")
 
 
-def report(root: Path, rounds: int) -> None:
+def report(root: Path, rounds: int, repeat: int) -> None:
     """Every job once per round, back to back, so each ratio compares runs made minutes apart at most;
     a ratio is the median over rounds of its per-round value, a time the median of its rounds."""
     runs = {name: [] for name in (*JOBS, "fusion")}
     for _ in range(rounds):
         for name in JOBS:
-            runs[name].append(job_in_subprocess(name, root, 3))  # median of 3 in the process (singles: 1)
+            runs[name].append(job_in_subprocess(name, root, repeat))  # median of `repeat` in the process (singles: 1)
     runs["fusion"].append(job_in_subprocess("fusion", root, 3))
     sec = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items() if name != "fusion"}
 

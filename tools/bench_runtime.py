@@ -160,7 +160,7 @@ def run_job(job: str, root: Path, new: int) -> dict:
     return {**result, "peak_rss_mb": peak_rss_mb()}
 
 
-# Each ratio's two engines run back to back in every round (the machine's speed drifts between rounds).
+# soup-run int4 and the genai builder run back to back in every round (the machine's speed drifts between rounds).
 JOBS = {"soup-run:fp32:ort": "soup-run fp32", "soup-run:int8:ort": "soup-run int8",
         "soup-run:int4:ort": "soup-run int4", "genai-builder": "onnxruntime-genai, its builder's int4",
         "soup-run:int4:ort1": "soup-run int4, --threads 1", "soup-run:int4:genai": "soup-run int4, --engine genai",

@@ -47,14 +47,14 @@ def train(work: Path, name: str, base, overrides: list[str], progress: bool) -> 
     import shutil
 
     from soup_train.config import apply_overrides, to_dict
-    from soup_train.train import fit
+    from soup_train.train import fit, resolve_config
 
     out = work / name
     timing = out / "timing.json"
     cfg = apply_overrides(base, overrides)
     if timing.is_file():
         saved = json.loads((out / "config.json").read_text())["run"]
-        if saved == json.loads(json.dumps(to_dict(cfg))):
+        if saved == json.loads(json.dumps(to_dict(resolve_config(cfg)))):  # what fit saved: data-derived fields filled
             return out, json.loads(timing.read_text())["seconds"]
         print(f"   {out} was trained with another configuration: training it again", flush=True)
         shutil.rmtree(out)

@@ -6,7 +6,7 @@ Design choices:
 - Algorithm 1 per row: a domain i ~ Categorical(h), then a window uniformly from domain i
   (sampling with replacement: no epoch bookkeeping, any h is exact).
 - Determinism: every random stream is a numpy PCG64 seeded by (seed, purpose, index). The h
-  stream is per rank: one h per rank per step. Batch streams are per *global slot*
+  stream is per rank: one h per rank per step, or one per micro-batch with meta.h_per_micro_batch. Batch streams are per *global slot*
   `rank * grad_accum + micro`, so 2 ranks x 1 micro-batch draw exactly the windows of
   1 rank x 2 micro-batches (what makes the multi-process test comparable to one process).
 - The streams' states are plain JSON and go into every checkpoint.

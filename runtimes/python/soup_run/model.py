@@ -8,8 +8,8 @@ The KV cache is one preallocated onnxruntime buffer per layer and kind, (B, KV, 
 bound through an I/O binding as both the past input and the present output of every step:
 GroupQueryAttention then writes each new position in place instead of copying the whole cache
 into a new tensor (onnxruntime-genai's `past_present_share_buffer`). The cache bindings are made
-once per sequence; a step rebinds only input_ids, attention_mask and position_ids, and a decode
-step writes its logits into a preallocated (B, 1, V) buffer.
+once per sequence. A decode step rebinds only attention_mask: its input_ids and position_ids are
+read in place from preallocated arrays and its logits land in a preallocated (B, 1, V) buffer.
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ class Specialist:
         logits: (B, V) for the last position, or (B, S, V) with all_logits.
         """
         logits = past.run(ids, mask, positions)
-        return (logits if all_logits else logits[:, -1]), past
+        return (logits if all_logits else logits[:, -1].copy()), past  # not a view pinning (B, S, V)
 
 
 class KVCache:
@@ -138,7 +138,8 @@ class KVCache:
     A decode step (one new token per row) is the hot path: its input_ids and position_ids live in
     (B, 1) arrays that onnxruntime reads in place (bound once, overwritten per step), its logits
     land in a bound (B, 1, V) buffer, and only attention_mask (its length grows) is rebound, as a
-    zero-copy view of the caller's array. A prefill (several new tokens) binds copies of its inputs.
+    zero-copy view of the caller's array. A prefill (several new tokens) binds the caller's arrays and
+    lets onnxruntime allocate its (B, S, V) logits.
     """
 
     def __init__(self, model: Specialist, batch: int) -> None:
