@@ -17,6 +17,7 @@ soup's int8 and int4 ONNX exports (`soup-export build`) run in onnxruntime, and 
 
     python tools/reproduce_soup.py --data data/default            # about 40 minutes on 2 cores
     python tools/reproduce_soup.py --data data/default --quick    # about 5 minutes (fewer steps)
+    python tools/reproduce_soup.py --data data/default --seed 1 --out docs/results/soup-seed1   # another seed
 
 Writes OUT/soup.md (tables, the command and the commit), OUT/soup.json and the plots
 OUT/loss.png, OUT/cost.png, OUT/alpha.png. Runs are kept in --work and reused. Last line:
@@ -283,6 +284,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/results/soup"), help="table, plots and JSON")
     parser.add_argument("--quick", action="store_true", help="300 steps instead of the demo preset's 1200")
     parser.add_argument("--steps", type=int, default=0, help="training steps of every run (overrides --quick)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="train.seed of every run (init, h stream, batches); runs of other seeds are kept apart")
     args = parser.parse_args()
 
     from soup_train.data.shards import DomainShards
@@ -295,13 +298,13 @@ def main() -> None:
     steps = args.steps or (300 if args.quick else run_preset("demo").train.steps)
     base = run_preset("demo")
     base = replace(base, data=replace(base.data, path=str(args.data)),
-                      train=replace(base.train, steps=steps, eval_every=0, ckpt_every=steps,
+                      train=replace(base.train, steps=steps, eval_every=0, ckpt_every=steps, seed=args.seed,
                                     warmup_steps=min(base.train.warmup_steps, steps // 10)))
     shards = DomainShards.open(args.data, "sources", "train")
     names, natural = shards.names, shards.natural()
     specs = specialists(args.data, names)
     is_targets = [specs[0], specs[len(names)]]  # one named domain and the first pair
-    work = args.work / f"steps{steps}"
+    work = args.work / (f"steps{steps}" + (f"-seed{args.seed}" if args.seed else ""))
     progress = sys.stderr.isatty()
     try:
         runs, costs = {}, {}
