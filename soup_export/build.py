@@ -96,25 +96,29 @@ def build(ckpt: Path, mix: Mix, out: Path, spec: ExportSpec = ExportSpec(), forc
         return export(Bank.open(ckpt), [mix], [tmp], spec, extras=[extra or {}])[0]
 
 
+MIXES_PER_PASS = 32  # a pass holds one fused tensor per mix: memory grows with it, bank reads shrink
+
+
 def batch(ckpt: Path, mixes: list[Mix], out: Path, spec: ExportSpec = ExportSpec(), force: bool = False,
-          progress: bool = True) -> list[dict]:
-    """Many mixes: one tensor-major pass over the bank, the graph emitted once."""
+          progress: bool = True, per_pass: int = MIXES_PER_PASS) -> list[dict]:
+    """Many mixes: tensor-major passes over the bank (up to `per_pass` mixes each), the graph emitted once."""
     names = [m.name for m in mixes]
     if len(set(names)) != len(names):
         raise MixError(f"customer names must be unique, got {', '.join(sorted(n for n in set(names) if names.count(n) > 1))} twice")
     with staged_output(out, force) as tmp:
         bank = Bank.open(ckpt)
-        manifests = export(bank, mixes, [tmp / m.name for m in mixes], spec, progress)
+        manifests = export(bank, mixes, [tmp / m.name for m in mixes], spec, progress, per_pass=per_pass)
         summary = [{"name": m["mix"]["name"], "tier": m["tier"], "bytes": m["size"]["actual"],
                     "weights": m["mix"]["weights"]} for m in manifests]
         (tmp / "batch.json").write_text(json.dumps({"checkpoint": checkpoint_ref(bank), "spec": spec.to_dict(),
-                                                    "customers": summary}, indent=2) + "\n")
+                                                    "mixes_per_pass": per_pass, "customers": summary}, indent=2) + "\n")
         return manifests
 
 
 def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, progress: bool = False,
-           extras: list[dict] | None = None) -> list[dict]:
-    """budget -> graph -> (resolve + quantize in one pass) -> size check -> parity -> manifest, per root."""
+           extras: list[dict] | None = None, per_pass: int = MIXES_PER_PASS) -> list[dict]:
+    """budget -> graph -> (resolve + quantize, one pass over the bank per `per_pass` mixes) -> size check
+    -> parity -> manifest, per root."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -126,7 +130,9 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
     tier, preds = budget_mod.choose_tier(arch, spec.quant, spec.max_size, params or None)
     cache: dict = {}
     model_bytes, g = _graph(cache, arch, tier, params if spec.quant != "auto" else {})
-    emit(bank, mixes, roots, g, model_bytes, write_hf_weights=spec.keep_hf or spec.parity, progress=progress)
+    for lo in range(0, len(mixes), per_pass):
+        emit(bank, mixes[lo:lo + per_pass], roots[lo:lo + per_pass], g, model_bytes,
+             write_hf_weights=spec.keep_hf or spec.parity, progress=progress)
     shared_seconds = (time.perf_counter() - start) / len(mixes)
     manifests = []
     extras = extras or [{} for _ in mixes]

@@ -158,8 +158,11 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
 @click.argument("ckpt", type=_path)
 @click.argument("mixes", type=_path)
 @click.option("--out", required=True, type=_path, help="Batch directory to create (one sub-directory per customer).")
+@click.option("--mixes-per-pass", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Customers fused per pass over the bank; memory holds one fused tensor per customer of a pass.")
 @export_options
-def batch(ckpt, mixes, out, quant, qparam, max_size, no_parity, eval_texts, data, no_hf, force, ort_format):
+def batch(ckpt, mixes, out, mixes_per_pass, quant, qparam, max_size, no_parity, eval_texts, data, no_hf, force,
+          ort_format):
     """Many customers in one pass over the bank (YAML/JSON: {customers: {NAME: {domain: w} | {texts: [...]}}}).
 
     \b
@@ -170,7 +173,7 @@ def batch(ckpt, mixes, out, quant, qparam, max_size, no_parity, eval_texts, data
     from soup_export.build import batch as run_batch
 
     spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format)
-    manifests = run_batch(ckpt, read_batch(ckpt, mixes), out, spec, force)
+    manifests = run_batch(ckpt, read_batch(ckpt, mixes), out, spec, force, per_pass=mixes_per_pass)
     for m in manifests:
         click.echo(_summary(m))
     click.echo(f"wrote {out} ({len(manifests)} specialists)")

@@ -1,7 +1,8 @@
 """One tensor-major pass from the bank to finished specialists (the path of `build` and `batch`).
 
 For every weight, in the graph's storage order: read the shared tensor and its experts once,
-fuse them for every mix (fp32, `soup_math.combine_many`: `combine` block by block), and write the fused tensor to
+fuse them for every mix (fp32, `soup_math.combine_many`: one matrix product per block of columns for all
+mixes), and write the fused tensor to
 its HF `model.safetensors` (when asked) and its encoded form (the tier's storage) to its
 `model.onnx.data` at the offset the graph already names. `model.onnx` is the same bytes for every
 mix. No intermediate file is written and read back; peak memory is one bank tensor plus one
@@ -84,8 +85,8 @@ def _write_weights(bank, g, order, alphas, hf_writers, data_files, progress) -> 
             for fh in data_files:
                 fh.seek(offset)
                 fh.write(table.tobytes())
-    for name, tensors in bank.fused(alphas, progress, names=order):
-        for m, tensor in enumerate(tensors):
+    for name, fused in bank.fused(alphas, progress, names=order):  # fused: (mixes, *shape)
+        for m, tensor in enumerate(fused):
             if hf_writers:
                 hf_writers[m].write(name, tensor)
             w = tensor.numpy()

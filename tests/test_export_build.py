@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -130,11 +131,38 @@ def test_batch_writes_the_graph_once_and_equals_single_builds(debug_ckpt, tmp_pa
     assert globex["mix"]["source"].startswith("texts:") and max(globex["mix"]["weights"], key=globex["mix"]["weights"].get) == "python-code"
     graphs = {sha(tmp_path / "b" / n / "onnx" / "model.onnx") for n in ("acme", "globex", "initech")}
     assert len(graphs) == 1
+    # acme alone: the same graph; weights equal to fp32 rounding (a batch fuses by matrix product)
     single = run("build", debug_ckpt, "--mix", "licences=0.7,python-code=0.3", "--quant", "int4", "--no-parity",
                  "--out", tmp_path / "single")
     assert single.exit_code == 0, single.output
-    for name in ("model.onnx", "model.onnx.data"):
-        assert sha(tmp_path / "single" / "onnx" / name) == sha(tmp_path / "b" / "acme" / "onnx" / name)
+    assert sha(tmp_path / "single" / "onnx" / "model.onnx") == sha(tmp_path / "b" / "acme" / "onnx" / "model.onnx")
+    data = {n: np.fromfile(tmp_path / n / "onnx" / "model.onnx.data", np.uint8) for n in ("single", "b/acme", "b/initech")}
+    assert data["single"].size == data["b/acme"].size
+    near, far = (np.mean(data["single"] != data[k]) for k in ("b/acme", "b/initech"))
+    assert near < 0.05 and far > 5 * near, (near, far)  # scales differ in their last bits; another mix far more
+    again = run("batch", debug_ckpt, tmp_path / "customers.yaml", "--out", tmp_path / "b2", "--quant", "int4", "--no-parity")
+    assert again.exit_code == 0, again.output
+    assert sha(tmp_path / "b2" / "acme" / "onnx" / "model.onnx.data") == sha(tmp_path / "b" / "acme" / "onnx" / "model.onnx.data")
+    # one mix per pass: every customer is fused exactly as a single build fuses it
+    one = run("batch", debug_ckpt, tmp_path / "customers.yaml", "--out", tmp_path / "b1", "--quant", "int4", "--no-parity",
+              "--mixes-per-pass", "1")
+    assert one.exit_code == 0, one.output
+    assert json.loads((tmp_path / "b1" / "batch.json").read_text())["mixes_per_pass"] == 1
+    assert sha(tmp_path / "b1" / "acme" / "onnx" / "model.onnx.data") == sha(tmp_path / "single" / "onnx" / "model.onnx.data")
+
+
+def test_batch_weights_equal_single_builds_to_fp32_rounding(debug_ckpt, tmp_path):
+    from soup_export.onnx_dir import dense_weights
+
+    (tmp_path / "m.yaml").write_text("customers:\n  acme: {licences: 0.7, python-code: 0.3}\n  initech: {python-docs: 1}\n")
+    assert run("batch", debug_ckpt, tmp_path / "m.yaml", "--out", tmp_path / "b", "--quant", "fp32",
+               "--no-parity").exit_code == 0
+    assert run("build", debug_ckpt, "--mix", "licences=0.7,python-code=0.3", "--quant", "fp32", "--no-parity",
+               "--out", tmp_path / "single").exit_code == 0
+    batch, single = dense_weights(tmp_path / "b" / "acme" / "onnx"), dense_weights(tmp_path / "single" / "onnx")
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
+        s = single(name)
+        assert np.abs(batch(name) - s).max() <= 1e-6 * max(1.0, np.abs(s).max()), name
 
 
 @pytest.mark.parametrize("args, message", [

@@ -63,14 +63,22 @@ def test_resolved_directory_is_a_plain_hf_llama_equal_to_the_soup(debug_ckpt, tm
     assert spec["checkpoint"]["model_sha256"] == bank.sha256 and len(spec["alpha"]) == 4
 
 
-def test_batch_resolve_is_byte_identical_to_single_resolves(debug_ckpt, tmp_path):
+def test_batch_resolve_matches_single_resolves_and_repeats_exactly(debug_ckpt, tmp_path):
+    """A batch fuses all mixes with one matrix product per block: each mix equals its single resolve
+    (which is `combine` itself) to fp32 rounding, and the same batch writes the same bytes again."""
     bank = Bank.open(debug_ckpt)
     mixes = [validate({d: 1.0}, bank.info.domains, name=d) for d in bank.info.domains]
-    resolve_batch(debug_ckpt, mixes, [tmp_path / "batch" / m.name for m in mixes])
+    for run in ("batch", "again"):
+        resolve_batch(debug_ckpt, mixes, [tmp_path / run / m.name for m in mixes])
     for m in mixes:
         resolve_batch(debug_ckpt, [m], [tmp_path / "single" / m.name])
-        assert sha(tmp_path / "batch" / m.name / "model.safetensors") == sha(tmp_path / "single" / m.name / "model.safetensors")
-    assert sha(tmp_path / "batch" / mixes[0].name / "model.safetensors") != sha(tmp_path / "batch" / mixes[1].name / "model.safetensors")
+        batch, single = dense_weights(tmp_path / "batch" / m.name), dense_weights(tmp_path / "single" / m.name)
+        for name in bank.shapes:
+            b, s = batch(name), single(name)
+            assert np.abs(b - s).max() <= 1e-6 * max(1.0, np.abs(s).max()), name
+        assert sha(tmp_path / "batch" / m.name / "model.safetensors") == sha(tmp_path / "again" / m.name / "model.safetensors")
+    first, second = dense_weights(tmp_path / "batch" / mixes[0].name), dense_weights(tmp_path / "batch" / mixes[1].name)
+    assert np.abs(first("model.norm.weight") - second("model.norm.weight")).max() > 1e-4  # the mixes differ
 
 
 @pytest.fixture(scope="module")

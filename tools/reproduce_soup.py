@@ -286,8 +286,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="training steps of every run (overrides --quick)")
     parser.add_argument("--seed", type=int, default=0,
                         help="train.seed of every run (init, h stream, batches); runs of other seeds are kept apart")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, e.g. --set model.d_model=64 (repeatable; "
+                             "pair it with its own --work so the default runs are kept)")
     args = parser.parse_args()
 
+    from soup_train.config import apply_overrides
     from soup_train.data.shards import DomainShards
     from soup_train.errors import SoupError
     from soup_train.presets import run_preset
@@ -300,6 +304,10 @@ def main() -> None:
     base = replace(base, data=replace(base.data, path=str(args.data)),
                       train=replace(base.train, steps=steps, eval_every=0, ckpt_every=steps, seed=args.seed,
                                     warmup_steps=min(base.train.warmup_steps, steps // 10)))
+    try:
+        base = apply_overrides(base, args.overrides)
+    except SoupError as exc:
+        sys.exit(f"error: {exc.message}")
     shards = DomainShards.open(args.data, "sources", "train")
     names, natural = shards.names, shards.natural()
     specs = specialists(args.data, names)
@@ -309,7 +317,7 @@ def main() -> None:
     try:
         runs, costs = {}, {}
         plan = [("generic", ["soup.n_experts=0", f"meta.fixed_h={weights_arg(natural)}"]),
-                ("soup4", ["soup.n_experts=4"]), ("soup16", ["soup.n_experts=16"])]
+                ("soup16", ["soup.n_experts=16"]), ("soup4", ["soup.n_experts=4"])]
         plan += [(f"importance-{i}", ["soup.n_experts=0", f"meta.fixed_h={weights_arg(s['h'])}"])
                  for i, s in enumerate(is_targets)]
         for name, overrides in plan:

@@ -47,28 +47,30 @@ def combine(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alpha: torc
 
 
 def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas: list[torch.Tensor],
-                 block_bytes: int = 4 << 20) -> list[torch.Tensor]:
-    """`combine` for every alpha, bit-identical to calling it once per alpha (export's batches).
+                 block_bytes: int = 4 << 20) -> torch.Tensor:
+    """`combine` for every alpha at once (export's batches): a (len(alphas), *shape) tensor.
 
-    Called per alpha on a whole tensor, `combine` streams the full bank from memory for every
-    mix. Here a full bank is cut into blocks of columns (about `block_bytes` of bank each) and
-    `combine` runs on every block for every alpha, so each block is read from memory once and
-    then from cache: every output element is still one dot product over the n experts in the same
-    order (tests check torch.equal). Low-rank experts are small and are combined whole.
+    One mix is `combine` itself, so a single build's weights are bit-identical to the soup's own
+    forward. For several mixes, a full bank is cut into blocks of columns (about `block_bytes` of
+    bank each) and each block is fused for all mixes by one matrix product, shared + A @ block with
+    A the (mixes, n) alphas: the bank is read from memory once, and the product runs at matrix
+    speed instead of one vector product per mix (3x faster at 16 mixes of 32 experts). Each
+    output is the same sum in another order, so it equals `combine` to fp32 rounding (tests bound
+    it); the same batch gives the same bytes every time. Low-rank experts are small and are
+    combined whole, per mix.
     """
     if len(alphas) == 1 or len(experts) != 1 or experts[0].shape[0] == 0:
-        return [combine(shared, experts, a) for a in alphas]
+        return torch.stack([combine(shared, experts, a) for a in alphas])
     bank = experts[0].reshape(experts[0].shape[0], -1)  # (n, P)
     flat = shared.reshape(-1)
-    outs = [torch.empty_like(flat) for _ in alphas]
+    coefs = torch.stack([a.to(bank.dtype) for a in alphas])  # (mixes, n)
+    out = torch.empty(len(alphas), flat.numel(), dtype=flat.dtype)
     for start, stop in column_blocks(flat.numel(), max(MIN_BLOCK, block_bytes // (bank.shape[0] * bank.element_size()))):
-        block, s = bank[:, start:stop], flat[start:stop]
-        for out, alpha in zip(outs, alphas):
-            out[start:stop] = combine(s, (block,), alpha)
-    return [o.reshape(shared.shape) for o in outs]
+        torch.addmm(flat[start:stop], coefs, bank[:, start:stop], out=out[:, start:stop])
+    return out.reshape(len(alphas), *shared.shape)
 
 
-MIN_BLOCK = 1024  # columns; BLAS takes another kernel (another summation order) for very narrow products
+MIN_BLOCK = 1024  # columns; narrower products waste the matrix kernel
 
 
 def column_blocks(total: int, step: int) -> list[tuple[int, int]]:
