@@ -17,6 +17,7 @@ import struct
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -87,13 +88,20 @@ class Bank:
             yield name, combine_many(shared, bank, alphas)  # the bank is read once for all mixes
 
 
-def check_complete(ckpt: Path, info: CheckpointInfo, stored: dict[str, tuple[int, ...]]) -> None:
-    """Every tensor the checkpoint's config implies is present with its shape (nothing allocated)."""
+@lru_cache(maxsize=8)
+def expected_shapes(model: ModelConfig, soup_cfg, n_domains: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor a soup of these (frozen, hashable) configs holds, by building it on the meta
+    device; cached, as many exports in one process open checkpoints of the same configs."""
     from soup_train.model.soup import SoupModel
 
     with torch.device("meta"):
-        soup = SoupModel(info.run.model, info.run.soup, len(info.domains))
-    expected = {name: tuple(p.shape) for name, p in soup.named_parameters()}
+        soup = SoupModel(model, soup_cfg, n_domains)
+    return {name: tuple(p.shape) for name, p in soup.named_parameters()}
+
+
+def check_complete(ckpt: Path, info: CheckpointInfo, stored: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor the checkpoint's config implies is present with its shape (nothing allocated)."""
+    expected = expected_shapes(info.run.model, info.run.soup, len(info.domains))
     missing = sorted(set(expected) - set(stored))
     wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
     if missing or wrong:
