@@ -52,14 +52,14 @@ def dense_train_flops(run) -> float:
     return 3 * forward_flops(c.expert, c.expert_train.batch_size, c.data.seq_len) * c.expert_train.steps * run.experts
 
 
-def make_run(work: Path, data: Path, experts: int, quick: bool, preset: str):
+def make_run(work: Path, data: Path, experts: int, quick: bool, preset: str, overrides: list[str] = ()):
     from soup_train.config import apply_overrides
     from soup_train.smalltalk.config import smalltalk_preset
     from soup_train.smalltalk.run import SmallTalkRun
 
     cfg = smalltalk_preset(preset)
     cfg = apply_overrides(replace(cfg, data=replace(cfg.data, path=str(data))),
-                          [f"em.experts={experts}", *(QUICK if quick else [])])
+                          [f"em.experts={experts}", *(QUICK if quick else []), *overrides])
     return SmallTalkRun.create(work / f"E{experts}", cfg)
 
 
@@ -185,6 +185,9 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", help="SmallTalk preset (tiny; debug for a smoke test)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and EM rounds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a SmallTalk config override for every run, e.g. --set expert_train.steps=800 "
+                             "(repeatable; pair it with its own --work)")
     args = parser.parse_args()
 
     import torch
@@ -200,7 +203,7 @@ def main() -> None:
     try:
         results = []
         for e in args.experts:
-            run = make_run(work, args.data, e, args.quick, args.preset)
+            run = make_run(work, args.data, e, args.quick, args.preset, args.overrides)
             print(f"== E={e}: {run.path}", flush=True)
             results.append(evaluate_run(run, train_all(run, progress=sys.stderr.isatty()), args.prefix_lens,
                                         args.per_domain))
