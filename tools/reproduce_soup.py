@@ -1,10 +1,19 @@
 """Reproduce the Soup-of-Experts claims at small scale, with the project's own training and export code.
 
 Trains on the default corpus (`soup-train prepare --preset default`), every run with the same
-tokens (the `demo` preset's steps and batch): a generic dense model of the instantiated size on
-the natural mix (`soup.n_experts=0`, `meta.fixed_h` = natural frequencies), soups with n = 4 and
-n = 16 experts, and, for two specialists only, a dense model trained on that specialist's mix
-(importance sampling: the per-specialist run the soup avoids).
+tokens: a generic dense model of the instantiated size on the natural mix (`soup.n_experts=0`,
+`meta.fixed_h` = natural frequencies), soups with n = 4 and n = 16 experts, and, for two
+specialists only, a dense model trained on that specialist's mix (importance sampling: the
+per-specialist run the soup avoids).
+
+Two regimes (`--regime`):
+- `capacity` (default): the default corpus tokenized with a 512-token vocabulary (prepared into
+  `data/v512` on first use), a d64 x 2-layer model, 2500 steps of 32 sequences (10.2M tokens)
+  as 4 micro-batches with their own h. The generic model is capacity-bound here, which is where
+  the paper's claim lives; the small vocabulary keeps the output layer from dominating a step,
+  so the five runs fit the time budget.
+- `demo`: the `demo` preset (d96 x 3 layers, vocabulary 4096, 1200 steps of 16 sequences, 2.5M
+  tokens) on `data/default`. Every model is still data-bound there, and the generic model wins.
 
 Specialists: every named domain's test split, plus mixtures of two domains (weights that training
 never fixed). For each, h is estimated from 32 of its test documents (at most half of them; Algorithm 3, the data's
@@ -15,9 +24,10 @@ the domains) and at the uniform h, the importance-sampled models where trained, 
 soup's int8 and int4 ONNX exports (`soup-export build`) run in onnxruntime, and the mix search
 (`--optimize-mix`) started from the estimate on the same 32 documents.
 
-    python tools/reproduce_soup.py --data data/default            # about 40 minutes on 2 cores
-    python tools/reproduce_soup.py --data data/default --quick    # about 5 minutes (fewer steps)
-    python tools/reproduce_soup.py --data data/default --seed 1 --out docs/results/soup-seed1   # another seed
+    python tools/reproduce_soup.py                       # the capacity regime, about 37 minutes on 2 cores
+    python tools/reproduce_soup.py --quick               # 150 steps, a smoke run of a few minutes
+    python tools/reproduce_soup.py --regime demo --out docs/results/soup-demo   # the data-bound regime
+    python tools/reproduce_soup.py --seed 1 --out docs/results/soup-seed1       # another seed
 
 Writes OUT/soup.md (tables, the command and the commit), OUT/soup.json and the plots
 OUT/loss.png, OUT/cost.png, OUT/alpha.png. Runs are kept in --work and reused. Last line:
@@ -31,7 +41,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -209,13 +219,14 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
-def markdown(rows: list[dict], s: dict, costs: dict, command: str, commit: str, steps: int, tokens: int) -> str:
+def markdown(rows: list[dict], s: dict, costs: dict, command: str, commit: str, steps: int, tokens: int,
+             setup: str) -> str:
     cols = [("generic", "generic dense"), ("soup4_est", "soup n=4, est. h"), ("soup16_est", "soup n=16, est. h"),
             ("soup16_true", "n=16, true h"), ("soup16_wrong", "n=16, wrong h"), ("soup16_uniform", "n=16, uniform h"),
             ("importance_sampled", "importance-sampled dense"), ("soup16_int8", "n=16 int8 ONNX"),
             ("soup16_int4", "n=16 int4 ONNX"), ("soup16_opt", "n=16, searched h")]
     lines = ["# Soup-of-Experts at small scale", "", f"Command: `{command}`  ", f"Commit: `{commit}`", "",
-             f"Every model trained for {steps} steps ({tokens:,} tokens). Held-out loss: mean next-token NLL "
+             f"{setup}. Every model trained for {steps} steps ({tokens:,} tokens). Held-out loss: mean next-token NLL "
              f"(nats) on {EVAL_WINDOWS} windows of each specialist's test documents; h estimated (Algorithm 3), and "
              f"searched, on up to {TEXTS_PER_SPECIALIST} other test documents of the specialist (at most half of them).", "",
              "| specialist | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -277,18 +288,59 @@ def plots(rows: list[dict], costs: dict, names: list[str], out: Path) -> None:
     fig.savefig(out / "alpha.png", dpi=110)
 
 
+@dataclass(frozen=True)
+class Regime:
+    """Where the reproduction trains: data (the default corpus at a vocabulary size) and the run
+    overrides on the demo preset."""
+
+    data: str
+    vocab_size: int
+    steps: int
+    quick_steps: int
+    overrides: tuple[str, ...] = ()
+
+
+REGIMES = {
+    "capacity": Regime("data/v512", 512, 2500, 150, ("model.d_model=64", "model.n_layers=2", "model.d_ff=192",
+                                                     "train.batch_size=8")),
+    "demo": Regime("data/default", 4096, 1200, 300),
+}
+
+
+def ensure_data(data: Path, regime: Regime) -> None:
+    """The default corpus at the regime's vocabulary, prepared on first use (a few minutes)."""
+    from soup_train.cli import CACHE
+    from soup_train.data.prepare import prepare
+    from soup_train.presets import prepare_preset
+
+    if (data / "data.json").is_file():
+        vocab = json.loads((data / "data.json").read_text())["vocab_size"]
+        if vocab != regime.vocab_size:
+            other = [name for name, r in REGIMES.items() if r.vocab_size == vocab]
+            hint = f"pass --regime {other[0]} for this data, or " if other else ""
+            sys.exit(f"error: {data} has a {vocab}-token vocabulary, the regime needs {regime.vocab_size}; "
+                     f"{hint}omit --data to use the regime's own data directory")
+        return
+    if data.exists():
+        sys.exit(f"error: {data} exists but is not a data directory; remove it or pass another --data")
+    print(f"== prepare {data}: the default corpus, vocabulary {regime.vocab_size}", flush=True)
+    prepare(replace(prepare_preset("default"), vocab_size=regime.vocab_size), data, CACHE)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("data/default"), help="data directory (soup-train prepare)")
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="capacity",
+                        help="capacity (default): a capacity-bound small model; demo: the demo preset")
+    parser.add_argument("--data", type=Path, help="data directory (default: the regime's, prepared on first use)")
     parser.add_argument("--work", type=Path, default=Path("runs/reproduce-soup"), help="runs (kept; reused)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/soup"), help="table, plots and JSON")
-    parser.add_argument("--quick", action="store_true", help="300 steps instead of the demo preset's 1200")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 150 steps (capacity) or 300 (demo)")
     parser.add_argument("--steps", type=int, default=0, help="training steps of every run (overrides --quick)")
     parser.add_argument("--seed", type=int, default=0,
                         help="train.seed of every run (init, h stream, batches); runs of other seeds are kept apart")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for every run, e.g. --set model.d_model=64 (repeatable; "
-                             "pair it with its own --work so the default runs are kept)")
+                        help="a config override for every run, after the regime's, e.g. --set train.lr=3e-3 "
+                             "(repeatable; pair it with its own --work so the default runs are kept)")
     args = parser.parse_args()
 
     from soup_train.config import apply_overrides
@@ -296,23 +348,27 @@ def main() -> None:
     from soup_train.errors import SoupError
     from soup_train.presets import run_preset
 
-    if not (args.data / "data.json").is_file():
-        sys.exit(f"error: {args.data} is not a data directory; build it with "
-                 f"`soup-train prepare --preset default --out {args.data}` (or `make demo`)")
-    steps = args.steps or (300 if args.quick else run_preset("demo").train.steps)
+    regime = REGIMES[args.regime]
+    args.data = args.data or Path(regime.data)
+    try:
+        ensure_data(args.data, regime)
+    except SoupError as exc:
+        sys.exit(f"error: {exc.message}")
+    steps = args.steps or (regime.quick_steps if args.quick else regime.steps)
     base = run_preset("demo")
     base = replace(base, data=replace(base.data, path=str(args.data)),
                       train=replace(base.train, steps=steps, eval_every=0, ckpt_every=steps, seed=args.seed,
                                     warmup_steps=min(base.train.warmup_steps, steps // 10)))
     try:
-        base = apply_overrides(base, args.overrides)
+        base = apply_overrides(base, [*regime.overrides, *args.overrides])
     except SoupError as exc:
         sys.exit(f"error: {exc.message}")
     shards = DomainShards.open(args.data, "sources", "train")
     names, natural = shards.names, shards.natural()
     specs = specialists(args.data, names)
     is_targets = [specs[0], specs[len(names)]]  # one named domain and the first pair
-    work = args.work / (f"steps{steps}" + (f"-seed{args.seed}" if args.seed else ""))
+    prefix = "" if args.regime == "demo" else f"{args.regime}-"  # the demo regime keeps its earlier run names
+    work = args.work / (f"{prefix}steps{steps}" + (f"-seed{args.seed}" if args.seed else ""))
     progress = sys.stderr.isatty()
     try:
         runs, costs = {}, {}
@@ -334,7 +390,12 @@ def main() -> None:
     s = summary(rows)
     command = ("python tools/reproduce_soup.py " + " ".join(sys.argv[1:])).strip()
     tokens = steps * base.train.batch_size * base.train.grad_accum * ev.seq_len
-    text = markdown(rows, s, costs, command, commit_of_repo(), steps, tokens)
+    m = base.model
+    setup = (f"Regime `{args.regime}`: d_model {m.d_model}, {m.n_layers} layers, d_ff {m.d_ff}, vocabulary "
+             f"{regime.vocab_size}, {base.train.batch_size * base.train.grad_accum} sequences of {ev.seq_len} tokens "
+             f"per step in {base.train.grad_accum} micro-batches" +
+             (", each with its own h" if base.meta.h_per_micro_batch else ""))
+    text = markdown(rows, s, costs, command, commit_of_repo(), steps, tokens, setup)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soup.md").write_text(text)
     (args.out / "soup.json").write_text(json.dumps({"summary": s, "costs": costs, "rows": rows}, indent=2) + "\n")
