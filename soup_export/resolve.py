@@ -29,7 +29,7 @@ from soup_export.errors import ExportInputError
 from soup_export.mix import Mix
 from soup_export.stream import SafetensorsWriter
 from soup_train.checkpoint import CheckpointInfo, read_info, resolve_checkpoint
-from soup_train.config import ModelConfig
+from soup_train.config import ModelConfig, SoupConfig
 from soup_train.errors import CheckpointError
 from soup_train.model.soup import CoefficientMLP
 from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine_many, expert_keys
@@ -78,8 +78,8 @@ class Bank:
 
     def fused(self, alphas: list[torch.Tensor], progress: bool = False,
               names: list[str] | None = None) -> Iterator[tuple[str, list[torch.Tensor]]]:
-        """Tensor-major: (dense name, [Theta_m[name] for each alpha_m]) in fp32, one tensor at a time,
-        in checkpoint order or the order of `names`."""
+        """Tensor-major: (dense name, Theta_m[name] stacked over the alphas m: (mixes, *shape)) in fp32,
+        one tensor at a time, in checkpoint order or the order of `names`."""
         rank = self.info.run.soup.expert_rank
         tensors = MappedSafetensors(self.weights)
         for name in tqdm(names or list(self.shapes), desc="fuse", unit="tensor", disable=not progress, leave=False):
@@ -89,7 +89,7 @@ class Bank:
 
 
 @lru_cache(maxsize=8)
-def expected_shapes(model: ModelConfig, soup_cfg, n_domains: int) -> dict[str, tuple[int, ...]]:
+def expected_shapes(model: ModelConfig, soup_cfg: SoupConfig, n_domains: int) -> dict[str, tuple[int, ...]]:
     """Every tensor a soup of these (frozen, hashable) configs holds, by building it on the meta
     device; cached, as many exports in one process open checkpoints of the same configs."""
     from soup_train.model.soup import SoupModel
