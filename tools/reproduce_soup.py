@@ -25,7 +25,7 @@ soup's int8 and int4 ONNX exports (`soup-export build`) run in onnxruntime, and 
 (`--optimize-mix`) started from the estimate on the same 32 documents.
 
     python tools/reproduce_soup.py                       # the capacity regime, about 37 minutes on 2 cores
-    python tools/reproduce_soup.py --quick               # 150 steps, a smoke run of a few minutes
+    python tools/reproduce_soup.py --quick               # 150 steps: a smoke run, about 4.5 minutes
     python tools/reproduce_soup.py --regime demo --out docs/results/soup-demo   # the data-bound regime
     python tools/reproduce_soup.py --seed 1 --out docs/results/soup-seed1       # another seed
 
