@@ -77,7 +77,7 @@ class Bank:
             return mlp(torch.as_tensor(h, dtype=torch.float32)).float()
 
     def fused(self, alphas: list[torch.Tensor], progress: bool = False,
-              names: list[str] | None = None) -> Iterator[tuple[str, list[torch.Tensor]]]:
+              names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensor-major: (dense name, Theta_m[name] stacked over the alphas m: (mixes, *shape)) in fp32,
         one tensor at a time, in checkpoint order or the order of `names`."""
         rank = self.info.run.soup.expert_rank

@@ -16,8 +16,7 @@ timed after one warm-up there, so import and start-up costs are excluded from ev
 The batch advantage grows with the number of experts n: a single build reads the whole bank
 ((n + 1) x the model) for one customer, a batch reads it once for all and fuses all customers by
 one matrix product per block; the per-customer work left (int4 encoding, writing, hashing) is the
-same on both sides. The paper's banks have
-n = 128. Conversely, the single-build comparisons include our own resolve in the other paths,
+same on both sides. The paper's banks have n = 128. Conversely, the single-build comparisons include our own resolve in the other paths,
 whose fusion grows with n; `--experts` shows both regimes.
 """
 from __future__ import annotations

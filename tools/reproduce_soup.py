@@ -350,17 +350,14 @@ def main() -> None:
 
     regime = REGIMES[args.regime]
     args.data = args.data or Path(regime.data)
-    try:
-        ensure_data(args.data, regime)
-    except SoupError as exc:
-        sys.exit(f"error: {exc.message}")
     steps = args.steps or (regime.quick_steps if args.quick else regime.steps)
     base = run_preset("demo")
     base = replace(base, data=replace(base.data, path=str(args.data)),
                       train=replace(base.train, steps=steps, eval_every=0, ckpt_every=steps, seed=args.seed,
                                     warmup_steps=min(base.train.warmup_steps, steps // 10)))
     try:
-        base = apply_overrides(base, [*regime.overrides, *args.overrides])
+        base = apply_overrides(base, [*regime.overrides, *args.overrides])  # a bad --set fails before data prep
+        ensure_data(args.data, regime)
     except SoupError as exc:
         sys.exit(f"error: {exc.message}")
     shards = DomainShards.open(args.data, "sources", "train")

@@ -59,7 +59,9 @@ def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas
     it); the same batch gives the same bytes every time. Low-rank experts are small and are
     combined whole, per mix.
     """
-    if len(alphas) == 1 or len(experts) != 1 or experts[0].shape[0] == 0:
+    if len(alphas) == 1:  # a single build: `combine` itself, as a (1, *shape) view (no copy)
+        return combine(shared, experts, alphas[0]).unsqueeze(0)
+    if len(experts) != 1 or experts[0].shape[0] == 0:
         return torch.stack([combine(shared, experts, a) for a in alphas])
     bank = experts[0].reshape(experts[0].shape[0], -1)  # (n, P)
     flat = shared.reshape(-1)
