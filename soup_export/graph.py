@@ -160,10 +160,18 @@ class DecoderGraph:
         specs = nbits_specs(out_features, in_features, rep)
         q = self.store(f"{weight}.q{rep.bits}", *specs["q"], weight, "nbits-linear", rep, "q")
         s = self.store(f"{weight}.scales", *specs["scales"], weight, "nbits-linear", rep, "scales")
-        return self._matmul_nbits(x, q, s, out_features, in_features, rep, prefix, outs)
+        zp = self._zero_points(weight, specs, "nbits-linear", rep)
+        return self._matmul_nbits(x, [q, s, *zp], out_features, in_features, rep, prefix, outs)
 
-    def _matmul_nbits(self, x, q, s, n, k, rep, prefix, outs) -> str:
-        return self.node("MatMulNBits", [x, q, s], f"{prefix}/MatMulNBits", outputs=outs, domain="com.microsoft",
+    def _zero_points(self, weight: str, specs: dict, how: str, rep: Rep) -> list[str]:
+        """The stored zero points of an asymmetric tensor ([] when symmetric: both ops' default)."""
+        if "zero_points" not in specs:
+            return []
+        return [self.store(f"{weight}.zero_points", *specs["zero_points"], weight, how, rep, "zero_points")]
+
+    def _matmul_nbits(self, x, quantized: list[str], n, k, rep, prefix, outs) -> str:
+        """x @ W^T for W stored as [q, scales(, zero_points)]."""
+        return self.node("MatMulNBits", [x, *quantized], f"{prefix}/MatMulNBits", outputs=outs, domain="com.microsoft",
                          K=k, N=n, bits=rep.bits, block_size=rep.block, accuracy_level=rep.accuracy_level)[0]
 
     def embedding(self, ids: str) -> str:
@@ -174,8 +182,9 @@ class DecoderGraph:
             blob = specs["q"][1][1] * specs["q"][1][2]
             q = self.store(f"{w}.q{rep.bits}", np.uint8, (a.vocab, blob), w, "nbits-gather", rep, "q")
             s = self.store(f"{w}.scales", *specs["scales"], w, "nbits-gather", rep, "scales")
-            self.embed_stored = (q, s)
-            return self.node("GatherBlockQuantized", [q, ids, s], f"{prefix}/GatherBlockQuantized", domain="com.microsoft",
+            zp = self._zero_points(w, specs, "nbits-gather", rep)
+            self.embed_stored = (q, s, *zp)
+            return self.node("GatherBlockQuantized", [q, ids, s, *zp], f"{prefix}/GatherBlockQuantized", domain="com.microsoft",
                              gather_axis=0, quantize_axis=1, block_size=rep.block, bits=rep.bits)[0]
         table = self.store(w, rep.dtype, (a.vocab, a.hidden), w, "float-gather", rep)
         self.embed_stored = (table,)
@@ -188,10 +197,10 @@ class DecoderGraph:
             return self.linear(x, "lm_head.weight", a.vocab, a.hidden, prefix, self.lm_rep, output="logits")
         rep = self.embed_rep  # tied: the head reads the embedding's bytes
         if rep.kind == "nbits":
-            q, s = self.embed_stored
+            q, *rest = self.embed_stored  # scales (and zero points) are laid out alike for both ops
             shape = nbits_specs(a.vocab, a.hidden, rep)["q"][1]
             q3 = self.node("Reshape", [q, self.const(shape)], f"{prefix}/Reshape")[0]
-            return self._matmul_nbits(x, q3, s, a.vocab, a.hidden, rep, prefix, ["logits"])
+            return self._matmul_nbits(x, [q3, *rest], a.vocab, a.hidden, rep, prefix, ["logits"])
         w = self.embed_stored[0]
         if rep.dtype != "float32":
             w = self.node("Cast", [w], f"{prefix}/Cast", to=TensorProto.FLOAT)[0]

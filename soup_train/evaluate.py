@@ -17,19 +17,26 @@ from soup_train.data.shards import DomainShards
 from soup_train.model.llama import lm_loss
 
 
-@torch.no_grad()
 def loss_at(model: nn.Module, windows: np.ndarray, h: np.ndarray, batch_size: int, seq_len: int,
             device: torch.device, autocast=contextlib.nullcontext) -> float:
     """Mean next-token loss of `windows` (N, >= seq_len + 1) under the soup at h."""
+    return float(np.mean(window_losses(model, windows, h, batch_size, seq_len, device, autocast))) if len(windows) else 0.0
+
+
+@torch.no_grad()
+def window_losses(model: nn.Module, windows: np.ndarray, h: np.ndarray, batch_size: int, seq_len: int,
+                  device: torch.device, autocast=contextlib.nullcontext) -> np.ndarray:
+    """(N,) mean next-token loss of each window (N, >= seq_len + 1) under the soup at h (every window
+    has seq_len targets, so their mean is the mean over all tokens)."""
     h_t = torch.as_tensor(h, dtype=torch.float32, device=device)
-    total, count = 0.0, 0
+    out = []
     for start in range(0, len(windows), batch_size):
         batch = torch.as_tensor(np.asarray(windows[start:start + batch_size], dtype=np.int64), device=device)
         x, y = batch[:, :seq_len], batch[:, 1:seq_len + 1]
         with autocast():
-            total += lm_loss(model(x, h_t), y).item() * len(batch)
-        count += len(batch)
-    return total / max(count, 1)
+            logits = model(x, h_t)
+        out.append(lm_loss(logits, y, per_row=True).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def one_hot(k: int, i: int) -> np.ndarray:

@@ -158,3 +158,20 @@ def test_column_blocks_never_leave_a_narrow_tail():
     for total in (1, 1023, 1025, 4096, 9999):
         blocks = column_blocks(total, MIN_BLOCK)
         assert blocks[0][0] == 0 and blocks[-1][1] == total and all(b - a >= min(MIN_BLOCK, total) for a, b in blocks)
+
+
+def test_window_losses_are_each_windows_cross_entropy_and_average_to_loss_at():
+    import numpy as np
+    import torch.nn.functional as F
+
+    from soup_train.evaluate import loss_at, window_losses
+
+    soup = make_soup({}, {}).eval()
+    h = random_h()
+    windows = np.random.default_rng(0).integers(0, 101, size=(7, 13))
+    per = window_losses(soup, windows, h.numpy(), 3, 12, torch.device("cpu"))  # batches of 3: 3 + 3 + 1
+    with torch.no_grad():
+        for i, row in enumerate(torch.as_tensor(windows)):
+            ref = F.cross_entropy(soup(row[None, :12], h)[0], row[1:13])
+            assert abs(per[i] - float(ref)) <= 1e-5
+    assert per.shape == (7,) and abs(loss_at(soup, windows, h.numpy(), 3, 12, torch.device("cpu")) - per.mean()) <= 1e-9

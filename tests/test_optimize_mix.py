@@ -78,3 +78,22 @@ def test_build_records_the_search_in_the_manifest(debug_ckpt, debug_data, tmp_pa
     assert "--optimize-mix needs at least 2 windows" in r.output and not (tmp_path / "o2").exists(), r.output
     r = CliRunner().invoke(main, ["build", str(debug_ckpt), "--optimize-mix", str(texts), "--out", str(out)])
     assert r.exit_code != 0 and "already exists" in r.output and "mix search" not in r.output  # refused first
+
+
+def test_windows_of_several_texts_come_from_all_of_them(debug_data):
+    """Regression: windows were the first n of the concatenated texts, so a customer whose first file
+    was long was represented by that file alone (the mix search then chose its domain only)."""
+    from soup_export.evaltext import from_texts
+    from soup_train.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(debug_data / "tokenizer.json")
+    first, second = "the cat sat on the mat. " * 200, "import os; print(os.getcwd())\n" * 40
+    windows = from_texts([first, second], debug_data / "tokenizer.json", 8, 16)
+    assert windows.shape == (8, 17)
+    second_ids = set(tok.encode(second).ids) - set(tok.encode(first).ids)
+    from_second = [bool(set(w.tolist()) & second_ids) for w in windows]
+    share = len(tok.encode(second).ids) / (len(tok.encode(first).ids) + len(tok.encode(second).ids))
+    assert from_second[-1] and sum(from_second) >= int(share * 8), (from_second, share)  # spread by token share
+    every = from_texts([first, second], debug_data / "tokenizer.json", 10_000, 16)
+    tokens = len(tok.encode(first).ids) + len(tok.encode(second).ids) + 2  # an EOS after each text
+    assert len(every) == tokens // 17 and np.array_equal(every[0], windows[0])  # more asked than there are: all

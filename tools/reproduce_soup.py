@@ -21,8 +21,10 @@ embedder and centroids). The held-out loss (mean next-token NLL in nats) is meas
 windows of the specialist's other test documents, each domain's share by its weight, for: the
 generic dense model, the soups at the estimated h, the n = 16 soup at the true h, at a wrong h (the true h rolled by half
 the domains) and at the uniform h, the importance-sampled models where trained, the n = 16
-soup's int8 and int4 ONNX exports (`soup-export build`) run in onnxruntime, and the mix search
-(`--optimize-mix`) started from the estimate on the same 32 documents.
+soup's int8, int4 and asymmetric int4 (`--qparam symmetric=false`) ONNX exports (`soup-export
+build`) run in onnxruntime, and the mix search (`--optimize-mix`) started from the estimate on the
+same 32 documents. Differences between models are also given per window, with their standard
+error over all held-out windows, to show which differences stand above evaluation noise.
 
     python tools/reproduce_soup.py                       # the capacity regime, about 37 minutes on 2 cores
     python tools/reproduce_soup.py --quick               # 150 steps: a smoke run, about 4.5 minutes
@@ -45,7 +47,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from reproduce_smalltalk import commit_of_repo  # tools/ is the script's directory, hence on sys.path
+from repro_common import commit_of_repo, ensure_corpus  # tools/ is the script's directory, hence on sys.path
 
 TEXTS_PER_SPECIALIST = 32
 EVAL_WINDOWS = 64
@@ -143,18 +145,26 @@ class Evaluator:
         self.models = {name: load_soup(path)[0] for name, path in runs.items()}
         self.data, self.seq_len = data, seq_len
 
-    def loss(self, model: str, windows: np.ndarray, h: np.ndarray) -> float:
-        from soup_train.evaluate import loss_at
+    def losses(self, model: str, windows: np.ndarray, h: np.ndarray) -> np.ndarray:
+        """(N,) the loss of each window: their mean is the held-out loss, their spread its noise."""
+        from soup_train.evaluate import window_losses
 
-        return loss_at(self.models[model], windows, h, 16, self.seq_len, self.torch.device("cpu"))
+        return window_losses(self.models[model], windows, h, 16, self.seq_len, self.torch.device("cpu"))
+
+    def loss(self, model: str, windows: np.ndarray, h: np.ndarray) -> float:
+        return float(self.losses(model, windows, h).mean())
 
     def alpha(self, model: str, h: np.ndarray) -> list[float]:
         with self.torch.no_grad():
             return self.models[model].alpha(self.torch.as_tensor(h, dtype=self.torch.float32)).tolist()
 
 
+EXPORTS = {"int8": ("int8", ()), "int4": ("int4", ()), "int4a": ("int4", (("symmetric", "false"),))}
+
+
 def exported_losses(ckpt: Path, names: list[str], h: np.ndarray, windows: np.ndarray) -> dict:
-    """int8 and int4 exports of the soup at h (`soup-export build`, parity off), scored in onnxruntime."""
+    """int8, int4 and asymmetric int4 exports of the soup at h (`soup-export build`, parity off),
+    scored in onnxruntime."""
     from soup_export.build import ExportSpec, build
     from soup_export.compare import onnx_loss
     from soup_export.mix import validate
@@ -163,18 +173,18 @@ def exported_losses(ckpt: Path, names: list[str], h: np.ndarray, windows: np.nda
     mix = validate({n: float(w) for n, w in zip(names, h) if w > 0}, names)
     out = {}
     with tempfile.TemporaryDirectory(prefix="soup-repro-") as tmp:
-        for tier in ("int8", "int4"):
-            build(ckpt, mix, Path(tmp) / tier, ExportSpec(quant=tier, parity=False, keep_hf=False))
-            out[tier] = onnx_loss(OrtDecoder(Path(tmp) / tier / "onnx"), windows)
+        for key, (tier, params) in EXPORTS.items():
+            build(ckpt, mix, Path(tmp) / key, ExportSpec(quant=tier, quant_params=params, parity=False, keep_hf=False))
+            out[key] = onnx_loss(OrtDecoder(Path(tmp) / key / "onnx"), windows)
     return out
 
 
 def searched_h(ev: Evaluator, model: str, texts: list[str], tokenizer: Path, h0: np.ndarray) -> tuple[np.ndarray, dict]:
     from soup_export.evaltext import from_texts
-    from soup_export.optimize_mix import MixSearchConfig, search_h
+    from soup_export.optimize_mix import MixSearchConfig, search_h, windows_wanted
 
     cfg = MixSearchConfig()
-    windows = from_texts(texts, tokenizer, cfg.max_windows * 2, min(cfg.window, ev.seq_len))
+    windows = from_texts(texts, tokenizer, windows_wanted(cfg), min(cfg.window, ev.seq_len))  # as the CLI cuts them
     h, report = search_h(ev.models[model], windows, h0, cfg)
     return h, {k: v for k, v in report.items() if k != "history"}
 
@@ -187,9 +197,11 @@ def evaluate_specialist(ev: Evaluator, spec: dict, names: list[str], runs: dict[
     h_est = DomainMap.load(data).histogram(texts, "sources")
     windows = eval_windows(data, names, spec["h"], ev.seq_len)
     h_true, k = spec["h"], len(names)
+    per_window = {"generic": ev.losses("generic", windows, h_true), "soup4_est": ev.losses("soup4", windows, h_est),
+                  "soup16_est": ev.losses("soup16", windows, h_est)}
     row = {"name": spec["name"], "h_true": h_true.tolist(), "h_est": h_est.tolist(), "texts": len(texts),
-           "generic": ev.loss("generic", windows, h_true),
-           "soup4_est": ev.loss("soup4", windows, h_est), "soup16_est": ev.loss("soup16", windows, h_est),
+           **{k: float(v.mean()) for k, v in per_window.items()},
+           "per_window": {k: v.tolist() for k, v in per_window.items()},
            "soup4_true": ev.loss("soup4", windows, h_true), "soup16_true": ev.loss("soup16", windows, h_true),
            "soup16_wrong": ev.loss("soup16", windows, wrong_h(h_true)),
            "soup16_uniform": ev.loss("soup16", windows, np.full(k, 1.0 / k)),
@@ -203,17 +215,30 @@ def evaluate_specialist(ev: Evaluator, spec: dict, names: list[str], runs: dict[
 
 
 # ----------------------------------------------------------------------------- report
+def paired(rows: list[dict], a: str, b: str) -> tuple[float, float]:
+    """Mean and standard error of the per-window loss difference a - b over every specialist's windows
+    (the same windows under both models): how far a difference of means stands above evaluation noise."""
+    d = np.concatenate([np.subtract(r["per_window"][a], r["per_window"][b]) for r in rows])
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
 def summary(rows: list[dict]) -> dict:
     rel = lambda a, b: (a - b) / b  # noqa: E731
     gen, est = np.array([r["generic"] for r in rows]), np.array([r["soup16_est"] for r in rows])
+    n16_n4, n16_n4_se = paired(rows, "soup16_est", "soup4_est")
+    soup_gen, soup_gen_se = paired(rows, "soup16_est", "generic")
     return {
         "soup_beats_generic_fraction": float((est < gen).mean()),
         "mean_relative_gain_vs_generic": float(np.mean((gen - est) / gen)),
         "wrong_worse_than_estimated_everywhere": bool(all(r["soup16_wrong"] > r["soup16_est"] for r in rows)),
         "n16_minus_n4_mean_loss": float(np.mean([r["soup16_est"] - r["soup4_est"] for r in rows])),
+        "n16_minus_n4_window_mean": n16_n4, "n16_minus_n4_window_se": n16_n4_se,
+        "soup16_minus_generic_window_mean": soup_gen, "soup16_minus_generic_window_se": soup_gen_se,
+        "windows": int(sum(len(r["per_window"]["generic"]) for r in rows)),
         "max_estimated_vs_true_gap": float(max(rel(r["soup16_est"], r["soup16_true"]) for r in rows)),
         "max_int8_gap": float(max(abs(rel(r["soup16_int8"], r["soup16_est"])) for r in rows)),
         "max_int4_gap": float(max(abs(rel(r["soup16_int4"], r["soup16_est"])) for r in rows)),
+        "max_int4_asym_gap": float(max(abs(rel(r["soup16_int4a"], r["soup16_est"])) for r in rows)),
         "search_beats_estimate": int(sum(r["soup16_opt"] < r["soup16_est"] for r in rows)),
         "specialists": len(rows),
     }
@@ -224,7 +249,7 @@ def markdown(rows: list[dict], s: dict, costs: dict, command: str, commit: str, 
     cols = [("generic", "generic dense"), ("soup4_est", "soup n=4, est. h"), ("soup16_est", "soup n=16, est. h"),
             ("soup16_true", "n=16, true h"), ("soup16_wrong", "n=16, wrong h"), ("soup16_uniform", "n=16, uniform h"),
             ("importance_sampled", "importance-sampled dense"), ("soup16_int8", "n=16 int8 ONNX"),
-            ("soup16_int4", "n=16 int4 ONNX"), ("soup16_opt", "n=16, searched h")]
+            ("soup16_int4", "n=16 int4 ONNX"), ("soup16_int4a", "n=16 int4 asym. ONNX"), ("soup16_opt", "n=16, searched h")]
     lines = ["# Soup-of-Experts at small scale", "", f"Command: `{command}`  ", f"Commit: `{commit}`", "",
              f"{setup}. Every model trained for {steps} steps ({tokens:,} tokens). Held-out loss: mean next-token NLL "
              f"(nats) on {EVAL_WINDOWS} windows of each specialist's test documents; h estimated (Algorithm 3), and "
@@ -236,12 +261,17 @@ def markdown(rows: list[dict], s: dict, costs: dict, command: str, commit: str, 
         f"{np.mean([r[c] for r in rows if c in r]):.4f}" if any(c in r for r in rows) else "-" for c, _ in cols) + " |")
     lines += ["", "| claim | target | measured |", "|---|---|---|",
               f"| soup at estimated h beats generic | >= 0.8 of specialists, mean gain >= 3% | "
-              f"{s['soup_beats_generic_fraction']:.2f}, mean gain {100 * s['mean_relative_gain_vs_generic']:+.2f}% |",
+              f"{s['soup_beats_generic_fraction']:.2f}, mean gain {100 * s['mean_relative_gain_vs_generic']:+.2f}% "
+              f"(per window: {s['soup16_minus_generic_window_mean']:+.4f} ± {s['soup16_minus_generic_window_se']:.4f} nats) |",
               f"| wrong h worse than estimated h | every specialist | {'yes' if s['wrong_worse_than_estimated_everywhere'] else 'no'} |",
-              f"| n=16 better than n=4 | on average | mean loss difference {s['n16_minus_n4_mean_loss']:+.4f} |",
+              f"| n=16 better than n=4 | on average | mean loss difference {s['n16_minus_n4_mean_loss']:+.4f} "
+              f"(per window: {s['n16_minus_n4_window_mean']:+.4f} ± {s['n16_minus_n4_window_se']:.4f}) |",
               f"| estimated h close to true h | within 2% loss | worst {100 * s['max_estimated_vs_true_gap']:+.2f}% |",
-              f"| int8 / int4 exports | within 0.5% / 3% of fp32 | worst {100 * s['max_int8_gap']:.2f}% / {100 * s['max_int4_gap']:.2f}% |",
+              f"| int8 / int4 exports | within 0.5% / 3% of fp32 | worst {100 * s['max_int8_gap']:.2f}% / "
+              f"{100 * s['max_int4_gap']:.2f}% (asymmetric int4: {100 * s['max_int4_asym_gap']:.2f}%) |",
               f"| searched h beats the estimate | (beyond the paper) | {s['search_beats_estimate']} of {s['specialists']} |",
+              "", f"± is the standard error of the per-window loss difference over all {s['windows']} held-out windows "
+              "(the same windows under both models).",
               "", "Training seconds on this machine: " + ", ".join(f"{k} {v:.0f} s" for k, v in costs.items()) + "."]
     return "\n".join(lines) + "\n"
 
@@ -307,26 +337,6 @@ REGIMES = {
 }
 
 
-def ensure_data(data: Path, regime: Regime) -> None:
-    """The default corpus at the regime's vocabulary, prepared on first use (a few minutes)."""
-    from soup_train.cli import CACHE
-    from soup_train.data.prepare import prepare
-    from soup_train.presets import prepare_preset
-
-    if (data / "data.json").is_file():
-        vocab = json.loads((data / "data.json").read_text())["vocab_size"]
-        if vocab != regime.vocab_size:
-            other = [name for name, r in REGIMES.items() if r.vocab_size == vocab]
-            hint = f"pass --regime {other[0]} for this data, or " if other else ""
-            sys.exit(f"error: {data} has a {vocab}-token vocabulary, the regime needs {regime.vocab_size}; "
-                     f"{hint}omit --data to use the regime's own data directory")
-        return
-    if data.exists():
-        sys.exit(f"error: {data} exists but is not a data directory; remove it or pass another --data")
-    print(f"== prepare {data}: the default corpus, vocabulary {regime.vocab_size}", flush=True)
-    prepare(replace(prepare_preset("default"), vocab_size=regime.vocab_size), data, CACHE)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regime", choices=sorted(REGIMES), default="capacity",
@@ -357,7 +367,7 @@ def main() -> None:
                                     warmup_steps=min(base.train.warmup_steps, steps // 10)))
     try:
         base = apply_overrides(base, [*regime.overrides, *args.overrides])  # a bad --set fails before data prep
-        ensure_data(args.data, regime)
+        ensure_corpus(args.data, regime.vocab_size, {r.vocab_size: name for name, r in REGIMES.items()})
     except SoupError as exc:
         sys.exit(f"error: {exc.message}")
     shards = DomainShards.open(args.data, "sources", "train")

@@ -143,6 +143,8 @@ class Llama(nn.Module):
         return self.lm_head(self.model(input_ids))
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32; logits (B, T, V), targets (B, T)."""
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; logits (B, T, V), targets (B, T). per_row: (B,) means."""
+    if per_row:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape).mean(1)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
