@@ -75,6 +75,16 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
         write_runtime_configs(root / "onnx", g)
 
 
+def encode_mixes(fused: np.ndarray, s) -> list[dict[str, np.ndarray]]:
+    """Each mix's encoded form of one weight, fused (mixes, *shape). Block quantization treats rows
+    independently, so it runs once over every mix's rows (fewer, cache-sized steps) and is split."""
+    if not s.how.startswith("nbits") or fused.ndim != 3:
+        return [_encode_one(w, s) for w in fused]
+    mixes, rows, cols = fused.shape
+    enc = _encode_one(fused.reshape(mixes * rows, cols), s)
+    return [{k: v[m * rows:(m + 1) * rows] for k, v in enc.items()} for m in range(mixes)]
+
+
 def _write_weights(bank, g, order, alphas, hf_writers, data_files, progress) -> None:
     by_weight: dict[str, list] = {}
     for s, offset in zip(g.stored, g.offsets()):
@@ -86,19 +96,18 @@ def _write_weights(bank, g, order, alphas, hf_writers, data_files, progress) -> 
                 fh.seek(offset)
                 fh.write(table.tobytes())
     for name, fused in bank.fused(alphas, progress, names=order):  # fused: (mixes, *shape)
-        for m, tensor in enumerate(fused):
-            if hf_writers:
-                hf_writers[m].write(name, tensor)
-            w = tensor.numpy()
-            encoded: dict = {}
-            for s, offset in by_weight[name]:
-                key = (s.how, s.rep)
-                if key not in encoded:
-                    encoded[key] = _encode_one(w, s)
-                arr = encoded[key][s.part]
+        for writer, tensor in zip(hf_writers, fused):
+            writer.write(name, tensor)
+        encoded: dict = {}
+        for s, offset in by_weight[name]:
+            key = (s.how, s.rep)
+            if key not in encoded:
+                encoded[key] = encode_mixes(fused.numpy(), s)
+            for fh, enc in zip(data_files, encoded[key]):
+                arr = enc[s.part]
                 assert arr.shape == s.shape and arr.dtype == s.dtype, s.name
-                data_files[m].seek(offset)
-                data_files[m].write(np.ascontiguousarray(arr).tobytes())
+                fh.seek(offset)
+                fh.write(memoryview(np.ascontiguousarray(arr)))
     end = g.data_size()
     for fh in data_files:  # the file ends where the last tensor ends (alignment padding is zeros)
         fh.truncate(end)

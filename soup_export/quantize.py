@@ -160,6 +160,9 @@ def nbits_specs(rows: int, cols: int, rep: Rep) -> dict[str, tuple[np.dtype, tup
     return specs
 
 
+CHUNK_VALUES = 1 << 20  # rows are quantized in chunks of about this many values (4 MB): cache-sized
+
+
 def quantize_nbits(w: np.ndarray, rep: Rep) -> dict[str, np.ndarray]:
     """Block-wise quantization of w (rows, cols) along cols; packed low nibble first.
 
@@ -169,6 +172,10 @@ def quantize_nbits(w: np.ndarray, rep: Rep) -> dict[str, np.ndarray]:
     zero point round(-min / scale) stored per block. Runs in torch: in a batch export this is the
     per-customer cost. (onnxruntime's own kernel would be as good, but its spinning thread pool
     fights torch's for the two cores when the two interleave.)
+
+    Rows are independent, so a batch quantizes all customers' rows of a tensor in one call; they
+    go through in chunks of about CHUNK_VALUES, whose temporaries stay in cache (1.7x faster than
+    one pass over a large stack, measured on 16 customers' tensors).
     """
     import torch
 
@@ -179,6 +186,18 @@ def quantize_nbits(w: np.ndarray, rep: Rep) -> dict[str, np.ndarray]:
     if nb * rep.block != cols:
         t = torch.nn.functional.pad(t, (0, nb * rep.block - cols))
     blocks = t.reshape(rows, nb, rep.block)
+    out = {k: np.empty(shape, dtype) for k, (dtype, shape) in nbits_specs(rows, cols, rep).items()}
+    views = {k: torch.from_numpy(v) for k, v in out.items()}
+    step = max(1, CHUNK_VALUES // (nb * rep.block))
+    for r in range(0, rows, step):
+        _quantize_rows(blocks[r:r + step], rep, {k: v[r:r + step] for k, v in views.items()})
+    return out
+
+
+def _quantize_rows(blocks, rep: Rep, out: dict) -> None:
+    """quantize_nbits of (rows, nb, block) values, written into `out`'s tensors (rows first)."""
+    import torch
+
     low, high = blocks.amin(-1), blocks.amax(-1)  # two reductions beat one aminmax over 32-wide rows
     if rep.symmetric:
         scales, zero = _symmetric(low, high, rep.bits)
@@ -186,10 +205,11 @@ def quantize_nbits(w: np.ndarray, rep: Rep) -> dict[str, np.ndarray]:
         scales, zero = _fit_asymmetric(blocks, *_asymmetric(low, high, rep.bits), rep.bits, FIT_ROUNDS)
     shift = zero if rep.symmetric else zero[..., None]
     levels = torch.div(blocks, scales[..., None]).round_().add_(shift).clamp_(0, 2 ** rep.bits - 1)
-    out = {"q": _to_bytes(levels, rep.bits).numpy().reshape(rows, nb, -1), "scales": scales.numpy()}
+    out["q"].copy_(_packed(levels, rep.bits))  # the float -> uint8 conversion happens in this one copy
+    out["scales"].copy_(scales)
     if not rep.symmetric:
-        out["zero_points"] = _to_bytes(torch.nn.functional.pad(zero, (0, nb % 2 if rep.bits == 4 else 0)), rep.bits).numpy()
-    return out
+        out["zero_points"].copy_(_packed(torch.nn.functional.pad(zero, (0, zero.shape[1] % 2 if rep.bits == 4 else 0)),
+                                         rep.bits))
 
 
 def _symmetric(low, high, bits: int):
@@ -247,15 +267,13 @@ def _fit_asymmetric(blocks, scales, zero, bits: int, rounds: int):
     return scales, zero
 
 
-def _to_bytes(levels, bits: int):
-    """Integer-valued float levels (..., even) -> uint8: one per byte (8 bits), or two per byte
-    (4 bits: element 2i in the low nibble, 2i+1 in the high). Packing in float (exact below 256)
-    is one pass over half the values, where packing the uint8 levels took five."""
+def _packed(levels, bits: int):
+    """Integer-valued float levels (..., even) as the values of the stored bytes: one per byte
+    (8 bits), or two per byte (4 bits: element 2i in the low nibble, 2i+1 in the high). Packing in
+    float (exact below 256) is one pass over half the values, where packing uint8 levels took five."""
     import torch
 
-    if bits == 4:
-        levels = torch.add(levels[..., 0::2], levels[..., 1::2], alpha=16)
-    return levels.to(torch.uint8).contiguous()
+    return torch.add(levels[..., 0::2], levels[..., 1::2], alpha=16) if bits == 4 else levels
 
 
 def dequantize_nbits(stored: dict[str, np.ndarray], rep: Rep, cols: int) -> np.ndarray:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -69,23 +70,33 @@ class Bank:
 
     def alpha(self, h: np.ndarray) -> torch.Tensor:
         """alpha = w(h) with the checkpoint's coefficient MLP (fp32)."""
+        with torch.no_grad():
+            return self.coefficient_mlp(torch.as_tensor(h, dtype=torch.float32)).float()
+
+    @cached_property
+    def coefficient_mlp(self) -> CoefficientMLP:
+        """The checkpoint's coefficient MLP, read once per opened bank (a batch asks it for every mix)."""
         mlp = CoefficientMLP(len(self.info.domains), self.info.run.soup)
         with safe_open(str(self.weights), framework="pt") as f:
             state = {k[len(COEF_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(COEF_PREFIX)}
         mlp.load_state_dict(state)
-        with torch.no_grad():
-            return mlp(torch.as_tensor(h, dtype=torch.float32)).float()
+        return mlp.eval()
 
     def fused(self, alphas: list[torch.Tensor], progress: bool = False,
               names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensor-major: (dense name, Theta_m[name] stacked over the alphas m: (mixes, *shape)) in fp32,
-        one tensor at a time, in checkpoint order or the order of `names`."""
+        one tensor at a time, in checkpoint order or the order of `names`. Each yielded tensor lives in
+        one reused workspace (fresh memory for every tensor cost as much as the fusion itself): it is
+        valid until the next one is asked for."""
         rank = self.info.run.soup.expert_rank
         tensors = MappedSafetensors(self.weights)
-        for name in tqdm(names or list(self.shapes), desc="fuse", unit="tensor", disable=not progress, leave=False):
+        order = names or list(self.shapes)
+        largest = max((math.prod(self.shapes[n]) for n in order), default=0)
+        workspace = torch.empty(len(alphas) * largest)
+        for name in tqdm(order, desc="fuse", unit="tensor", disable=not progress, leave=False):
             shared = tensors[SHARED_PREFIX + name].float()
             bank = tuple(tensors[k].float() for k in expert_keys(name, shared.shape, rank))
-            yield name, combine_many(shared, bank, alphas)  # the bank is read once for all mixes
+            yield name, combine_many(shared, bank, alphas, workspace=workspace)  # the bank is read once for all mixes
 
 
 @lru_cache(maxsize=8)

@@ -42,7 +42,7 @@ class SafetensorsWriter:
         assert name == expected, f"tensors must be written in header order: expected {expected}, got {name}"
         assert tuple(tensor.shape) == shape, f"{name}: shape {tuple(tensor.shape)} != {shape}"
         data = tensor.detach().to(dtype).contiguous().cpu()
-        self.file.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        self.file.write(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
         self.next += 1
 
     def close(self) -> None:

@@ -1,6 +1,8 @@
 """The soup at h equals the dense model at instantiate(h), which equals transformers' Llama."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -146,6 +148,15 @@ def test_combine_many_matches_combine_per_mix(n, rank, shape, block):
         if rank or not n:
             assert torch.equal(got, ref)  # per-mix paths are combine itself
     assert torch.equal(combine_many(shared, experts, alphas[:1])[0], combine(shared, experts, alphas[0]))
+    workspace = torch.full((5 * math.prod(shape) + 3,), float("nan"))  # larger than needed; stale values
+    into = combine_many(shared, experts, alphas, block_bytes=max(n, 1) * 4 * block, workspace=workspace)
+    assert torch.equal(into, fused)  # every value written, none left from before
+    if n and not rank:
+        assert into.data_ptr() == workspace.data_ptr()  # the products went into the workspace
+    one = combine_many(shared, experts, alphas[:1], workspace=workspace)[0]
+    assert torch.equal(one, combine(shared, experts, alphas[0]))  # a single build stays bit-identical to the soup
+    small = torch.zeros(3)
+    assert torch.equal(combine_many(shared, experts, alphas, block_bytes=max(n, 1) * 4 * block, workspace=small), fused)
 
 
 def test_column_blocks_never_leave_a_narrow_tail():

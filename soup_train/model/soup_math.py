@@ -47,7 +47,7 @@ def combine(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alpha: torc
 
 
 def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas: list[torch.Tensor],
-                 block_bytes: int = 4 << 20) -> torch.Tensor:
+                 block_bytes: int = 4 << 20, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """`combine` for every alpha at once (export's batches): a (len(alphas), *shape) tensor.
 
     One mix is `combine` itself, so a single build's weights are bit-identical to the soup's own
@@ -57,19 +57,36 @@ def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas
     speed instead of one vector product per mix (3x faster at 16 mixes of 32 experts). Each
     output is the same sum in another order, so it equals `combine` to fp32 rounding (tests bound
     it); the same batch gives the same bytes every time. Low-rank experts are small and are
-    combined whole, per mix.
+    combined whole, per mix. `workspace` (fp32, at least mixes x numel) receives the block products
+    instead of a fresh tensor: a caller fusing tensor after tensor saves the page faults of new
+    memory, which cost about as much as the products themselves (the result is a view of it).
     """
     if len(alphas) == 1:  # a single build: `combine` itself, as a (1, *shape) view (no copy)
-        return combine(shared, experts, alphas[0]).unsqueeze(0)
+        return _combine_into(shared, experts, alphas[0], workspace).unsqueeze(0)
     if len(experts) != 1 or experts[0].shape[0] == 0:
         return torch.stack([combine(shared, experts, a) for a in alphas])
     bank = experts[0].reshape(experts[0].shape[0], -1)  # (n, P)
     flat = shared.reshape(-1)
     coefs = torch.stack([a.to(bank.dtype) for a in alphas])  # (mixes, n)
-    out = torch.empty(len(alphas), flat.numel(), dtype=flat.dtype)
+    size = len(alphas) * flat.numel()
+    reuse = workspace is not None and workspace.dtype == flat.dtype and workspace.numel() >= size
+    out = (workspace[:size] if reuse else torch.empty(size, dtype=flat.dtype)).view(len(alphas), flat.numel())
     for start, stop in column_blocks(flat.numel(), max(MIN_BLOCK, block_bytes // (bank.shape[0] * bank.element_size()))):
         torch.addmm(flat[start:stop], coefs, bank[:, start:stop], out=out[:, start:stop])
     return out.reshape(len(alphas), *shared.shape)
+
+
+def _combine_into(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alpha: torch.Tensor,
+                  workspace: torch.Tensor | None) -> torch.Tensor:
+    """`combine` computed into the workspace when it fits: the same two operations (the expert
+    product, then the shared tensor added: a + b == b + a in IEEE arithmetic), so the same bits."""
+    size = shared.numel()
+    if (len(experts) != 1 or workspace is None or workspace.dtype != shared.dtype or workspace.numel() < size
+            or experts[0].dtype != shared.dtype):
+        return combine(shared, experts, alpha)
+    out = workspace[:size].view(shared.shape)
+    torch.tensordot(alpha.to(experts[0].dtype), experts[0], dims=1, out=out)
+    return out.add_(shared)
 
 
 MIN_BLOCK = 1024  # columns; narrower products waste the matrix kernel
