@@ -218,8 +218,7 @@ def _symmetric(low, high, bits: int):
 
     half = 2 ** (bits - 1)
     extreme = torch.where(high >= -low, high, low)  # the signed extreme of each block, (rows, nb)
-    scales = torch.where(extreme != 0, extreme / -half, torch.ones_like(extreme))
-    return scales, float(half)
+    return extreme.div_(-half).masked_fill_(extreme == 0, 1.0), float(half)  # an all-zero block: scale 1
 
 
 def _asymmetric(low, high, bits: int):
