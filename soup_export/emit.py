@@ -76,10 +76,10 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
 
 
 def encode_mixes(fused: np.ndarray, s) -> list[dict[str, np.ndarray]]:
-    """Each mix's encoded form of one weight, fused (mixes, *shape). Block quantization treats rows
-    independently, so it runs once over every mix's rows (fewer, cache-sized steps) and is split."""
-    if not s.how.startswith("nbits") or fused.ndim != 3:
-        return [_encode_one(w, s) for w in fused]
+    """Each mix's block-quantized (nbits) form of one matrix, fused (mixes, rows, cols). Block
+    quantization treats rows independently, so it runs once over every mix's rows (fewer,
+    cache-sized steps) and is split per mix."""
+    assert s.how.startswith("nbits") and fused.ndim == 3, (s.how, fused.shape)
     mixes, rows, cols = fused.shape
     enc = _encode_one(fused.reshape(mixes * rows, cols), s)
     return [{k: v[m * rows:(m + 1) * rows] for k, v in enc.items()} for m in range(mixes)]
@@ -98,12 +98,19 @@ def _write_weights(bank, g, order, alphas, hf_writers, data_files, progress) -> 
     for name, fused in bank.fused(alphas, progress, names=order):  # fused: (mixes, *shape)
         for writer, tensor in zip(hf_writers, fused):
             writer.write(name, tensor)
-        encoded: dict = {}
-        for s, offset in by_weight[name]:
-            key = (s.how, s.rep)
-            if key not in encoded:
-                encoded[key] = encode_mixes(fused.numpy(), s)
-            for fh, enc in zip(data_files, encoded[key]):
+        batched: dict = {}  # block quantizations of every mix at once (small: a fraction of the fused bytes)
+        for m, fh in enumerate(data_files):
+            single: dict = {}  # other encodings, one mix at a time (an fp32 copy of every mix would double memory)
+            for s, offset in by_weight[name]:
+                key = (s.how, s.rep)
+                if s.how.startswith("nbits") and fused.dim() == 3:
+                    if key not in batched:
+                        batched[key] = encode_mixes(fused.numpy(), s)
+                    enc = batched[key][m]
+                else:
+                    if key not in single:
+                        single[key] = _encode_one(fused[m].numpy(), s)
+                    enc = single[key]
                 arr = enc[s.part]
                 assert arr.shape == s.shape and arr.dtype == s.dtype, s.name
                 fh.seek(offset)

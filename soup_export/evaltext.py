@@ -23,9 +23,11 @@ def from_texts(texts: list[str], tokenizer_json: Path, n: int, length: int) -> n
     if total == 0:
         raise ParityError(f"the evaluation texts hold {len(ids)} tokens, fewer than one window of {length + 1}; "
                           "pass more text")
-    # n windows spread evenly over all the text, not its first n windows: a customer's first file
-    # must not stand for the rest (a mix search fitted on the first of two domains picks that one)
-    picks = np.arange(min(n, total)) * total // min(n, total)
+    # n windows spread evenly over all the text, each at the centre of its n-th of it, not the first
+    # n windows: a customer's first file must not stand for the rest (a mix search fitted on the
+    # first of two domains picks that one), nor may the last be left out
+    count = min(n, total)
+    picks = (2 * np.arange(count) + 1) * total // (2 * count) if count else np.zeros(0, np.int64)
     return ids[:total * (length + 1)].reshape(total, length + 1)[picks]
 
 

@@ -168,7 +168,7 @@ def test_quantizer_registry_declares_its_parameters():
         make_plan("int3")
     with pytest.raises(QuantError, match="int4 has no parameter zero_point; its parameters: block_size=32"):
         make_plan("int4", {"zero_point": "1"})
-    with pytest.raises(QuantError, match="symmetric expects bool, got 'maybe'"):
+    with pytest.raises(QuantError, match=r"symmetric expects bool \(true/1/yes/false/0/no\), got .maybe.; e.g. --qparam symmetric=true"):
         make_plan("int4", {"symmetric": "maybe"})
     assert make_plan("int4").body.symmetric and not make_plan("int4", {"symmetric": "false"}).body.symmetric
     asym = make_plan("mixed", {"symmetric": "no"})
@@ -219,27 +219,53 @@ def test_asymmetric_blocks_fit_their_range_and_beat_symmetric_on_skewed_weights(
     import soup_export.quantize as quantize
 
     rng = np.random.default_rng(10 + bits)
-    w = rng.standard_t(3, size=(40, 112)).astype(np.float32)  # heavy tails; 112 = 3.5 blocks: padded, odd block count
-    w[:, 40:60] += 2.0  # one block all positive: its range still has to hold 0
+    w = rng.standard_t(3, size=(40, 80)).astype(np.float32)  # heavy tails; 80 = 2.5 blocks: padded, 3 zero points
+    w[:, 32:64] += 2.0  # one block all positive: its range still has to hold 0
     rep = Rep("nbits", bits=bits, block=32, accuracy_level=0, symmetric=False)
-    block_error = lambda deq: np.square(np.pad(deq - w, ((0, 0), (0, 16)))).reshape(40, 4, 32).sum(-1)  # noqa: E731
+    block_error = lambda deq: np.square(np.pad(deq - w, ((0, 0), (0, 16)))).reshape(40, 3, 32).sum(-1)  # noqa: E731
 
     monkeypatch.setattr(quantize, "FIT_ROUNDS", 0)  # the plain grid: the block's [min, max] over all levels
     plain = quantize_nbits(w, rep)
-    deq_plain = dequantize_nbits(plain, rep, 112)
-    step = np.repeat(plain["scales"], 32, axis=1)[:, :112]
+    deq_plain = dequantize_nbits(plain, rep, 80)
+    step = np.repeat(plain["scales"], 32, axis=1)[:, :80]
     assert np.all(plain["scales"] > 0) and np.all(np.abs(deq_plain - w) <= step / 2 + 1e-5)  # rounding only: no clip
     monkeypatch.undo()
 
     stored = quantize_nbits(w, rep)
-    assert stored["zero_points"].shape == (40, -(-4 * bits // 8)) and stored["zero_points"].dtype == np.uint8
-    deq = dequantize_nbits(stored, rep, 112)
+    assert stored["zero_points"].shape == (40, -(-3 * bits // 8)) and stored["zero_points"].dtype == np.uint8
+    if bits == 4:  # the odd third zero point sits in the low nibble of a byte whose high nibble is padding
+        assert np.all(stored["zero_points"][:, 1] >> 4 == 0)
+    deq = dequantize_nbits(stored, rep, 80)
     assert np.all(block_error(deq) <= block_error(deq_plain) * (1 + 1e-5) + 1e-9)  # the fit never makes a block worse
     assert block_error(deq).sum() < block_error(deq_plain).sum()  # and it helps (measured -6% on trained weights)
-    sym = dequantize_nbits(quantize_nbits(w, Rep("nbits", bits=bits, block=32)), Rep("nbits", bits=bits, block=32), 112)
+    sym = dequantize_nbits(quantize_nbits(w, Rep("nbits", bits=bits, block=32)), Rep("nbits", bits=bits, block=32), 80)
     assert np.square(deq - w).sum() < 0.8 * np.square(sym - w).sum()  # measured 0.64 (int4) on t(3) weights
-    x = rng.normal(size=(5, 112)).astype(np.float32)
-    assert np.abs(_matmul_nbits_in_onnxruntime(stored, rep, x, 40, 112) - x @ deq.T).max() <= 1e-4
+    x = rng.normal(size=(5, 80)).astype(np.float32)
+    assert np.abs(_matmul_nbits_in_onnxruntime(stored, rep, x, 40, 80) - x @ deq.T).max() <= 1e-4
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_chunked_quantization_and_batched_encoding_equal_one_pass_per_mix(bits, symmetric, monkeypatch):
+    """quantize_nbits runs rows in cache-sized chunks, and a batch encodes every customer's rows in
+    one call (emit.encode_mixes): both must give exactly the bytes of one pass over one customer."""
+    import soup_export.quantize as quantize
+    from soup_export.emit import encode_mixes
+    from soup_export.graph import Stored, _encode_one
+
+    rng = np.random.default_rng(bits + symmetric)
+    fused = rng.normal(size=(3, 37, 80)).astype(np.float32)  # 3 mixes; 80 columns: padded, odd block count
+    rep = Rep("nbits", bits=bits, block=32, symmetric=symmetric)
+    whole = [quantize_nbits(w, rep) for w in fused]
+    monkeypatch.setattr(quantize, "CHUNK_VALUES", 5 * 96)  # 5 rows per chunk: 37 rows end in a short chunk
+    for w, ref in zip(fused, whole):
+        got = quantize_nbits(w, rep)
+        assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
+    for how in ("nbits-linear", "nbits-gather"):
+        spec = Stored("w", np.dtype(np.uint8), (), "w", how, rep, "q")
+        for got, w in zip(encode_mixes(fused, spec), fused):
+            ref = _encode_one(w, spec)
+            assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref), how
 
 
 @pytest.mark.parametrize("tier,params", [("fp16", None), ("int8", None), ("mixed", None), ("int4", None),

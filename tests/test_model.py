@@ -155,6 +155,8 @@ def test_combine_many_matches_combine_per_mix(n, rank, shape, block):
         assert into.data_ptr() == workspace.data_ptr()  # the products went into the workspace
     one = combine_many(shared, experts, alphas[:1], workspace=workspace)[0]
     assert torch.equal(one, combine(shared, experts, alphas[0]))  # a single build stays bit-identical to the soup
+    if n and not rank:
+        assert one.data_ptr() == workspace.data_ptr()  # and it was computed in the workspace
     small = torch.zeros(3)
     assert torch.equal(combine_many(shared, experts, alphas, block_bytes=max(n, 1) * 4 * block, workspace=small), fused)
 

@@ -82,18 +82,19 @@ def test_build_records_the_search_in_the_manifest(debug_ckpt, debug_data, tmp_pa
 
 def test_windows_of_several_texts_come_from_all_of_them(debug_data):
     """Regression: windows were the first n of the concatenated texts, so a customer whose first file
-    was long was represented by that file alone (the mix search then chose its domain only)."""
+    was long was represented by that file alone (the mix search then chose its domain only); the
+    last file, when short, must not be left out either."""
     from soup_export.evaltext import from_texts
     from soup_train.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(debug_data / "tokenizer.json")
-    first, second = "the cat sat on the mat. " * 200, "import os; print(os.getcwd())\n" * 40
+    first, second = "the cat sat on the mat. " * 200, "import os; print(os.getcwd())\n" * 11
+    n_first, n_second = len(tok.encode(first).ids), len(tok.encode(second).ids)
+    assert 0.08 < n_second / (n_first + n_second) < 0.12  # the short last file is about a tenth of the text
     windows = from_texts([first, second], debug_data / "tokenizer.json", 8, 16)
     assert windows.shape == (8, 17)
     second_ids = set(tok.encode(second).ids) - set(tok.encode(first).ids)
     from_second = [bool(set(w.tolist()) & second_ids) for w in windows]
-    share = len(tok.encode(second).ids) / (len(tok.encode(first).ids) + len(tok.encode(second).ids))
-    assert from_second[-1] and sum(from_second) >= int(share * 8), (from_second, share)  # spread by token share
+    assert from_second == [False] * 7 + [True], from_second  # one window in eight: its share of the tokens
     every = from_texts([first, second], debug_data / "tokenizer.json", 10_000, 16)
-    tokens = len(tok.encode(first).ids) + len(tok.encode(second).ids) + 2  # an EOS after each text
-    assert len(every) == tokens // 17 and np.array_equal(every[0], windows[0])  # more asked than there are: all
+    assert len(every) == (n_first + n_second + 2) // 17  # more asked than there are: all of them (an EOS per text)

@@ -19,8 +19,10 @@ Two regimes (`--regime`):
 
     python tools/reproduce_smalltalk.py                     # E = 2 and 4, about 40 minutes on 2 cores
     python tools/reproduce_smalltalk.py --experts 4         # about 25 minutes
-    python tools/reproduce_smalltalk.py --regime default --out docs/results/smalltalk   # about 30 minutes
+    python tools/reproduce_smalltalk.py --regime default --out docs/results/smalltalk-default   # about 30 minutes
     python tools/reproduce_smalltalk.py --quick             # a smoke run
+
+Runs are kept under --work/<regime>/{full,quick}/E<e>.
 
 Writes OUT/smalltalk.md (tables, the command and the commit), OUT/smalltalk.png and
 OUT/smalltalk.json; runs are kept in --work, so a second call only evaluates. Last line:
@@ -217,14 +219,19 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from soup_train.config import apply_overrides
+    from soup_train.smalltalk.config import smalltalk_preset
+
     regime = REGIMES[args.regime]
     args.data = args.data or Path(regime.data)
-    ensure_corpus(args.data, regime.vocab_size, {r.vocab_size: name for name, r in REGIMES.items()})
+    overrides = [*regime.overrides, *(QUICK if args.quick else []), *args.overrides]
     work = args.work / args.regime / ("quick" if args.quick else "full")
     try:
+        apply_overrides(smalltalk_preset(args.preset), overrides)  # a bad --set fails before data preparation
+        ensure_corpus(args.data, regime.vocab_size, {r.vocab_size: name for name, r in REGIMES.items()})
         results = []
         for e in args.experts:
-            run = make_run(work, args.data, e, args.preset, [*regime.overrides, *(QUICK if args.quick else []), *args.overrides])
+            run = make_run(work, args.data, e, args.preset, overrides)
             print(f"== E={e}: {run.path}", flush=True)
             results.append(evaluate_run(run, train_all(run, progress=sys.stderr.isatty()), args.prefix_lens,
                                         args.per_domain))

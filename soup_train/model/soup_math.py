@@ -31,17 +31,24 @@ def expert_keys(name: str, shape: tuple[int, ...] | torch.Size, rank: int) -> tu
     return (f"{EXPERTS_PREFIX}{name}",)
 
 
-def combine(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alpha: torch.Tensor) -> torch.Tensor:
+def combine(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alpha: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """One fused tensor S + sum_j alpha_j E_j.
 
     shared: (*shape); alpha: (n,); experts: (E,) with E (n, *shape), or (U, V) with
     U (n, out, r), V (n, in, r) for a low-rank matrix. Export calls this very function once per
     mix (no batched matrix product): the fused weights are then bit-identical to the ones the
-    soup's own forward uses, which is what parity stage (a) checks.
+    soup's own forward uses, which is what parity stage (a) checks. `out` (a full bank, no
+    autograd): the result is written there by the same two operations, the product (1, n) @ (n, P)
+    and then S added (a + b == b + a in IEEE arithmetic), so the bits are the same.
     """
     if len(experts) == 1:
         bank = experts[0]  # (n, *shape)
-        return shared + torch.tensordot(alpha.to(bank.dtype), bank, dims=1)
+        coef, flat_bank = alpha.to(bank.dtype)[None], bank.reshape(bank.shape[0], shared.numel())  # (1, n), (n, P)
+        if out is None or out.dtype != shared.dtype:
+            return shared + torch.mm(coef, flat_bank).view(shared.shape)
+        torch.mm(coef, flat_bank, out=out.view(1, -1))
+        return out.view(shared.shape).add_(shared)
     u, v = experts  # (n, out, r), (n, in, r)
     return shared + torch.einsum("j,jor,jir->oi", alpha.to(u.dtype), u, v)
 
@@ -57,36 +64,31 @@ def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas
     speed instead of one vector product per mix (3x faster at 16 mixes of 32 experts). Each
     output is the same sum in another order, so it equals `combine` to fp32 rounding (tests bound
     it); the same batch gives the same bytes every time. Low-rank experts are small and are
-    combined whole, per mix. `workspace` (fp32, at least mixes x numel) receives the block products
-    instead of a fresh tensor: a caller fusing tensor after tensor saves the page faults of new
+    combined whole, per mix. `workspace` (fp32, at least mixes x numel) receives the products
+    instead of fresh memory: a caller fusing tensor after tensor saves the page faults of new
     memory, which cost about as much as the products themselves (the result is a view of it).
     """
+    flat = shared.reshape(-1)
+    out = _workspace(workspace, len(alphas), flat)
     if len(alphas) == 1:  # a single build: `combine` itself, as a (1, *shape) view (no copy)
-        return _combine_into(shared, experts, alphas[0], workspace).unsqueeze(0)
+        return combine(shared, experts, alphas[0], out=out).unsqueeze(0)
     if len(experts) != 1 or experts[0].shape[0] == 0:
         return torch.stack([combine(shared, experts, a) for a in alphas])
     bank = experts[0].reshape(experts[0].shape[0], -1)  # (n, P)
-    flat = shared.reshape(-1)
     coefs = torch.stack([a.to(bank.dtype) for a in alphas])  # (mixes, n)
-    size = len(alphas) * flat.numel()
-    reuse = workspace is not None and workspace.dtype == flat.dtype and workspace.numel() >= size
-    out = (workspace[:size] if reuse else torch.empty(size, dtype=flat.dtype)).view(len(alphas), flat.numel())
+    out = torch.empty(len(alphas) * flat.numel(), dtype=flat.dtype) if out is None else out
+    out = out.view(len(alphas), flat.numel())
     for start, stop in column_blocks(flat.numel(), max(MIN_BLOCK, block_bytes // (bank.shape[0] * bank.element_size()))):
         torch.addmm(flat[start:stop], coefs, bank[:, start:stop], out=out[:, start:stop])
     return out.reshape(len(alphas), *shared.shape)
 
 
-def _combine_into(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alpha: torch.Tensor,
-                  workspace: torch.Tensor | None) -> torch.Tensor:
-    """`combine` computed into the workspace when it fits: the same two operations (the expert
-    product, then the shared tensor added: a + b == b + a in IEEE arithmetic), so the same bits."""
-    size = shared.numel()
-    if (len(experts) != 1 or workspace is None or workspace.dtype != shared.dtype or workspace.numel() < size
-            or experts[0].dtype != shared.dtype):
-        return combine(shared, experts, alpha)
-    out = workspace[:size].view(shared.shape)
-    torch.tensordot(alpha.to(experts[0].dtype), experts[0], dims=1, out=out)
-    return out.add_(shared)
+def _workspace(workspace: torch.Tensor | None, mixes: int, like: torch.Tensor) -> torch.Tensor | None:
+    """The first mixes x numel values of the workspace (flat), or None when it cannot hold them."""
+    size = mixes * like.numel()
+    if workspace is None or workspace.dtype != like.dtype or workspace.numel() < size:
+        return None
+    return workspace[:size]
 
 
 MIN_BLOCK = 1024  # columns; narrower products waste the matrix kernel
