@@ -197,16 +197,18 @@ def evaluate_specialist(ev: Evaluator, spec: dict, names: list[str], runs: dict[
     h_est = DomainMap.load(data).histogram(texts, "sources")
     windows = eval_windows(data, names, spec["h"], ev.seq_len)
     h_true, k = spec["h"], len(names)
-    per_window = {"generic": ev.losses("generic", windows, h_true), "soup4_est": ev.losses("soup4", windows, h_est),
-                  "soup16_est": ev.losses("soup16", windows, h_est)}
+    per_window = {"generic": ev.losses("generic", windows, h_true), "soup16_est": ev.losses("soup16", windows, h_est)}
+    if "soup4" in runs:
+        per_window["soup4_est"] = ev.losses("soup4", windows, h_est)
     row = {"name": spec["name"], "h_true": h_true.tolist(), "h_est": h_est.tolist(), "texts": len(texts),
            **{k: float(v.mean()) for k, v in per_window.items()},
            "per_window": {k: v.tolist() for k, v in per_window.items()},
-           "soup4_true": ev.loss("soup4", windows, h_true), "soup16_true": ev.loss("soup16", windows, h_true),
+           **({"soup4_true": ev.loss("soup4", windows, h_true)} if "soup4" in runs else {}),
+           "soup16_true": ev.loss("soup16", windows, h_true),
            "soup16_wrong": ev.loss("soup16", windows, wrong_h(h_true)),
            "soup16_uniform": ev.loss("soup16", windows, np.full(k, 1.0 / k)),
            "alpha16_est": ev.alpha("soup16", h_est)}
-    if spec["name"] in is_runs:
+    if is_runs.get(spec["name"]) in runs:
         row["importance_sampled"] = ev.loss(is_runs[spec["name"]], windows, h_true)
     row.update({f"soup16_{t}": v for t, v in exported_losses(runs["soup16"], names, h_est, windows).items()})
     h_opt, report = searched_h(ev, "soup16", texts, data / "tokenizer.json", h_est)
@@ -228,13 +230,14 @@ def paired(rows: list[dict], a: str, b: str) -> tuple[float, float, float]:
 def summary(rows: list[dict]) -> dict:
     rel = lambda a, b: (a - b) / b  # noqa: E731
     gen, est = np.array([r["generic"] for r in rows]), np.array([r["soup16_est"] for r in rows])
-    n16_n4, n16_n4_se, n16_n4_se_spec = paired(rows, "soup16_est", "soup4_est")
+    with_n4 = all("soup4_est" in r for r in rows)
+    n16_n4, n16_n4_se, n16_n4_se_spec = paired(rows, "soup16_est", "soup4_est") if with_n4 else (None,) * 3
     soup_gen, soup_gen_se, soup_gen_se_spec = paired(rows, "soup16_est", "generic")
     return {
         "soup_beats_generic_fraction": float((est < gen).mean()),
         "mean_relative_gain_vs_generic": float(np.mean((gen - est) / gen)),
         "wrong_worse_than_estimated_everywhere": bool(all(r["soup16_wrong"] > r["soup16_est"] for r in rows)),
-        "n16_minus_n4_mean_loss": float(np.mean([r["soup16_est"] - r["soup4_est"] for r in rows])),
+        "n16_minus_n4_mean_loss": float(np.mean([r["soup16_est"] - r["soup4_est"] for r in rows])) if with_n4 else None,
         "n16_minus_n4_window_mean": n16_n4, "n16_minus_n4_window_se": n16_n4_se,
         "n16_minus_n4_specialist_se": n16_n4_se_spec,
         "soup16_minus_generic_window_mean": soup_gen, "soup16_minus_generic_window_se": soup_gen_se,
@@ -270,9 +273,9 @@ def markdown(rows: list[dict], s: dict, costs: dict, command: str, commit: str, 
               f"({s['soup16_minus_generic_window_mean']:+.4f} nats ± {s['soup16_minus_generic_window_se']:.4f} over windows, "
               f"± {s['soup16_minus_generic_specialist_se']:.4f} over specialists) |",
               f"| wrong h worse than estimated h | every specialist | {'yes' if s['wrong_worse_than_estimated_everywhere'] else 'no'} |",
-              f"| n=16 better than n=4 | on average | mean loss difference {s['n16_minus_n4_mean_loss']:+.4f} "
-              f"(± {s['n16_minus_n4_window_se']:.4f} over windows, ± {s['n16_minus_n4_specialist_se']:.4f} over "
-              "specialists) |",
+              (f"| n=16 better than n=4 | on average | mean loss difference {s['n16_minus_n4_mean_loss']:+.4f} "
+               f"(± {s['n16_minus_n4_window_se']:.4f} over windows, ± {s['n16_minus_n4_specialist_se']:.4f} over "
+               "specialists) |") if s["n16_minus_n4_mean_loss"] is not None else "| n=16 better than n=4 | on average | not trained (--runs) |",
               f"| estimated h close to true h | within 2% loss | worst {100 * s['max_estimated_vs_true_gap']:+.2f}% |",
               f"| int8 / int4 exports | within 0.5% / 3% of fp32 | worst {100 * s['max_int8_gap']:.2f}% / "
               f"{100 * s['max_int4_gap']:.2f}% (asymmetric int4: {100 * s['max_int4_asym_gap']:.2f}%) |",
@@ -307,7 +310,7 @@ def plots(rows: list[dict], costs: dict, names: list[str], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     n = np.arange(1, len(rows) + 1)
-    per_model = np.mean([v for k, v in costs.items() if k.startswith("importance")])
+    per_model = np.mean([v for k, v in costs.items() if k.startswith("importance")] or [np.nan])
     ax.plot(n, np.full(len(n), costs["soup16"]), "o-", label="soup n=16: one run serves all")
     ax.plot(n, per_model * n, "s-", label="one importance-sampled run per specialist")
     ax.plot(n, np.full(len(n), costs["generic"]), "--", label="generic dense (one run, no specialisation)")
@@ -324,6 +327,9 @@ def plots(rows: list[dict], costs: dict, names: list[str], out: Path) -> None:
     fig.colorbar(im)
     fig.tight_layout()
     fig.savefig(out / "alpha.png", dpi=110)
+
+
+RUNS = ("generic", "soup16", "soup4", "importance")  # importance: the two importance-sampled dense runs
 
 
 @dataclass(frozen=True)
@@ -356,6 +362,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="training steps of every run (overrides --quick)")
     parser.add_argument("--seed", type=int, default=0,
                         help="train.seed of every run (init, h stream, batches); runs of other seeds are kept apart")
+    parser.add_argument("--runs", default=",".join(RUNS),
+                        help=f"which runs to train and score, comma-separated, among {', '.join(RUNS)} (generic and "
+                             "soup16 always): fewer for a longer training (e.g. --steps 5000 --runs generic,soup16)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run, after the regime's, e.g. --set train.lr=3e-3 "
                              "(repeatable; pair it with its own --work so the default runs are kept)")
@@ -366,6 +375,9 @@ def main() -> None:
     from soup_train.errors import SoupError
     from soup_train.presets import run_preset
 
+    wanted = {r.strip() for r in args.runs.split(",") if r.strip()}
+    if not wanted <= set(RUNS):
+        sys.exit(f"error: --runs {args.runs!r}: unknown {', '.join(sorted(wanted - set(RUNS)))}; choose among {', '.join(RUNS)}")
     regime = REGIMES[args.regime]
     args.data = args.data or Path(regime.data)
     steps = args.steps or (regime.quick_steps if args.quick else regime.steps)
@@ -391,6 +403,8 @@ def main() -> None:
                 ("soup16", ["soup.n_experts=16"]), ("soup4", ["soup.n_experts=4"])]
         plan += [(f"importance-{i}", ["soup.n_experts=0", f"meta.fixed_h={weights_arg(s['h'])}"])
                  for i, s in enumerate(is_targets)]
+        plan = [(name, o) for name, o in plan if name in {"generic", "soup16"} | wanted
+                or (name.startswith("importance") and "importance" in wanted)]
         for name, overrides in plan:
             print(f"== train {name}: {' '.join(overrides)}", flush=True)
             runs[name], costs[name] = train(work, name, base, overrides, progress)
