@@ -26,8 +26,8 @@ build`) run in onnxruntime, and the mix search (`--optimize-mix`) started from t
 same 32 documents. Differences between models are also given per window, with their standard
 error over all held-out windows, to show which differences stand above evaluation noise.
 
-    python tools/reproduce_soup.py                       # the capacity regime, about 37 minutes on 2 cores
-    python tools/reproduce_soup.py --quick               # 150 steps: a smoke run, about 4.5 minutes
+    python tools/reproduce_soup.py                       # the capacity regime, 30-37 minutes on 2 cores
+    python tools/reproduce_soup.py --quick               # 150 steps: a smoke run, 2.5-4.5 minutes
     python tools/reproduce_soup.py --regime demo --out docs/results/soup-demo   # the data-bound regime
     python tools/reproduce_soup.py --seed 1 --out docs/results/soup-seed1       # another seed
 
