@@ -23,13 +23,14 @@ generic dense model, the soups at the estimated h, the n = 16 soup at the true h
 the domains) and at the uniform h, the importance-sampled models where trained, the n = 16
 soup's int8, int4 and asymmetric int4 (`--qparam symmetric=false`) ONNX exports (`soup-export
 build`) run in onnxruntime, and the mix search (`--optimize-mix`) started from the estimate on the
-same 32 documents. Differences between models are also given per window, with their standard
-error over all held-out windows, to show which differences stand above evaluation noise.
+same 32 documents. Differences between models also get standard errors, over all held-out windows
+and over the specialists, to show which differences stand above noise.
 
     python tools/reproduce_soup.py                       # the capacity regime, 30-37 minutes on 2 cores
     python tools/reproduce_soup.py --quick               # 150 steps: a smoke run, 2.5-4.5 minutes
     python tools/reproduce_soup.py --regime demo --out docs/results/soup-demo   # the data-bound regime
     python tools/reproduce_soup.py --seed 1 --out docs/results/soup-seed1       # another seed
+    python tools/reproduce_soup.py --steps 5000 --runs generic,soup16 --out docs/results/soup-steps5000  # 2x tokens
 
 Writes OUT/soup.md (tables, the command and the commit), OUT/soup.json and the plots
 OUT/loss.png, OUT/cost.png, OUT/alpha.png. Runs are kept in --work and reused. Last line:
