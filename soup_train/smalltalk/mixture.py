@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from soup_train.model.llama import lm_loss
 from soup_train.smalltalk.routing import prefix_scores, purity, route, shares
 from soup_train.smalltalk.run import SmallTalkRun
 
@@ -23,9 +23,7 @@ def sequence_nll(model: nn.Module, windows: np.ndarray, batch: int = 64) -> np.n
     out = np.empty(len(windows))
     for start in range(0, len(windows), batch):
         chunk = torch.as_tensor(np.asarray(windows[start:start + batch], dtype=np.int64))
-        logits = model(chunk[:, :-1]).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
-        out[start:start + len(chunk)] = nll.mean(1).double().numpy()
+        out[start:start + len(chunk)] = lm_loss(model(chunk[:, :-1]), chunk[:, 1:], per_row=True).double().numpy()
     return out
 
 
