@@ -1,6 +1,7 @@
 """Run under torchrun by test_distributed.py: train, then dump this rank's parameters."""
 from __future__ import annotations
 
+import faulthandler
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,18 +14,28 @@ from soup_train.presets import run_preset
 from soup_train.train import Trainer, resolve_config
 
 
+HANG_SECONDS = 300  # far above a run's few seconds, below the test's 600 s timeout
+
+
 def main(data: str, out: str, stop_after: str, *overrides: str) -> None:
+    # a rank stuck in a collective prints every thread's stack and exits, so the test fails with the
+    # place of the hang in its stderr instead of timing out silently
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
     cfg = run_preset("debug")
     cfg = apply_overrides(replace(cfg, data=replace(cfg.data, path=data)), list(overrides))
     env = setup("cpu")
     try:
-        trainer = Trainer(resolve_config(cfg), Path(out), env, progress=False)
-        trainer.run(int(stop_after) if stop_after != "none" else None)
-        params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous()
-                  for k, v in unwrap(trainer.model).named_parameters()}  # FSDP2: gather DTensors
-        save_file(params, str(Path(out) / f"params_rank{env.rank}.safetensors"))
+        train_and_dump(cfg, Path(out), stop_after, env)  # the trainer is gone before the group (see teardown)
     finally:
         teardown(env)
+
+
+def train_and_dump(cfg, out: Path, stop_after: str, env) -> None:
+    trainer = Trainer(resolve_config(cfg), out, env, progress=False)
+    trainer.run(int(stop_after) if stop_after != "none" else None)
+    params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous()
+              for k, v in unwrap(trainer.model).named_parameters()}  # FSDP2: gather DTensors
+    save_file(params, str(out / f"params_rank{env.rank}.safetensors"))
 
 
 if __name__ == "__main__":

@@ -36,8 +36,17 @@ def launch(nproc: int, data: Path, out: Path, *overrides: str, stop_after: str =
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(DRIVER),
            str(data), str(out), stop_after, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = run(cmd, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command's result; a hang fails the test with what the processes printed so far."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        pytest.fail(f"{' '.join(cmd[:4])} ... hung for {exc.timeout} s; its stderr:\n{err[-5000:]}")
 
 
 def params(path: Path) -> dict:
@@ -88,7 +97,7 @@ def test_resume_under_a_different_world_size_is_refused(debug_data, tmp_path):
     launch(2, debug_data, tmp_path / "run", "train.steps=2", "train.ckpt_every=2", "train.eval_every=0")
     cmd = [sys.executable, str(DRIVER), str(debug_data), str(tmp_path / "run"), "none", "train.steps=4",
            "train.ckpt_every=2", "train.eval_every=0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = run(cmd)
     assert proc.returncode != 0 and "written by 2 process(es), this run has 1" in proc.stderr
 
 
