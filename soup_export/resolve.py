@@ -176,12 +176,10 @@ def cached_sha256(path: Path) -> str:
     return digest
 
 
-def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read through one small reused buffer (hashlib.file_digest)."""
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def resolve(ckpt: Path, mix: Mix, out: Path, dtype: str = "float32", progress: bool = False) -> Path:
