@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,10 +64,37 @@ def teardown(env: DistEnv) -> None:
     DDP's reducer holds the group, and if it outlives `destroy_process_group` the group is freed
     with the reducer, whose destructor joins gloo's worker threads with the GIL held while a worker
     may wait for the GIL to free its last collective's tensors (a hang at exit, seen about once in
-    ten 2-process runs). `gc.collect()` first frees a model kept alive only by reference cycles."""
+    ten 2-process runs). `gc.collect()` first frees a model kept alive only by reference cycles;
+    `process_group` also frees one held by a failing run's traceback."""
     if env.backend is not None and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto"):
+    """`setup` ... `teardown` around a run whose objects (trainer, wrapped model) live inside the
+    block. If the block raises, the locals of the frames in its traceback are cleared before the
+    teardown: the traceback would otherwise keep the wrapped model alive past the process group
+    (see `teardown`), and an uncaught one lives until the interpreter exits. The printed traceback
+    (files, lines, message) is unchanged."""
+    env = setup(device)
+    try:
+        yield env
+    except BaseException as exc:
+        if env.backend is not None:
+            _clear_traceback_locals(exc)
+        raise
+    finally:
+        teardown(env)
+
+
+def _clear_traceback_locals(exc: BaseException | None) -> None:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def wrap(model: nn.Module, env: DistEnv, parallel: str) -> nn.Module:

@@ -29,7 +29,7 @@ from soup_train.config import RunConfig, TrainConfig, save_json, to_dict
 from soup_train.data.sampler import MetaDistribution, MixSampler
 from soup_train.data.shards import DomainShards, read_index
 from soup_train.distributed import (
-    DistEnv, gather_objects, grad_sync, mean_over_ranks, setup, teardown, unwrap, wrap,
+    DistEnv, gather_objects, grad_sync, mean_over_ranks, process_group, unwrap, wrap,
 )
 from soup_train.errors import ConfigError
 from soup_train.evaluate import evaluate_domains
@@ -142,11 +142,8 @@ class _Preemption:
 
 def fit(cfg: RunConfig, out: Path, *, stop_after: int | None = None, progress: bool = True) -> FitResult:
     """Train (or resume) a run in directory `out`. `stop_after` simulates preemption after that step."""
-    env = setup(cfg.train.device)
-    try:
+    with process_group(cfg.train.device) as env:
         return Trainer(resolve_config(cfg), out, env, progress).run(stop_after)
-    finally:
-        teardown(env)
 
 
 class Trainer:

@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from soup_train.config import apply_overrides
-from soup_train.distributed import setup, teardown, unwrap
+from soup_train.distributed import process_group, unwrap
 from soup_train.presets import run_preset
 from soup_train.train import Trainer, resolve_config
 
@@ -23,11 +23,8 @@ def main(data: str, out: str, stop_after: str, *overrides: str) -> None:
     faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
     cfg = run_preset("debug")
     cfg = apply_overrides(replace(cfg, data=replace(cfg.data, path=data)), list(overrides))
-    env = setup("cpu")
-    try:
+    with process_group("cpu") as env:
         train_and_dump(cfg, Path(out), stop_after, env)  # the trainer is gone before the group (see teardown)
-    finally:
-        teardown(env)
 
 
 def train_and_dump(cfg, out: Path, stop_after: str, env) -> None:

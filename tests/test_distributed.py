@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from procs import run_command
 from safetensors.torch import load_file
 
 from soup_train.runlog import read_log
@@ -36,17 +36,8 @@ def launch(nproc: int, data: Path, out: Path, *overrides: str, stop_after: str =
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(DRIVER),
            str(data), str(out), stop_after, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = run(cmd, env)
+    proc = run_command(cmd, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    """The command's result; a hang fails the test with what the processes printed so far."""
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    except subprocess.TimeoutExpired as exc:
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
-        pytest.fail(f"{' '.join(cmd[:4])} ... hung for {exc.timeout} s; its stderr:\n{err[-5000:]}")
 
 
 def params(path: Path) -> dict:
@@ -97,7 +88,7 @@ def test_resume_under_a_different_world_size_is_refused(debug_data, tmp_path):
     launch(2, debug_data, tmp_path / "run", "train.steps=2", "train.ckpt_every=2", "train.eval_every=0")
     cmd = [sys.executable, str(DRIVER), str(debug_data), str(tmp_path / "run"), "none", "train.steps=4",
            "train.ckpt_every=2", "train.eval_every=0"]
-    proc = run(cmd)
+    proc = run_command(cmd)
     assert proc.returncode != 0 and "written by 2 process(es), this run has 1" in proc.stderr
 
 
@@ -110,3 +101,33 @@ def test_fsdp_matches_ddp_and_resumes(debug_data, tmp_path):
     ddp, fsdp = params(tmp_path / "ddp" / "params_rank0.safetensors"), params(tmp_path / "fsdp" / "params_rank0.safetensors")
     assert max_diff(ddp, fsdp) <= SAME_PARAMS_TOL
     assert max_diff(fsdp, params(tmp_path / "fsdp" / "params_rank1.safetensors")) == 0.0
+
+
+def test_a_failing_run_frees_its_model_before_the_process_group(monkeypatch):
+    """A run that raises must not keep its wrapped model alive (through its traceback) until after
+    the process group is destroyed: that order hangs gloo at exit (see `teardown`)."""
+    import gc
+    import weakref
+
+    import torch
+
+    from soup_train import distributed as D
+
+    models = []
+
+    class Runner:
+        def __init__(self):
+            self.model = torch.nn.Linear(2, 2)
+            models.append(weakref.ref(self.model))
+
+        def run(self):
+            raise RuntimeError("boom")
+
+    alive_at_teardown = []
+    monkeypatch.setattr(D, "setup", lambda device: D.DistEnv(0, 2, 0, torch.device("cpu"), "gloo"))
+    monkeypatch.setattr(D, "teardown", lambda env: (gc.collect(), alive_at_teardown.append(models[0]() is not None)))
+    with pytest.raises(RuntimeError, match="boom") as info:
+        with D.process_group("cpu"):
+            Runner().run()
+    assert alive_at_teardown == [False]
+    assert "Runner" not in str(info.value) and info.traceback[-1].name == "run"  # the traceback still says where

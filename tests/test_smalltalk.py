@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from procs import run_command
 from safetensors.torch import load_file
 
 from soup_train.cli import main
@@ -189,7 +189,7 @@ def test_each_expert_is_its_own_torchrun_job_with_its_own_process_group(debug_da
         # One job after the other: two concurrent standalone torchruns each pick a free port for their
         # workers by binding and releasing it, and on a busy machine both can pick the same one.
         argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:], "--quiet"]
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        proc = run_command(argv, env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     for e in range(2):
         job = json.loads((run.expert_dir(e) / "job.json").read_text())

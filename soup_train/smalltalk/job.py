@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from soup_train import checkpoint as ckpt_io
 from soup_train.config import ModelConfig, TrainConfig, save_json, to_dict
-from soup_train.distributed import DistEnv, barrier, gather_objects, mean_over_ranks, setup, teardown, unwrap, wrap
+from soup_train.distributed import DistEnv, barrier, gather_objects, mean_over_ranks, process_group, unwrap, wrap
 from soup_train.errors import ResumeError
 from soup_train.model.llama import Llama
 from soup_train.runlog import RunLog
@@ -70,11 +70,8 @@ def _rng(key: tuple[int, ...], rank: int) -> np.random.Generator:
 
 def run_job(job: Job, pool: Pool, out: Path, *, stop_after: int | None = None, progress: bool = True) -> JobResult:
     """Train (or resume, or find finished) one job in `out`."""
-    env = setup(job.train.device)
-    try:
+    with process_group(job.train.device) as env:
         return _Runner(job, pool, out, env).run(stop_after, progress)
-    finally:
-        teardown(env)
 
 
 class _Runner:
