@@ -2,7 +2,8 @@
 
 For every weight, in the graph's storage order: read the shared tensor and its experts once,
 fuse them for every mix (fp32, `soup_math.combine_many`: one matrix product per block of columns for all
-mixes), and write the fused tensor to
+mixes; or, for a batch's int4 matrices, the compiled kernel of `native`, which fuses and quantizes
+in one pass), and write the fused tensor to
 its HF `model.safetensors` (when asked) and its encoded form (the tier's storage) to its
 `model.onnx.data` at the offset the graph already names. `model.onnx` is the same bytes for every
 mix. No intermediate file is written and read back; peak memory is one bank tensor plus one
@@ -10,16 +11,19 @@ fused tensor per mix.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 
+from soup_export import native
 from soup_export.graph import DATA_FILE, DecoderGraph, _encode_one, rotary_table
 from soup_export.mix import Mix
 from soup_export.onnx_dir import MODEL_FILE, copy_side_files, write_runtime_configs
 from soup_export.resolve import SPEC_FILE, Bank, checkpoint_ref, write_hf_files
 from soup_export.stream import SafetensorsWriter
+from soup_train.model.soup_math import combine_many
 
 
 def weight_order(g: DecoderGraph) -> list[str]:
@@ -85,6 +89,32 @@ def encode_mixes(fused: np.ndarray, s) -> list[dict[str, np.ndarray]]:
     return [{k: v[m * rows:(m + 1) * rows] for k, v in enc.items()} for m in range(mixes)]
 
 
+def _native_parts(q: np.ndarray, scales: np.ndarray, m: int, s) -> dict[str, np.ndarray]:
+    """Mix m's stored arrays from the native kernel's (mixes, rows, blocks, 16) bytes and scales."""
+    return {"q": q[m].reshape(q.shape[1], -1) if s.how == "nbits-gather" else q[m], "scales": scales[m]}
+
+
+class _TorchEncoder:
+    """Mix m's stored arrays of one fused tensor (mixes, *shape). Block quantizations are made for
+    every mix at once (small: a fraction of the fused bytes); other encodings one mix at a time, as
+    the mixes are asked for in order (an fp32 copy of every mix would double a batch's memory)."""
+
+    def __init__(self, fused) -> None:
+        self.fused, self.batched, self.single, self.mix = fused, {}, {}, None
+
+    def __call__(self, m: int, s) -> dict[str, np.ndarray]:
+        key = (s.how, s.rep)
+        if s.how.startswith("nbits") and self.fused.dim() == 3:
+            if key not in self.batched:
+                self.batched[key] = encode_mixes(self.fused.numpy(), s)
+            return self.batched[key][m]
+        if m != self.mix:
+            self.single, self.mix = {}, m
+        if key not in self.single:
+            self.single[key] = _encode_one(self.fused[m].numpy(), s)
+        return self.single[key]
+
+
 def _write_weights(bank, g, order, alphas, hf_writers, data_files, progress) -> None:
     by_weight: dict[str, list] = {}
     for s, offset in zip(g.stored, g.offsets()):
@@ -95,23 +125,25 @@ def _write_weights(bank, g, order, alphas, hf_writers, data_files, progress) -> 
             for fh in data_files:
                 fh.seek(offset)
                 fh.write(table.tobytes())
-    for name, fused in bank.fused(alphas, progress, names=order):  # fused: (mixes, *shape)
-        for writer, tensor in zip(hf_writers, fused):
+    import torch
+
+    workspace, coefs = bank.workspace(len(alphas), order), torch.stack(alphas).numpy()
+    for name, shared, experts in bank.tensors(order, progress):
+        parts = by_weight[name]
+        if all(native.applies(s.rep, tuple(shared.shape), experts, len(alphas)) for s, _ in parts):
+            # every mix fused and quantized in one compiled pass; fp32 values only for HF weights
+            fused = workspace[:len(alphas) * shared.numel()].view(len(alphas), *shared.shape) if hf_writers else None
+            q, scales = native.fuse_quantize(shared.numpy(), experts[0].numpy(), coefs, torch.get_num_threads(),
+                                             None if fused is None else fused.numpy())
+            encoded = functools.partial(_native_parts, q, scales)
+        else:
+            fused = combine_many(shared, experts, alphas, workspace=workspace)  # (mixes, *shape), the bank read once
+            encoded = _TorchEncoder(fused)
+        for writer, tensor in zip(hf_writers, fused if hf_writers else ()):
             writer.write(name, tensor)
-        batched: dict = {}  # block quantizations of every mix at once (small: a fraction of the fused bytes)
         for m, fh in enumerate(data_files):
-            single: dict = {}  # other encodings, one mix at a time (an fp32 copy of every mix would double memory)
-            for s, offset in by_weight[name]:
-                key = (s.how, s.rep)
-                if s.how.startswith("nbits") and fused.dim() == 3:
-                    if key not in batched:
-                        batched[key] = encode_mixes(fused.numpy(), s)
-                    enc = batched[key][m]
-                else:
-                    if key not in single:
-                        single[key] = _encode_one(fused[m].numpy(), s)
-                    enc = single[key]
-                arr = enc[s.part]
+            for s, offset in parts:
+                arr = encoded(m, s)[s.part]
                 assert arr.shape == s.shape and arr.dtype == s.dtype, s.name
                 fh.seek(offset)
                 fh.write(memoryview(np.ascontiguousarray(arr)))

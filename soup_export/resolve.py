@@ -82,21 +82,29 @@ class Bank:
         mlp.load_state_dict(state)
         return mlp.eval()
 
+    def tensors(self, names: list[str] | None = None,
+                progress: bool = False) -> Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, ...]]]:
+        """Tensor-major: (dense name, shared tensor, its expert tensors) as fp32 views of the memory-mapped
+        checkpoint (no copy), one tensor at a time, in checkpoint order or the order of `names`."""
+        rank = self.info.run.soup.expert_rank
+        tensors = MappedSafetensors(self.weights)
+        for name in tqdm(names or list(self.shapes), desc="fuse", unit="tensor", disable=not progress, leave=False):
+            shared = tensors[SHARED_PREFIX + name].float()
+            yield name, shared, tuple(tensors[k].float() for k in expert_keys(name, shared.shape, rank))
+
+    def workspace(self, mixes: int, names: list[str] | None = None) -> torch.Tensor:
+        """Memory for `mixes` fused copies of the largest of these tensors (see `fused`)."""
+        return torch.empty(mixes * max((math.prod(self.shapes[n]) for n in names or self.shapes), default=0))
+
     def fused(self, alphas: list[torch.Tensor], progress: bool = False,
               names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensor-major: (dense name, Theta_m[name] stacked over the alphas m: (mixes, *shape)) in fp32,
         one tensor at a time, in checkpoint order or the order of `names`. Each yielded tensor lives in
         one reused workspace (fresh memory for every tensor cost as much as the fusion itself): it is
         valid until the next one is asked for."""
-        rank = self.info.run.soup.expert_rank
-        tensors = MappedSafetensors(self.weights)
-        order = names or list(self.shapes)
-        largest = max((math.prod(self.shapes[n]) for n in order), default=0)
-        workspace = torch.empty(len(alphas) * largest)
-        for name in tqdm(order, desc="fuse", unit="tensor", disable=not progress, leave=False):
-            shared = tensors[SHARED_PREFIX + name].float()
-            bank = tuple(tensors[k].float() for k in expert_keys(name, shared.shape, rank))
-            yield name, combine_many(shared, bank, alphas, workspace=workspace)  # the bank is read once for all mixes
+        workspace = self.workspace(len(alphas), names)
+        for name, shared, experts in self.tensors(names, progress):
+            yield name, combine_many(shared, experts, alphas, workspace=workspace)  # the bank is read once for all mixes
 
 
 @lru_cache(maxsize=8)

@@ -151,6 +151,34 @@ def test_batch_writes_the_graph_once_and_equals_single_builds(debug_ckpt, tmp_pa
     assert sha(tmp_path / "b1" / "acme" / "onnx" / "model.onnx.data") == sha(tmp_path / "single" / "onnx" / "model.onnx.data")
 
 
+def test_batch_int4_through_the_native_kernel_matches_the_torch_path(debug_ckpt, tmp_path, monkeypatch):
+    """A batch's int4 weights come from the compiled kernel when there is one; they equal the torch
+    path's to fp32 rounding (scales differ in their last bits, levels almost never) and the specialist
+    runs within the same parity bounds."""
+    from soup_export import native
+
+    if native.kernel() is None:
+        pytest.skip("no C compiler: batch export uses the torch path")  # CI has one: the kernel is tested there
+    (tmp_path / "m.yaml").write_text("customers:\n  acme: {licences: 0.7, python-code: 0.3}\n  initech: {python-docs: 1}\n")
+    calls = []
+    real = native.fuse_quantize
+    monkeypatch.setattr(native, "fuse_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert run("batch", debug_ckpt, tmp_path / "m.yaml", "--out", tmp_path / "native", "--quant", "int4").exit_code == 0
+    assert calls  # the kernel did the work
+    monkeypatch.setenv("SOUP_NATIVE", "0")
+    native.kernel.cache_clear()
+    try:
+        assert run("batch", debug_ckpt, tmp_path / "m.yaml", "--out", tmp_path / "torch", "--quant", "int4",
+                   "--no-parity").exit_code == 0
+    finally:
+        native.kernel.cache_clear()
+    for name in ("acme", "initech"):
+        a, b = (np.fromfile(tmp_path / d / name / "onnx" / "model.onnx.data", np.uint8) for d in ("native", "torch"))
+        assert a.size == b.size and 0 < np.mean(a != b) < 0.05, name
+        parity = json.loads((tmp_path / "native" / name / "manifest.json").read_text())["parity"]
+        assert "c_quantized_vs_fp32" in parity and "dppl" in parity["c_quantized_vs_fp32"]  # (a failure exits non-zero)
+
+
 def test_batch_weights_equal_single_builds_to_fp32_rounding(debug_ckpt, tmp_path):
     from soup_export.onnx_dir import dense_weights
 

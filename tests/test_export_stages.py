@@ -268,6 +268,55 @@ def test_chunked_quantization_and_batched_encoding_equal_one_pass_per_mix(bits, 
             assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref), how
 
 
+def _dyadic(rng, size, scale):
+    """Small multiples of powers of two: every product and partial sum below is exact in fp32, so
+    the fused values are the same in any order of summation."""
+    return (rng.integers(-64, 65, size=size) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("mixes", [13, 2])  # 13 = 8 + 4 + 1: every tile width of the kernel
+def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes):
+    """The compiled fuse-and-quantize kernel against the reference, S + A @ E then quantize_nbits,
+    bit for bit: on exact sums its levels (round half to even, clamped), scales (signed extreme,
+    all-zero blocks) and nibble order must all be the same; rows split over threads unevenly."""
+    from soup_export import native
+
+    if native.kernel() is None:
+        pytest.skip("no C compiler: batch export uses the torch path")  # CI has one: the kernel is tested there
+    rng = np.random.default_rng(mixes)
+    n, rows, cols = 5, 7, 96  # 3 blocks per row
+    shared, bank = _dyadic(rng, (rows, cols), 2.0 ** -6), _dyadic(rng, (n, rows, cols), 2.0 ** -6)
+    alphas = (rng.integers(-8, 9, size=(mixes, n)) * 2.0 ** -3).astype(np.float32)
+    shared[2, :32] = 0
+    bank[:, 2, :32] = 0  # an all-zero block: scale 1
+    shared[3, 32:64] = np.linspace(-8, 8, 32, dtype=np.float32) * 2.0 ** -4  # levels at exact halves: ties
+    bank[:, 3, 32:64] = 0
+    out = np.empty((mixes, rows, cols), np.float32)
+    q, scales = native.fuse_quantize(shared, bank, alphas, threads=3, fused=out)
+    rep = Rep("nbits", bits=4, block=32)
+    for m in range(mixes):
+        fused = shared + np.tensordot(alphas[m], bank, axes=1)
+        ref = quantize_nbits(fused, rep)
+        assert np.array_equal(q[m], ref["q"]) and np.array_equal(scales[m], ref["scales"]), m
+        assert np.array_equal(out[m], fused), m  # the fp32 values an HF directory receives
+    assert scales[0, 2, 0] == 1.0
+
+
+def test_native_kernel_falls_back_without_a_compiler_or_when_disabled(monkeypatch):
+    from soup_export import native
+
+    try:
+        monkeypatch.setenv("CC", "/nonexistent/cc")
+        native.kernel.cache_clear()
+        assert native.kernel() is None and not native.applies(Rep("nbits", bits=4, block=32), (4, 32), (None,), 2)
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv("SOUP_NATIVE", "0")
+        native.kernel.cache_clear()
+        assert native.kernel() is None
+    finally:
+        native.kernel.cache_clear()
+
+
 @pytest.mark.parametrize("tier,params", [("fp16", None), ("int8", None), ("mixed", None), ("int4", None),
                                          ("int4", {"symmetric": "false"})])
 def test_every_tier_runs_and_stays_close_on_held_out_text(hf_dir, debug_data, tmp_path, tier, params):

@@ -1,0 +1,114 @@
+"""Batch export's compiled int4 kernel (`native_q4.c`): fuse every mix and quantize in one pass.
+
+The kernel is compiled on first use with the system C compiler (`$CC`, default `cc`) for this CPU
+(`-march=native`) into the user cache (`$XDG_CACHE_HOME/soup/native`, keyed by the source, the
+flags and the CPU, so a home directory shared by other machines never loads a library built for
+another CPU), and loaded with ctypes. Without a compiler, or with `SOUP_NATIVE=0`, `kernel()` is
+None and export uses the torch path (`combine_many` + `quantize_nbits`), which is also the
+reference the tests hold the kernel to.
+
+It applies to batches (one mix keeps `combine`, bit-identical to the soup's forward) of 4-bit,
+block-32, symmetric storage (the int4 tier and the mixed tier's body, the defaults). The fused
+fp32 values are written out only when an HF directory needs them (parity, --keep-hf).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_q4.c")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+BLOCK, BITS = 32, 4
+
+
+@functools.lru_cache(maxsize=1)
+def kernel():
+    """The loaded `fuse_q4` function, or None (no compiler, a failed build, or SOUP_NATIVE=0)."""
+    if os.environ.get("SOUP_NATIVE", "1") == "0":
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        log.info("no C compiler: batch int4 export uses the torch path")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("the native int4 kernel could not be built (%s); batch export uses the torch path", exc)
+        return None
+    fn = lib.fuse_q4
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                   ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return fn
+
+
+def _cpu() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return "\n".join(next((line for line in lines if line.startswith(k)), "") for k in ("model name", "flags"))
+
+
+def _build(cc: str) -> Path:
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, cc, platform.machine(), _cpu()]).encode()).hexdigest()
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "soup" / "native"
+    lib = root / f"native_q4-{key[:24]}.so"
+    if not lib.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
+        try:
+            subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE)], check=True, capture_output=True, timeout=300)
+            tmp.replace(lib)  # atomic: a concurrent export sees no half-written library
+        finally:
+            tmp.unlink(missing_ok=True)
+    return lib
+
+
+def applies(rep, shape: tuple[int, ...], experts: tuple, mixes: int) -> bool:
+    """Whether the kernel can encode this weight: 4-bit block-32 symmetric storage of a matrix whose
+    rows are whole blocks, full (not low-rank) experts, more than one mix, and a built kernel."""
+    return (mixes > 1 and rep.kind == "nbits" and rep.bits == BITS and rep.block == BLOCK and rep.symmetric
+            and len(shape) == 2 and shape[1] % BLOCK == 0 and len(experts) == 1 and kernel() is not None)
+
+
+def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, threads: int,
+                  fused: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every mix's int4 storage of S + sum_j alphas[m, j] bank[j]: q (mixes, rows, cols / 32, 16)
+    and scales (mixes, rows, cols / 32). shared (rows, cols), bank (n, rows, cols), alphas (mixes, n).
+    `fused` (mixes, rows, cols), C-contiguous fp32, also receives the fused values (for HF weights)."""
+    fn = kernel()
+    rows, cols = shared.shape
+    shared, bank = np.ascontiguousarray(shared, np.float32), np.ascontiguousarray(bank, np.float32)
+    alphas = np.ascontiguousarray(alphas, np.float32)
+    mixes, n = alphas.shape
+    assert bank.shape == (n, rows, cols) and cols % BLOCK == 0, (bank.shape, shared.shape, alphas.shape)
+    if fused is not None:
+        assert fused.shape == (mixes, rows, cols) and fused.dtype == np.float32 and fused.flags.c_contiguous
+    q = np.empty((mixes, rows, cols // BLOCK, BLOCK * BITS // 8), np.uint8)
+    scales = np.empty((mixes, rows, cols // BLOCK), np.float32)
+    out = None if fused is None else fused.ctypes.data
+
+    def run(lo: int, hi: int) -> int:  # ctypes releases the GIL: the row ranges run in parallel
+        return fn(shared.ctypes.data, bank.ctypes.data, n, rows, cols, alphas.ctypes.data, mixes, lo, hi,
+                  q.ctypes.data, scales.ctypes.data, out)
+
+    bounds = np.linspace(0, rows, min(max(1, threads), rows) + 1).astype(int)
+    with ThreadPoolExecutor(len(bounds) - 1) as pool:
+        codes = list(pool.map(run, bounds[:-1], bounds[1:]))
+    if any(codes):
+        raise RuntimeError(f"native int4 kernel failed with codes {codes}")
+    return q, scales
