@@ -2,8 +2,9 @@
 
 The kernel is compiled on first use with the system C compiler (`$CC`, default `cc`) for this CPU
 (`-march=native`) into the user cache (`$XDG_CACHE_HOME/soup/native`, keyed by the source, the
-flags and the CPU, so a home directory shared by other machines never loads a library built for
-another CPU), and loaded with ctypes. Without a compiler, or with `SOUP_NATIVE=0`, `kernel()` is
+flags, the compiler and the target it resolves for this CPU, so a home directory shared by other
+machines never loads a library built for another CPU), and loaded with ctypes. It uses GCC's
+vector extensions (GCC 9 or later); another compiler fails to build it, with one warning. Without a compiler, or with `SOUP_NATIVE=0`, `kernel()` is
 None and export uses the torch path (`combine_many` + `quantize_nbits`), which is also the
 reference the tests hold the kernel to.
 
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from soup_export.resolve import user_cache
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native_q4.c")
@@ -45,7 +48,9 @@ def kernel():
     try:
         lib = ctypes.CDLL(str(_build(cc)))
     except (OSError, subprocess.SubprocessError) as exc:
-        log.info("the native int4 kernel could not be built (%s); batch export uses the torch path", exc)
+        detail = (getattr(exc, "stderr", b"") or b"").decode(errors="replace").strip().splitlines()[-3:]
+        log.warning("the native int4 kernel could not be built with %s (%s%s); batch export uses the torch path "
+                    "(the same int4 format; it needs GCC 9 or later)", cc, exc, f": {' '.join(detail)}" if detail else "")
         return None
     fn = lib.fuse_q4
     fn.restype = ctypes.c_int
@@ -54,18 +59,25 @@ def kernel():
     return fn
 
 
-def _cpu() -> str:
-    """What -march=native compiles for: the CPU's model and feature flags."""
+def _target(cc: str) -> str:
+    """What -march=native compiles for: the compiler's resolved target options (GCC), else the
+    first processor's whole /proc/cpuinfo entry (model, features, on x86 and ARM alike)."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        out = subprocess.run([cc, "-march=native", "-Q", "--help=target"], capture_output=True, text=True, timeout=60)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
-        return platform.processor() or platform.machine()
-    return "\n".join(next((line for line in lines if line.startswith(k)), "") for k in ("model name", "flags"))
+        return f"{platform.machine()} {platform.processor()}"
 
 
 def _build(cc: str) -> Path:
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, cc, platform.machine(), _cpu()]).encode()).hexdigest()
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "soup" / "native"
+    """The kernel's shared library for this source, compiler and CPU: from the cache, or compiled."""
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, cc, _target(cc)]).encode()).hexdigest()
+    root = user_cache("native")
     lib = root / f"native_q4-{key[:24]}.so"
     if not lib.is_file():
         root.mkdir(parents=True, exist_ok=True)
@@ -82,7 +94,8 @@ def applies(rep, shape: tuple[int, ...], experts: tuple, mixes: int) -> bool:
     """Whether the kernel can encode this weight: 4-bit block-32 symmetric storage of a matrix whose
     rows are whole blocks, full (not low-rank) experts, more than one mix, and a built kernel."""
     return (mixes > 1 and rep.kind == "nbits" and rep.bits == BITS and rep.block == BLOCK and rep.symmetric
-            and len(shape) == 2 and shape[1] % BLOCK == 0 and len(experts) == 1 and kernel() is not None)
+            and len(shape) == 2 and shape[1] % BLOCK == 0 and len(experts) == 1 and experts[0].shape[0] > 0
+            and kernel() is not None)
 
 
 def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, threads: int,

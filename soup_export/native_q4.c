@@ -8,7 +8,7 @@
    Rows [r_begin, r_end) are done, so callers can split the rows between threads. cols % 32 == 0.
 
    The quantization step of a block is the same fp32 arithmetic as quantize_nbits: scale = signed
-   extreme / -8 (1 for an all-zero block), level = round-half-even(w / scale) + 8 clamped to
+   extreme / -8 (1 where that is 0), level = round-half-even(w / scale) + 8 clamped to
    [0, 15]. The fused sums are accumulated in another order than torch's matrix product, so they
    can differ in their last bit (and a level at a rounding tie can differ by one). */
 #include <stdint.h>
@@ -48,7 +48,8 @@ static inline void quantize_block(v16 w0, v16 w1, uint8_t *q, float *scale, floa
     }
     float low = reduce(vmin(w0, w1), 1), high = reduce(vmax(w0, w1), 0);
     float extreme = high >= -low ? high : low;
-    float s = extreme == 0.0f ? 1.0f : extreme / -8.0f;
+    float s = extreme / -8.0f;
+    if (s == 0.0f) s = 1.0f; /* an all-zero block (or one that underflows): as quantize_nbits */
     *scale = s;
     const v16 zero = {0}, eight = zero + 8.0f, fifteen = zero + 15.0f, magic = zero + 12582912.0f;
     v16 sv = zero + s;
@@ -70,6 +71,7 @@ int fuse_q4(const float *restrict shared, const float *restrict bank, long n, lo
             const float *restrict A, long M, long r_begin, long r_end, uint8_t *restrict q,
             float *restrict scales, float *restrict fused) {
     if (cols % 32 != 0) return 1;
+    if (n < 1) return 3;
     long P = rows * cols, nb = cols / 32;
     long rb = BUFFER_FLOATS / (n * cols);
     if (rb < 1) rb = 1;

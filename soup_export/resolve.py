@@ -163,9 +163,7 @@ def cached_sha256(path: Path) -> str:
     would cost more than the export itself. The checkpoint directory is never written to."""
     stat = path.stat()
     key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    import os
-
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "soup" / "sha256"
+    root = user_cache("sha256")
     cache = root / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json")
     try:
         saved = json.loads(cache.read_text())
@@ -182,6 +180,21 @@ def cached_sha256(path: Path) -> str:
     except OSError:  # a read-only checkpoint: hash every time
         pass
     return digest
+
+
+def user_cache(name: str) -> Path:
+    """soup's cache directory `name`: $XDG_CACHE_HOME/soup/name (~/.cache when unset or empty; the
+    system's temporary directory when there is no home either)."""
+    import os
+    import tempfile
+
+    base = os.environ.get("XDG_CACHE_HOME") or ""
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no home directory (some containers)
+            base = str(Path(tempfile.gettempdir()) / f"soup-cache-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    return Path(base) / "soup" / name
 
 
 def file_sha256(path: Path) -> str:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -157,7 +159,7 @@ def test_batch_int4_through_the_native_kernel_matches_the_torch_path(debug_ckpt,
     runs within the same parity bounds."""
     from soup_export import native
 
-    if native.kernel() is None:
+    if native.kernel() is None and shutil.which(os.environ.get("CC", "cc")) is None:
         pytest.skip("no C compiler: batch export uses the torch path")  # CI has one: the kernel is tested there
     (tmp_path / "m.yaml").write_text("customers:\n  acme: {licences: 0.7, python-code: 0.3}\n  initech: {python-docs: 1}\n")
     calls = []
@@ -174,7 +176,7 @@ def test_batch_int4_through_the_native_kernel_matches_the_torch_path(debug_ckpt,
         native.kernel.cache_clear()
     for name in ("acme", "initech"):
         a, b = (np.fromfile(tmp_path / d / name / "onnx" / "model.onnx.data", np.uint8) for d in ("native", "torch"))
-        assert a.size == b.size and 0 < np.mean(a != b) < 0.05, name
+        assert a.size == b.size and np.mean(a != b) < 0.05, name  # scales' last bits
         parity = json.loads((tmp_path / "native" / name / "manifest.json").read_text())["parity"]
         assert "c_quantized_vs_fp32" in parity and "dppl" in parity["c_quantized_vs_fp32"]  # (a failure exits non-zero)
 

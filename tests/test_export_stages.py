@@ -274,41 +274,56 @@ def _dyadic(rng, size, scale):
     return (rng.integers(-64, 65, size=size) * scale).astype(np.float32)
 
 
-@pytest.mark.parametrize("mixes", [13, 2])  # 13 = 8 + 4 + 1: every tile width of the kernel
-def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes):
-    """The compiled fuse-and-quantize kernel against the reference, S + A @ E then quantize_nbits,
-    bit for bit: on exact sums its levels (round half to even, clamped), scales (signed extreme,
-    all-zero blocks) and nibble order must all be the same; rows split over threads unevenly."""
+def _native_kernel_or_skip():
+    """The kernel; a compiler that is present but fails to build it fails the test (only a machine
+    without one skips: CI has one, so the kernel is tested there)."""
+    import os
+    import shutil
+
     from soup_export import native
 
-    if native.kernel() is None:
-        pytest.skip("no C compiler: batch export uses the torch path")  # CI has one: the kernel is tested there
-    rng = np.random.default_rng(mixes)
-    n, rows, cols = 5, 7, 96  # 3 blocks per row
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        pytest.skip("no C compiler: batch export uses the torch path")
+    native._build(cc)  # raises with the compiler's error
+    assert native.kernel() is not None
+    return native
+
+
+@pytest.mark.parametrize("mixes,n,rows,cols,threads", [(13, 5, 7, 96, 3), (2, 5, 7, 96, 3), (5, 4, 7, 8192, 1)])
+def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes, n, rows, cols, threads):
+    """The compiled fuse-and-quantize kernel against the reference, S + A @ E then quantize_nbits,
+    bit for bit: on exact sums its levels (round half to even, clamped), scales (signed extreme,
+    all-zero blocks) and nibble order must all be the same. 13 mixes use every tile width (8, 4, 1);
+    rows are split over threads unevenly; 4 x 8192 columns make the kernel's row blocks 4 rows, so
+    7 rows end in a shorter one."""
+    native = _native_kernel_or_skip()
+    rng = np.random.default_rng(mixes + cols)
     shared, bank = _dyadic(rng, (rows, cols), 2.0 ** -6), _dyadic(rng, (n, rows, cols), 2.0 ** -6)
     alphas = (rng.integers(-8, 9, size=(mixes, n)) * 2.0 ** -3).astype(np.float32)
-    shared[2, :32] = 0
-    bank[:, 2, :32] = 0  # an all-zero block: scale 1
-    shared[3, 32:64] = np.linspace(-8, 8, 32, dtype=np.float32) * 2.0 ** -4  # levels at exact halves: ties
+    shared[2, :32], bank[:, 2, :32] = 0, 0  # an all-zero block: scale 1
+    shared[4, :32], bank[:, 4, :32] = -0.0, -0.0  # negative zeros too
+    shared[3, 32:64] = (np.arange(32) - 16) * 2.0 ** -5  # scale 1/16: levels at every half, ties both ways
     bank[:, 3, 32:64] = 0
     out = np.empty((mixes, rows, cols), np.float32)
-    q, scales = native.fuse_quantize(shared, bank, alphas, threads=3, fused=out)
+    q, scales = native.fuse_quantize(shared, bank, alphas, threads=threads, fused=out)
     rep = Rep("nbits", bits=4, block=32)
     for m in range(mixes):
         fused = shared + np.tensordot(alphas[m], bank, axes=1)
         ref = quantize_nbits(fused, rep)
         assert np.array_equal(q[m], ref["q"]) and np.array_equal(scales[m], ref["scales"]), m
         assert np.array_equal(out[m], fused), m  # the fp32 values an HF directory receives
-    assert scales[0, 2, 0] == 1.0
+    assert scales[0, 2, 0] == scales[0, 4, 0] == 1.0 and scales[0, 3, 1] == 2.0 ** -4
 
 
 def test_native_kernel_falls_back_without_a_compiler_or_when_disabled(monkeypatch):
     from soup_export import native
 
     try:
-        monkeypatch.setenv("CC", "/nonexistent/cc")
-        native.kernel.cache_clear()
-        assert native.kernel() is None and not native.applies(Rep("nbits", bits=4, block=32), (4, 32), (None,), 2)
+        for cc in ("/nonexistent/cc", "false"):  # no compiler; a compiler that fails (no traceback, a warning)
+            monkeypatch.setenv("CC", cc)
+            native.kernel.cache_clear()
+            assert native.kernel() is None and not native.applies(Rep("nbits", bits=4, block=32), (4, 32), (np.zeros((2, 4, 32)),), 2)
         monkeypatch.delenv("CC")
         monkeypatch.setenv("SOUP_NATIVE", "0")
         native.kernel.cache_clear()
