@@ -128,19 +128,21 @@ def _write_weights(bank, g, order, alphas, hf_writers, data_files, progress) -> 
     import torch
 
     workspace, coefs = bank.workspace(len(alphas), order), torch.stack(alphas).numpy()
+    # With HF weights (parity, --keep-hf), every mix is fused by `combine` itself: bit-identical to its
+    # single build, so parity (a) compares the very weights a single build would ship (a batch's
+    # other orders of summation moved the demo's logits by up to 1.05e-5, past the 1e-5 bound).
+    exact = bool(hf_writers)
     for name, shared, experts in bank.tensors(order, progress):
         parts = by_weight[name]
-        if all(native.applies(s.rep, tuple(shared.shape), experts, len(alphas)) for s, _ in parts):
-            # every mix fused and quantized in one compiled pass; fp32 values only for HF weights
-            fused = workspace[:len(alphas) * shared.numel()].view(len(alphas), *shared.shape) if hf_writers else None
-            q, scales = native.fuse_quantize(shared.numpy(), experts[0].numpy(), coefs, torch.get_num_threads(),
-                                             None if fused is None else fused.numpy())
+        if not exact and all(native.applies(s.rep, tuple(shared.shape), experts, len(alphas)) for s, _ in parts):
+            # every mix fused and quantized in one compiled pass: no fp32 fused tensor at all
+            q, scales = native.fuse_quantize(shared.numpy(), experts[0].numpy(), coefs, torch.get_num_threads())
             encoded = functools.partial(_native_parts, q, scales)
         else:
-            fused = combine_many(shared, experts, alphas, workspace=workspace)  # (mixes, *shape), the bank read once
+            fused = combine_many(shared, experts, alphas, workspace=workspace, exact=exact)  # (mixes, *shape)
+            for writer, tensor in zip(hf_writers, fused):
+                writer.write(name, tensor)
             encoded = _TorchEncoder(fused)
-        for writer, tensor in zip(hf_writers, fused if hf_writers else ()):
-            writer.write(name, tensor)
         for m, fh in enumerate(data_files):
             for s, offset in parts:
                 arr = encoded(m, s)[s.part]

@@ -9,8 +9,9 @@ None and export uses the torch path (`combine_many` + `quantize_nbits`), which i
 reference the tests hold the kernel to.
 
 It applies to batches (one mix keeps `combine`, bit-identical to the soup's forward) of 4-bit,
-block-32, symmetric storage (the int4 tier and the mixed tier's body, the defaults). The fused
-fp32 values are written out only when an HF directory needs them (parity, --keep-hf).
+block-32, symmetric storage (the int4 tier and the mixed tier's body, the defaults) that write no
+HF directory (`--no-parity`, no `--keep-hf`): HF weights are fused by `combine` for each mix, so a
+batch with parity ships exactly its single builds' bytes.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def kernel():
     fn = lib.fuse_q4
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                   ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                   ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
     return fn
 
 
@@ -98,26 +99,21 @@ def applies(rep, shape: tuple[int, ...], experts: tuple, mixes: int) -> bool:
             and kernel() is not None)
 
 
-def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, threads: int,
-                  fused: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
     """Every mix's int4 storage of S + sum_j alphas[m, j] bank[j]: q (mixes, rows, cols / 32, 16)
-    and scales (mixes, rows, cols / 32). shared (rows, cols), bank (n, rows, cols), alphas (mixes, n).
-    `fused` (mixes, rows, cols), C-contiguous fp32, also receives the fused values (for HF weights)."""
+    and scales (mixes, rows, cols / 32). shared (rows, cols), bank (n, rows, cols), alphas (mixes, n)."""
     fn = kernel()
     rows, cols = shared.shape
     shared, bank = np.ascontiguousarray(shared, np.float32), np.ascontiguousarray(bank, np.float32)
     alphas = np.ascontiguousarray(alphas, np.float32)
     mixes, n = alphas.shape
     assert bank.shape == (n, rows, cols) and cols % BLOCK == 0, (bank.shape, shared.shape, alphas.shape)
-    if fused is not None:
-        assert fused.shape == (mixes, rows, cols) and fused.dtype == np.float32 and fused.flags.c_contiguous
     q = np.empty((mixes, rows, cols // BLOCK, BLOCK * BITS // 8), np.uint8)
     scales = np.empty((mixes, rows, cols // BLOCK), np.float32)
-    out = None if fused is None else fused.ctypes.data
 
     def run(lo: int, hi: int) -> int:  # ctypes releases the GIL: the row ranges run in parallel
         return fn(shared.ctypes.data, bank.ctypes.data, n, rows, cols, alphas.ctypes.data, mixes, lo, hi,
-                  q.ctypes.data, scales.ctypes.data, out)
+                  q.ctypes.data, scales.ctypes.data)
 
     bounds = np.linspace(0, rows, min(max(1, threads), rows) + 1).astype(int)
     with ThreadPoolExecutor(len(bounds) - 1) as pool:

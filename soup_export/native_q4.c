@@ -1,10 +1,10 @@
-/* Batch export's int4 kernel: fuse S + sum_j A[m, j] E_j for every mix m and block-quantize the
+/* Batch export's int4 kernel: fuse S + sum_j A[m, j] E_j for every mix m (the sum first, then S,
+   as soup_math.combine adds S to the product) and block-quantize the
    result (4 bits, blocks of 32 along a row, symmetric: MLAS's convention, as quantize_nbits does)
    while it is still in registers, so no fp32 fused tensor is ever written to memory.
 
    shared: (rows * cols) fp32; bank: (n, rows * cols) fp32; A: (M, n) fp32, the mixes' alphas;
-   q: (M, rows, cols / 32, 16) bytes (low nibble first); scales: (M, rows, cols / 32) fp32;
-   fused: NULL, or (M, rows, cols) fp32 that receives the fused values too (for an HF directory).
+   q: (M, rows, cols / 32, 16) bytes (low nibble first); scales: (M, rows, cols / 32) fp32.
    Rows [r_begin, r_end) are done, so callers can split the rows between threads. cols % 32 == 0.
 
    The quantization step of a block is the same fp32 arithmetic as quantize_nbits: scale = signed
@@ -41,11 +41,7 @@ static inline float reduce(v16 v, int is_min) {
 }
 
 /* One block of 32 values (w0: the first 16, w1: the next 16). */
-static inline void quantize_block(v16 w0, v16 w1, uint8_t *q, float *scale, float *fused) {
-    if (fused) {
-        memcpy(fused, &w0, 64);
-        memcpy(fused + 16, &w1, 64);
-    }
+static inline void quantize_block(v16 w0, v16 w1, uint8_t *q, float *scale) {
     float low = reduce(vmin(w0, w1), 1), high = reduce(vmax(w0, w1), 0);
     float extreme = high >= -low ? high : low;
     float s = extreme / -8.0f;
@@ -64,12 +60,11 @@ static inline void quantize_block(v16 w0, v16 w1, uint8_t *q, float *scale, floa
     memcpy(q, &bytes, 16);
 }
 
-#define OUT(mix) (fused ? fused + ((mix) * rows + r) * cols + c0 : NULL)
 #define BUFFER_FLOATS (1L << 17) /* 512 KB of bank rows per thread: they stay in L2 while every mix uses them */
 
 int fuse_q4(const float *restrict shared, const float *restrict bank, long n, long rows, long cols,
             const float *restrict A, long M, long r_begin, long r_end, uint8_t *restrict q,
-            float *restrict scales, float *restrict fused) {
+            float *restrict scales) {
     if (cols % 32 != 0) return 1;
     if (n < 1) return 3;
     long P = rows * cols, nb = cols / 32;
@@ -85,12 +80,12 @@ int fuse_q4(const float *restrict shared, const float *restrict bank, long n, lo
             long r = r0 + rr;
             for (long c0 = 0; c0 < cols; c0 += 32) {
                 const v16u *sp = (const v16u *)(shared + r * cols + c0);
-                v16 s0 = sp[0], s1 = sp[1];
+                v16 s0 = sp[0], s1 = sp[1], zero = {0};
                 long blk = (r * nb) + c0 / 32;
                 long m = 0;
                 for (; m + 8 <= M; m += 8) { /* eight mixes at once: each expert row loaded once for eight */
                     v16 acc[16];
-                    for (int i = 0; i < 8; i++) { acc[2 * i] = s0; acc[2 * i + 1] = s1; }
+                    for (int i = 0; i < 16; i++) acc[i] = zero;
                     for (long j = 0; j < n; j++) {
                         const v16u *e = (const v16u *)(buf + (j * rn + rr) * cols + c0);
                         v16 e0 = e[0], e1 = e[1];
@@ -101,11 +96,11 @@ int fuse_q4(const float *restrict shared, const float *restrict bank, long n, lo
                         }
                     }
                     for (int i = 0; i < 8; i++)
-                        quantize_block(acc[2 * i], acc[2 * i + 1], q + ((m + i) * rows * nb + blk) * 16,
-                                       scales + (m + i) * rows * nb + blk, OUT(m + i));
+                        quantize_block(acc[2 * i] + s0, acc[2 * i + 1] + s1, q + ((m + i) * rows * nb + blk) * 16,
+                                       scales + (m + i) * rows * nb + blk);
                 }
                 for (; m + 4 <= M; m += 4) { /* four mixes at once: each expert row loaded once for four */
-                    v16 a00 = s0, a01 = s1, a10 = s0, a11 = s1, a20 = s0, a21 = s1, a30 = s0, a31 = s1;
+                    v16 a00 = zero, a01 = zero, a10 = zero, a11 = zero, a20 = zero, a21 = zero, a30 = zero, a31 = zero;
                     for (long j = 0; j < n; j++) {
                         const v16u *e = (const v16u *)(buf + (j * rn + rr) * cols + c0);
                         v16 e0 = e[0], e1 = e[1];
@@ -113,19 +108,19 @@ int fuse_q4(const float *restrict shared, const float *restrict bank, long n, lo
                         a00 += x0 * e0; a01 += x0 * e1; a10 += x1 * e0; a11 += x1 * e1;
                         a20 += x2 * e0; a21 += x2 * e1; a30 += x3 * e0; a31 += x3 * e1;
                     }
-                    quantize_block(a00, a01, q + (m * rows * nb + blk) * 16, scales + m * rows * nb + blk, OUT(m));
-                    quantize_block(a10, a11, q + ((m + 1) * rows * nb + blk) * 16, scales + (m + 1) * rows * nb + blk, OUT(m + 1));
-                    quantize_block(a20, a21, q + ((m + 2) * rows * nb + blk) * 16, scales + (m + 2) * rows * nb + blk, OUT(m + 2));
-                    quantize_block(a30, a31, q + ((m + 3) * rows * nb + blk) * 16, scales + (m + 3) * rows * nb + blk, OUT(m + 3));
+                    quantize_block(a00 + s0, a01 + s1, q + (m * rows * nb + blk) * 16, scales + m * rows * nb + blk);
+                    quantize_block(a10 + s0, a11 + s1, q + ((m + 1) * rows * nb + blk) * 16, scales + (m + 1) * rows * nb + blk);
+                    quantize_block(a20 + s0, a21 + s1, q + ((m + 2) * rows * nb + blk) * 16, scales + (m + 2) * rows * nb + blk);
+                    quantize_block(a30 + s0, a31 + s1, q + ((m + 3) * rows * nb + blk) * 16, scales + (m + 3) * rows * nb + blk);
                 }
                 for (; m < M; m++) {
-                    v16 a0 = s0, a1 = s1;
+                    v16 a0 = zero, a1 = zero;
                     for (long j = 0; j < n; j++) {
                         const v16u *e = (const v16u *)(buf + (j * rn + rr) * cols + c0);
                         float x = A[m * n + j];
                         a0 += x * e[0]; a1 += x * e[1];
                     }
-                    quantize_block(a0, a1, q + (m * rows * nb + blk) * 16, scales + m * rows * nb + blk, OUT(m));
+                    quantize_block(a0 + s0, a1 + s1, q + (m * rows * nb + blk) * 16, scales + m * rows * nb + blk);
                 }
             }
         }

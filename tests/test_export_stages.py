@@ -305,14 +305,12 @@ def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes, n, rows, col
     shared[4, :32], bank[:, 4, :32] = -0.0, -0.0  # negative zeros too
     shared[3, 32:64] = (np.arange(32) - 16) * 2.0 ** -5  # scale 1/16: levels at every half, ties both ways
     bank[:, 3, 32:64] = 0
-    out = np.empty((mixes, rows, cols), np.float32)
-    q, scales = native.fuse_quantize(shared, bank, alphas, threads=threads, fused=out)
+    q, scales = native.fuse_quantize(shared, bank, alphas, threads=threads)
     rep = Rep("nbits", bits=4, block=32)
     for m in range(mixes):
         fused = shared + np.tensordot(alphas[m], bank, axes=1)
         ref = quantize_nbits(fused, rep)
         assert np.array_equal(q[m], ref["q"]) and np.array_equal(scales[m], ref["scales"]), m
-        assert np.array_equal(out[m], fused), m  # the fp32 values an HF directory receives
     assert scales[0, 2, 0] == scales[0, 4, 0] == 1.0 and scales[0, 3, 1] == 2.0 ** -4
 
 

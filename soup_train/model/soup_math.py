@@ -54,7 +54,7 @@ def combine(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alpha: torc
 
 
 def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas: list[torch.Tensor],
-                 block_bytes: int = 4 << 20, workspace: torch.Tensor | None = None) -> torch.Tensor:
+                 block_bytes: int = 4 << 20, workspace: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
     """`combine` for every alpha at once (export's batches): a (len(alphas), *shape) tensor.
 
     One mix is `combine` itself, so a single build's weights are bit-identical to the soup's own
@@ -67,11 +67,22 @@ def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas
     combined whole, per mix. `workspace` (fp32, at least mixes x numel) receives the products
     instead of fresh memory: a caller fusing tensor after tensor saves the page faults of new
     memory, which cost about as much as the products themselves (the result is a view of it).
+    `exact`: every mix by `combine` itself, bit-identical to its single build (the bank is then read
+    once per mix).
     """
     flat = shared.reshape(-1)
     out = _workspace(workspace, len(alphas), flat)
     if len(alphas) == 1:  # a single build: `combine` itself, as a (1, *shape) view (no copy)
         return combine(shared, experts, alphas[0], out=out).unsqueeze(0)
+    if exact:
+        if out is None:
+            return torch.stack([combine(shared, experts, a) for a in alphas])
+        rows = out.view(len(alphas), *shared.shape)
+        for row, a in zip(rows, alphas):
+            fused = combine(shared, experts, a, out=row)
+            if fused.data_ptr() != row.data_ptr():  # low-rank experts: combine makes a new tensor
+                row.copy_(fused)
+        return rows
     if len(experts) != 1 or experts[0].shape[0] == 0:
         return torch.stack([combine(shared, experts, a) for a in alphas])
     bank = experts[0].reshape(experts[0].shape[0], -1)  # (n, P)
