@@ -8,10 +8,11 @@ vector extensions (GCC 9 or later); another compiler fails to build it, with one
 None and export uses the torch path (`combine_many` + `quantize_nbits`), which is also the
 reference the tests hold the kernel to.
 
-It applies to batches (one mix keeps `combine`, bit-identical to the soup's forward) of 4-bit,
-block-32, symmetric storage (the int4 tier and the mixed tier's body, the defaults) that write no
-HF directory (`--no-parity`, no `--keep-hf`): HF weights are fused by `combine` for each mix, so a
-batch with parity ships exactly its single builds' bytes.
+`fuse_quantize` applies to batches (one mix keeps `combine`, bit-identical to the soup's forward)
+of 4-bit, block-32, symmetric storage (the int4 tier and the mixed tier's body, the defaults) that
+write no HF directory (`--no-parity --no-hf`): HF weights are fused by `combine` for each mix, so
+a batch with parity ships exactly its single builds' bytes. `quantize` (the same quantization of
+already fused values) encodes every other export's int4 matrices, single builds included.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ BLOCK, BITS = 32, 4
 
 @functools.lru_cache(maxsize=1)
 def kernel():
-    """The loaded `fuse_q4` function, or None (no compiler, a failed build, or SOUP_NATIVE=0)."""
+    """The loaded library (`fuse_q4`, `quantize_q4`), or None (no compiler, a failed build, or SOUP_NATIVE=0)."""
     if os.environ.get("SOUP_NATIVE", "1") == "0":
         return None
     cc = shutil.which(os.environ.get("CC", "cc"))
@@ -53,11 +54,13 @@ def kernel():
         log.warning("the native int4 kernel could not be built with %s (%s%s); batch export uses the torch path "
                     "(the same int4 format; it needs GCC 9 or later)", cc, exc, f": {' '.join(detail)}" if detail else "")
         return None
-    fn = lib.fuse_q4
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                   ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-    return fn
+    lib.fuse_q4.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                            ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    lib.quantize_q4.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                                ctypes.c_void_p, ctypes.c_void_p]
+    for fn in (lib.fuse_q4, lib.quantize_q4):
+        fn.restype = ctypes.c_int
+    return lib
 
 
 def _target(cc: str) -> str:
@@ -92,32 +95,57 @@ def _build(cc: str) -> Path:
 
 
 def applies(rep, shape: tuple[int, ...], experts: tuple, mixes: int) -> bool:
-    """Whether the kernel can encode this weight: 4-bit block-32 symmetric storage of a matrix whose
-    rows are whole blocks, full (not low-rank) experts, more than one mix, and a built kernel."""
-    return (mixes > 1 and rep.kind == "nbits" and rep.bits == BITS and rep.block == BLOCK and rep.symmetric
-            and len(shape) == 2 and shape[1] % BLOCK == 0 and len(experts) == 1 and experts[0].shape[0] > 0
-            and kernel() is not None)
+    """Whether `fuse_quantize` can encode this weight: 4-bit block-32 symmetric storage of a matrix
+    whose rows are whole blocks, full (not low-rank) experts, more than one mix, and a built kernel."""
+    return (mixes > 1 and quantizes(rep, shape) and len(experts) == 1 and experts[0].shape[0] > 0)
+
+
+def quantizes(rep, shape: tuple[int, ...]) -> bool:
+    """Whether `quantize` can encode a matrix of this shape in this storage (and the kernel is built)."""
+    return (rep.kind == "nbits" and rep.bits == BITS and rep.block == BLOCK and rep.symmetric and len(shape) == 2
+            and shape[1] % BLOCK == 0 and kernel() is not None)
 
 
 def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
     """Every mix's int4 storage of S + sum_j alphas[m, j] bank[j]: q (mixes, rows, cols / 32, 16)
     and scales (mixes, rows, cols / 32). shared (rows, cols), bank (n, rows, cols), alphas (mixes, n)."""
-    fn = kernel()
+    lib = kernel()
     rows, cols = shared.shape
     shared, bank = np.ascontiguousarray(shared, np.float32), np.ascontiguousarray(bank, np.float32)
     alphas = np.ascontiguousarray(alphas, np.float32)
     mixes, n = alphas.shape
     assert bank.shape == (n, rows, cols) and cols % BLOCK == 0, (bank.shape, shared.shape, alphas.shape)
-    q = np.empty((mixes, rows, cols // BLOCK, BLOCK * BITS // 8), np.uint8)
-    scales = np.empty((mixes, rows, cols // BLOCK), np.float32)
+    q, scales = _outputs(mixes, rows, cols)
+    _over_rows(rows, threads, lambda lo, hi: lib.fuse_q4(shared.ctypes.data, bank.ctypes.data, n, rows, cols,
+                                                         alphas.ctypes.data, mixes, lo, hi, q.ctypes.data,
+                                                         scales.ctypes.data))
+    return q, scales
 
-    def run(lo: int, hi: int) -> int:  # ctypes releases the GIL: the row ranges run in parallel
-        return fn(shared.ctypes.data, bank.ctypes.data, n, rows, cols, alphas.ctypes.data, mixes, lo, hi,
-                  q.ctypes.data, scales.ctypes.data)
 
-    bounds = np.linspace(0, rows, min(max(1, threads), rows) + 1).astype(int)
-    with ThreadPoolExecutor(len(bounds) - 1) as pool:
-        codes = list(pool.map(run, bounds[:-1], bounds[1:]))
+def quantize(w: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_nbits(w, int4 block 32 symmetric) of a fused (rows, cols) matrix, bit for bit:
+    q (rows, cols / 32, 16) and scales (rows, cols / 32)."""
+    lib = kernel()
+    w = np.ascontiguousarray(w, np.float32)
+    rows, cols = w.shape
+    q, scales = _outputs(1, rows, cols)
+    _over_rows(rows, threads, lambda lo, hi: lib.quantize_q4(w.ctypes.data, rows, cols, lo, hi, q.ctypes.data,
+                                                             scales.ctypes.data))
+    return q[0], scales[0]
+
+
+def _outputs(mixes: int, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    return (np.empty((mixes, rows, cols // BLOCK, BLOCK * BITS // 8), np.uint8),
+            np.empty((mixes, rows, cols // BLOCK), np.float32))
+
+
+def _over_rows(rows: int, threads: int, run) -> None:
+    """run(lo, hi) over `threads` contiguous row ranges at once (ctypes releases the GIL)."""
+    bounds = np.linspace(0, rows, min(max(1, threads), max(rows, 1)) + 1).astype(int)
+    if len(bounds) == 2:
+        codes = [run(0, rows)]
+    else:
+        with ThreadPoolExecutor(len(bounds) - 1) as pool:
+            codes = list(pool.map(run, bounds[:-1], bounds[1:]))
     if any(codes):
         raise RuntimeError(f"native int4 kernel failed with codes {codes}")
-    return q, scales

@@ -128,3 +128,16 @@ int fuse_q4(const float *restrict shared, const float *restrict bank, long n, lo
     free(buf);
     return 0;
 }
+
+/* Quantize rows [r_begin, r_end) of w (rows, cols), already fused, exactly as fuse_q4 does. */
+int quantize_q4(const float *restrict w, long rows, long cols, long r_begin, long r_end, uint8_t *restrict q,
+                float *restrict scales) {
+    if (cols % 32 != 0) return 1;
+    long nb = cols / 32;
+    for (long r = r_begin; r < r_end; r++)
+        for (long b = 0; b < nb; b++) {
+            const v16u *p = (const v16u *)(w + r * cols + b * 32);
+            quantize_block(p[0], p[1], q + (r * nb + b) * 16, scales + r * nb + b);
+        }
+    return 0;
+}

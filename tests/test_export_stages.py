@@ -314,6 +314,31 @@ def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes, n, rows, col
     assert scales[0, 2, 0] == scales[0, 4, 0] == 1.0 and scales[0, 3, 1] == 2.0 ** -4
 
 
+def test_native_quantization_of_fused_values_equals_quantize_nbits_bit_for_bit():
+    """Every int4 export (single builds too) encodes through the compiled quantization when there
+    is one: on the same fp32 values it must give quantize_nbits' bytes exactly, through encode_mixes
+    for both the MatMulNBits and the gather layouts."""
+    from soup_export.emit import encode_mixes
+    from soup_export.graph import Stored, _encode_one
+
+    native = _native_kernel_or_skip()
+    rng = np.random.default_rng(7)
+    fused = rng.normal(size=(3, 37, 96)).astype(np.float32)
+    fused[0, 1, :32] = 0  # an all-zero block
+    fused[1, 2, 32:64] = (np.arange(32) - 16) * 2.0 ** -5  # ties at every half
+    fused[2, 3, :32] = rng.normal(size=32).astype(np.float32) * 1e-40  # subnormals
+    rep = Rep("nbits", bits=4, block=32)
+    for w in fused:
+        q, scales = native.quantize(w, threads=2)
+        ref = quantize_nbits(w, rep)
+        assert np.array_equal(q, ref["q"]) and np.array_equal(scales, ref["scales"])
+    for how in ("nbits-linear", "nbits-gather"):
+        spec = Stored("w", np.dtype(np.uint8), (), "w", how, rep, "q")
+        for got, w in zip(encode_mixes(fused, spec), fused):
+            ref = _encode_one(w, spec)
+            assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref), how
+
+
 def test_native_kernel_falls_back_without_a_compiler_or_when_disabled(monkeypatch):
     from soup_export import native
 
