@@ -1,9 +1,10 @@
 """One tensor-major pass from the bank to finished specialists (the path of `build` and `batch`).
 
 For every weight, in the graph's storage order: read the shared tensor and its experts once,
-fuse them for every mix (fp32, `soup_math.combine_many`: one matrix product per block of columns for all
-mixes; or, for a batch's int4 matrices, the compiled kernel of `native`, which fuses and quantizes
-in one pass), and write the fused tensor to
+fuse them for every mix (fp32: `soup_math.combine` for each mix when HF weights are written, as a
+single build does; otherwise `combine_many`, one matrix product per block of columns for all mixes,
+or for int4 matrices the compiled kernel of `native`, which fuses and quantizes in one pass), and
+write the fused tensor to
 its HF `model.safetensors` (when asked) and its encoded form (the tier's storage) to its
 `model.onnx.data` at the offset the graph already names. `model.onnx` is the same bytes for every
 mix. No intermediate file is written and read back; peak memory is one bank tensor plus one
@@ -134,7 +135,7 @@ def _write_weights(bank, g, order, alphas, hf_writers, data_files, progress) -> 
     import torch
 
     workspace, coefs = bank.workspace(len(alphas), order), torch.stack(alphas).numpy()
-    # With HF weights (parity, --keep-hf), every mix is fused by `combine` itself: bit-identical to its
+    # With HF weights (parity, or no --no-hf), every mix is fused by `combine` itself: bit-identical to its
     # single build, so parity (a) compares the very weights a single build would ship (a batch's
     # other orders of summation moved the demo's logits by up to 1.05e-5, past the 1e-5 bound).
     exact = bool(hf_writers)

@@ -1,18 +1,23 @@
-"""Batch export's compiled int4 kernel (`native_q4.c`): fuse every mix and quantize in one pass.
+"""Export's compiled int4 kernels (`native_q4.c`): quantize fused values, or fuse every mix of a
+batch and quantize in one pass.
 
-The kernel is compiled on first use with the system C compiler (`$CC`, default `cc`) for this CPU
+The kernels are compiled on first use with the system C compiler (`$CC`, default `cc`) for this CPU
 (`-march=native`) into the user cache (`$XDG_CACHE_HOME/soup/native`, keyed by the source, the
 flags, the compiler and the target it resolves for this CPU, so a home directory shared by other
-machines never loads a library built for another CPU), and loaded with ctypes. It uses GCC's
-vector extensions (GCC 9 or later); another compiler fails to build it, with one warning. Without a compiler, or with `SOUP_NATIVE=0`, `kernel()` is
-None and export uses the torch path (`combine_many` + `quantize_nbits`), which is also the
-reference the tests hold the kernel to.
+machines never loads a library built for another CPU), and loaded with ctypes. They use GCC's
+vector extensions (GCC 9 or later): another compiler fails to build them, which is warned about
+once and remembered in the cache. Without a compiler, or with `SOUP_NATIVE=0`, `kernel()` is None
+and export uses the torch path (`combine_many` + `quantize_nbits`), which is also the reference
+the tests hold the kernels to. Asking for the kernel costs a process about 20 ms (the compiler
+names its target), once.
 
-`fuse_quantize` applies to batches (one mix keeps `combine`, bit-identical to the soup's forward)
-of 4-bit, block-32, symmetric storage (the int4 tier and the mixed tier's body, the defaults) that
-write no HF directory (`--no-parity --no-hf`): HF weights are fused by `combine` for each mix, so
-a batch with parity ships exactly its single builds' bytes. `quantize` (the same quantization of
-already fused values) encodes every other export's int4 matrices, single builds included.
+Both apply to 4-bit, block-32, symmetric storage of matrices whose rows are whole blocks (the
+int4 tier and the mixed tier's body, the defaults); asymmetric storage and other widths use torch.
+- `quantize` (the same quantization of already fused values) encodes single builds and batches
+  that write HF directories: bit for bit the bytes of `quantize_nbits`.
+- `fuse_quantize` fuses a batch's customers too (one mix keeps `combine`, bit-identical to the
+  soup's forward), when the batch writes no HF directory (`--no-parity --no-hf`): HF weights are
+  fused by `combine` for each mix, so a batch with parity ships exactly its single builds' bytes.
 """
 from __future__ import annotations
 
@@ -47,12 +52,23 @@ def kernel():
     if cc is None:
         log.info("no C compiler: batch int4 export uses the torch path")
         return None
+    lib_path = _library_path(cc)
+    failed = lib_path.with_suffix(".failed")
+    if failed.is_file():  # this compiler could not build this source before: do not retry on every export
+        log.info("the native int4 kernel does not build with %s (see %s); int4 export uses the torch path", cc, failed)
+        return None
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        lib = ctypes.CDLL(str(_build(cc, lib_path)))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = (getattr(exc, "stderr", b"") or b"").decode(errors="replace").strip().splitlines()[-3:]
-        log.warning("the native int4 kernel could not be built with %s (%s%s); batch export uses the torch path "
-                    "(the same int4 format; it needs GCC 9 or later)", cc, exc, f": {' '.join(detail)}" if detail else "")
+        message = f"{exc}{': ' + ' '.join(detail) if detail else ''}"
+        log.warning("the native int4 kernel could not be built with %s (%s); int4 export uses the torch path "
+                    "(the same int4 format; the kernel needs GCC 9 or later)", cc, message)
+        try:
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            failed.write_text(message + "\n")
+        except OSError:
+            pass
         return None
     lib.fuse_q4.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
                             ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
@@ -78,12 +94,17 @@ def _target(cc: str) -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
-def _build(cc: str) -> Path:
-    """The kernel's shared library for this source, compiler and CPU: from the cache, or compiled."""
+def _library_path(cc: str) -> Path:
+    """Where the shared library for this source, compiler and CPU lives in the cache."""
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, cc, _target(cc)]).encode()).hexdigest()
-    root = user_cache("native")
-    lib = root / f"native_q4-{key[:24]}.so"
+    return user_cache("native") / f"native_q4-{key[:24]}.so"
+
+
+def _build(cc: str, lib: Path | None = None) -> Path:
+    """The kernel's shared library: from the cache, or compiled (raises with the compiler's error)."""
+    lib = lib or _library_path(cc)
     if not lib.is_file():
+        root = lib.parent
         root.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
         try:

@@ -1,7 +1,10 @@
-/* Batch export's int4 kernel: fuse S + sum_j A[m, j] E_j for every mix m (the sum first, then S,
-   as soup_math.combine adds S to the product) and block-quantize the
-   result (4 bits, blocks of 32 along a row, symmetric: MLAS's convention, as quantize_nbits does)
-   while it is still in registers, so no fp32 fused tensor is ever written to memory.
+/* Export's int4 kernels (soup_export/native.py builds and calls them).
+
+   fuse_q4: fuse S + sum_j A[m, j] E_j for every mix m of a batch (the sum first, then S, as
+   soup_math.combine adds S to the product) and block-quantize the result (4 bits, blocks of 32
+   along a row, symmetric: MLAS's convention, as quantize_nbits does) while it is still in
+   registers, so no fp32 fused tensor is ever written to memory.
+   quantize_q4: the same quantization of already fused values.
 
    shared: (rows * cols) fp32; bank: (n, rows * cols) fp32; A: (M, n) fp32, the mixes' alphas;
    q: (M, rows, cols / 32, 16) bytes (low nibble first); scales: (M, rows, cols / 32) fp32.
@@ -9,7 +12,7 @@
 
    The quantization step of a block is the same fp32 arithmetic as quantize_nbits: scale = signed
    extreme / -8 (1 where that is 0), level = round-half-even(w / scale) + 8 clamped to
-   [0, 15]. The fused sums are accumulated in another order than torch's matrix product, so they
+   [0, 15]. fuse_q4's sums are accumulated in another order than torch's matrix product, so they
    can differ in their last bit (and a level at a rounding tie can differ by one). */
 #include <stdint.h>
 #include <stdlib.h>

@@ -184,9 +184,12 @@ def test_batch_int4_through_the_native_kernel_matches_the_torch_path(debug_ckpt,
     for name in ("acme", "initech"):
         a, b = data(f"native/{name}"), data(f"torch/{name}")
         assert a.size == b.size and np.mean(a != b) < 0.05, name  # scales' last bits
+    # parity on: each customer fused by `combine` and encoded by the compiled quantization, equal to
+    # its single build encoded by torch (SOUP_NATIVE=0 still holds), and parity (a) exact
     assert np.array_equal(data("checked/acme"), data("single"))
-    parity = json.loads((tmp_path / "checked" / "acme" / "manifest.json").read_text())["parity"]
-    assert parity["a_soup_vs_dense"]["max_abs_logit_diff"] == 0.0, parity["a_soup_vs_dense"]
+    for name in ("acme", "initech"):
+        parity = json.loads((tmp_path / "checked" / name / "manifest.json").read_text())["parity"]
+        assert parity["a_soup_vs_dense"]["max_abs_logit_diff"] == 0.0, (name, parity["a_soup_vs_dense"])
 
 
 def test_batch_weights_equal_single_builds_to_fp32_rounding(debug_ckpt, tmp_path):
@@ -194,7 +197,7 @@ def test_batch_weights_equal_single_builds_to_fp32_rounding(debug_ckpt, tmp_path
 
     (tmp_path / "m.yaml").write_text("customers:\n  acme: {licences: 0.7, python-code: 0.3}\n  initech: {python-docs: 1}\n")
     assert run("batch", debug_ckpt, tmp_path / "m.yaml", "--out", tmp_path / "b", "--quant", "fp32",
-               "--no-parity").exit_code == 0
+               "--no-parity", "--no-hf").exit_code == 0  # shipping-only: fused by matrix product
     assert run("build", debug_ckpt, "--mix", "licences=0.7,python-code=0.3", "--quant", "fp32", "--no-parity",
                "--out", tmp_path / "single").exit_code == 0
     batch, single = dense_weights(tmp_path / "b" / "acme" / "onnx"), dense_weights(tmp_path / "single" / "onnx")

@@ -339,14 +339,17 @@ def test_native_quantization_of_fused_values_equals_quantize_nbits_bit_for_bit()
             assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref), how
 
 
-def test_native_kernel_falls_back_without_a_compiler_or_when_disabled(monkeypatch):
+def test_native_kernel_falls_back_without_a_compiler_or_when_disabled(monkeypatch, tmp_path):
     from soup_export import native
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     try:
-        for cc in ("/nonexistent/cc", "false"):  # no compiler; a compiler that fails (no traceback, a warning)
+        for cc in ("/nonexistent/cc", "false", "false"):  # no compiler; one that fails (a warning), then remembered
             monkeypatch.setenv("CC", cc)
             native.kernel.cache_clear()
             assert native.kernel() is None and not native.applies(Rep("nbits", bits=4, block=32), (4, 32), (np.zeros((2, 4, 32)),), 2)
+            assert not native.quantizes(Rep("nbits", bits=4, block=32), (4, 32))
+        assert len(list((tmp_path / "soup" / "native").glob("*.failed"))) == 1
         monkeypatch.delenv("CC")
         monkeypatch.setenv("SOUP_NATIVE", "0")
         native.kernel.cache_clear()
