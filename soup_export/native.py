@@ -43,11 +43,13 @@ FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 BLOCK, BITS = 32, 4
 
 
-@functools.lru_cache(maxsize=1)
 def kernel():
     """The loaded library (`fuse_q4`, `quantize_q4`), or None (no compiler, a failed build, or SOUP_NATIVE=0)."""
-    if os.environ.get("SOUP_NATIVE", "1") == "0":
-        return None
+    return None if os.environ.get("SOUP_NATIVE", "1") == "0" else _load()
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         log.info("no C compiler: batch int4 export uses the torch path")

@@ -286,6 +286,7 @@ def _native_kernel_or_skip():
     if cc is None:
         pytest.skip("no C compiler: batch export uses the torch path")
     native._build(cc)  # raises with the compiler's error
+    native._load.cache_clear()
     assert native.kernel() is not None
     return native
 
@@ -346,16 +347,16 @@ def test_native_kernel_falls_back_without_a_compiler_or_when_disabled(monkeypatc
     try:
         for cc in ("/nonexistent/cc", "false", "false"):  # no compiler; one that fails (a warning), then remembered
             monkeypatch.setenv("CC", cc)
-            native.kernel.cache_clear()
+            native._load.cache_clear()
             assert native.kernel() is None and not native.applies(Rep("nbits", bits=4, block=32), (4, 32), (np.zeros((2, 4, 32)),), 2)
             assert not native.quantizes(Rep("nbits", bits=4, block=32), (4, 32))
         assert len(list((tmp_path / "soup" / "native").glob("*.failed"))) == 1
         monkeypatch.delenv("CC")
         monkeypatch.setenv("SOUP_NATIVE", "0")
-        native.kernel.cache_clear()
+        native._load.cache_clear()
         assert native.kernel() is None
     finally:
-        native.kernel.cache_clear()
+        native._load.cache_clear()
 
 
 @pytest.mark.parametrize("tier,params", [("fp16", None), ("int8", None), ("mixed", None), ("int4", None),
