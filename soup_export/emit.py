@@ -90,9 +90,9 @@ def encode_mixes(fused: np.ndarray, s) -> list[dict[str, np.ndarray]]:
         # one thread: between two of torch's matrix products, its OpenMP workers still spin on the
         # other core (two threads took a single build from 0.20 to 0.29 s; one, to 0.18-0.19 s)
         q, scales = native.quantize(fused.reshape(mixes * rows, cols), 1)
-        enc = {"q": q.reshape(mixes * rows, -1) if s.how == "nbits-gather" else q, "scales": scales}
-    else:
-        enc = _encode_one(fused.reshape(mixes * rows, cols), s)
+        q, scales = q.reshape(mixes, rows, *q.shape[1:]), scales.reshape(mixes, rows, -1)
+        return [_native_parts(q, scales, m, s) for m in range(mixes)]
+    enc = _encode_one(fused.reshape(mixes * rows, cols), s)
     return [{k: v[m * rows:(m + 1) * rows] for k, v in enc.items()} for m in range(mixes)]
 
 

@@ -52,7 +52,7 @@ def kernel():
 def _load():
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
-        log.info("no C compiler: batch int4 export uses the torch path")
+        log.info("no C compiler: int4 export uses the torch path")
         return None
     lib_path = _library_path(cc)
     failed = lib_path.with_suffix(".failed")

@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -185,9 +187,6 @@ def cached_sha256(path: Path) -> str:
 def user_cache(name: str) -> Path:
     """soup's cache directory `name`: $XDG_CACHE_HOME/soup/name (~/.cache when unset or empty; the
     system's temporary directory when there is no home either)."""
-    import os
-    import tempfile
-
     base = os.environ.get("XDG_CACHE_HOME") or ""
     if not base:
         try:

@@ -72,9 +72,7 @@ def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas
     """
     flat = shared.reshape(-1)
     out = _workspace(workspace, len(alphas), flat)
-    if len(alphas) == 1:  # a single build: `combine` itself, as a (1, *shape) view (no copy)
-        return combine(shared, experts, alphas[0], out=out).unsqueeze(0)
-    if exact:
+    if len(alphas) == 1 or exact:  # a single build, or exact: `combine` itself for each mix
         if out is None:
             return torch.stack([combine(shared, experts, a) for a in alphas])
         rows = out.view(len(alphas), *shared.shape)
