@@ -1,11 +1,10 @@
 """One tensor-major pass from the bank to finished specialists (the path of `build` and `batch`).
 
 For every weight, in the graph's storage order: read the shared tensor and its experts once,
-fuse them for every mix (fp32: `soup_math.combine` for each mix when HF weights are written, as a
-single build does; otherwise `combine_many`, one matrix product per block of columns for all mixes,
-or for int4 matrices the compiled kernel of `native`, which fuses and quantizes in one pass), and
-write the fused tensor to
-its HF `model.safetensors` (when asked) and its encoded form (the tier's storage) to its
+fuse them for every mix (fp32: `soup_math.combine` for each mix when HF weights are written;
+otherwise, for int4 matrices, the compiled kernel of `native`, which fuses and quantizes in one
+pass, and for the rest `combine_many`, one matrix product per block of columns for all mixes), and
+write the fused tensor to its HF `model.safetensors` (when asked) and its encoded form (the tier's storage) to its
 `model.onnx.data` at the offset the graph already names. `model.onnx` is the same bytes for every
 mix. No intermediate file is written and read back; peak memory is one bank tensor plus one
 fused tensor per mix.
@@ -141,7 +140,7 @@ def _write_weights(bank, g, order, alphas, hf_writers, data_files, progress) -> 
     exact = bool(hf_writers)
     for name, shared, experts in bank.tensors(order, progress):
         parts = by_weight[name]
-        if not exact and all(native.applies(s.rep, tuple(shared.shape), experts, len(alphas)) for s, _ in parts):
+        if not exact and all(native.applies(s.rep, tuple(shared.shape), experts) for s, _ in parts):
             # every mix fused and quantized in one compiled pass: no fp32 fused tensor at all
             q, scales = native.fuse_quantize(shared.numpy(), experts[0].numpy(), coefs, torch.get_num_threads())
             encoded = functools.partial(_native_parts, q, scales)

@@ -1,5 +1,5 @@
-"""Export's compiled int4 kernels (`native_q4.c`): quantize fused values, or fuse every mix of a
-batch and quantize in one pass.
+"""Export's compiled int4 kernels (`native_q4.c`): quantize fused values, or fuse the mixes of an
+export and quantize them in one pass.
 
 The kernels are compiled on first use with the system C compiler (`$CC`, default `cc`) for this CPU
 (`-march=native`) into the user cache (`$XDG_CACHE_HOME/soup/native`, keyed by the source, the
@@ -13,11 +13,13 @@ names its target), once.
 
 Both apply to 4-bit, block-32, symmetric storage of matrices whose rows are whole blocks (the
 int4 tier and the mixed tier's body, the defaults); asymmetric storage and other widths use torch.
-- `quantize` (the same quantization of already fused values) encodes single builds and batches
-  that write HF directories: bit for bit the bytes of `quantize_nbits`.
-- `fuse_quantize` fuses a batch's customers too (one mix keeps `combine`, bit-identical to the
-  soup's forward), when the batch writes no HF directory (`--no-parity --no-hf`): HF weights are
-  fused by `combine` for each mix, so a batch with parity ships exactly its single builds' bytes.
+- `quantize` (the same quantization of already fused values) encodes the exports that write HF
+  weights (parity on, the default, or no `--no-hf`): those are fused by `combine`, bit-identical to
+  the soup's forward, and quantized bit for bit as `quantize_nbits` would.
+- `fuse_quantize` fuses too, for the exports that write no HF weights (`--no-parity --no-hf`),
+  single builds and batches alike: a batch's customers share each read of the bank, and one
+  customer's sums run expert after expert over long runs of the bank. A mix's int4 bytes are the
+  same in a single build and in any batch; they equal `combine`'s to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ import os
 import platform
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from soup_export.resolve import user_cache
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native_q4.c")
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
 BLOCK, BITS = 32, 4
 
 
@@ -72,10 +73,9 @@ def _load():
         except OSError:
             pass
         return None
-    lib.fuse_q4.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
-                            ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-    lib.quantize_q4.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
-                                ctypes.c_void_p, ctypes.c_void_p]
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    lib.fuse_q4.argtypes = [ptr, ptr, long, long, long, ptr, long, long, ptr, ptr]
+    lib.quantize_q4.argtypes = [ptr, long, long, long, ptr, ptr]
     for fn in (lib.fuse_q4, lib.quantize_q4):
         fn.restype = ctypes.c_int
     return lib
@@ -117,10 +117,10 @@ def _build(cc: str, lib: Path | None = None) -> Path:
     return lib
 
 
-def applies(rep, shape: tuple[int, ...], experts: tuple, mixes: int) -> bool:
+def applies(rep, shape: tuple[int, ...], experts: tuple) -> bool:
     """Whether `fuse_quantize` can encode this weight: 4-bit block-32 symmetric storage of a matrix
-    whose rows are whole blocks, full (not low-rank) experts, more than one mix, and a built kernel."""
-    return (mixes > 1 and quantizes(rep, shape) and len(experts) == 1 and experts[0].shape[0] > 0)
+    whose rows are whole blocks, full (not low-rank) experts, and a built kernel."""
+    return quantizes(rep, shape) and len(experts) == 1 and experts[0].shape[0] > 0
 
 
 def quantizes(rep, shape: tuple[int, ...]) -> bool:
@@ -139,9 +139,8 @@ def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, thre
     mixes, n = alphas.shape
     assert bank.shape == (n, rows, cols) and cols % BLOCK == 0, (bank.shape, shared.shape, alphas.shape)
     q, scales = _outputs(mixes, rows, cols)
-    _over_rows(rows, threads, lambda lo, hi: lib.fuse_q4(shared.ctypes.data, bank.ctypes.data, n, rows, cols,
-                                                         alphas.ctypes.data, mixes, lo, hi, q.ctypes.data,
-                                                         scales.ctypes.data))
+    _check(lib.fuse_q4(shared.ctypes.data, bank.ctypes.data, n, rows, cols, alphas.ctypes.data, mixes, threads,
+                       q.ctypes.data, scales.ctypes.data))
     return q, scales
 
 
@@ -152,8 +151,7 @@ def quantize(w: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
     w = np.ascontiguousarray(w, np.float32)
     rows, cols = w.shape
     q, scales = _outputs(1, rows, cols)
-    _over_rows(rows, threads, lambda lo, hi: lib.quantize_q4(w.ctypes.data, rows, cols, lo, hi, q.ctypes.data,
-                                                             scales.ctypes.data))
+    _check(lib.quantize_q4(w.ctypes.data, rows, cols, threads, q.ctypes.data, scales.ctypes.data))
     return q[0], scales[0]
 
 
@@ -162,13 +160,6 @@ def _outputs(mixes: int, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
             np.empty((mixes, rows, cols // BLOCK), np.float32))
 
 
-def _over_rows(rows: int, threads: int, run) -> None:
-    """run(lo, hi) over `threads` contiguous row ranges at once (ctypes releases the GIL)."""
-    bounds = np.linspace(0, rows, min(max(1, threads), max(rows, 1)) + 1).astype(int)
-    if len(bounds) == 2:
-        codes = [run(0, rows)]
-    else:
-        with ThreadPoolExecutor(len(bounds) - 1) as pool:
-            codes = list(pool.map(run, bounds[:-1], bounds[1:]))
-    if any(codes):
-        raise RuntimeError(f"native int4 kernel failed with codes {codes}")
+def _check(code: int) -> None:
+    if code:
+        raise RuntimeError(f"native int4 kernel failed with code {code}")

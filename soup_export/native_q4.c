@@ -8,12 +8,17 @@
 
    shared: (rows * cols) fp32; bank: (n, rows * cols) fp32; A: (M, n) fp32, the mixes' alphas;
    q: (M, rows, cols / 32, 16) bytes (low nibble first); scales: (M, rows, cols / 32) fp32.
-   Rows [r_begin, r_end) are done, so callers can split the rows between threads. cols % 32 == 0.
+   cols % 32 == 0. Both split the rows over `threads` POSIX threads (the caller's thread is one of
+   them): starting threads here costs microseconds, where a Python thread pool cost a millisecond
+   a call.
 
+   Each mix's sum is the same chain of fused multiply-adds over j = 0..n-1 whichever tile of
+   mixes (8, 4 or 1) it falls in, so a mix's bytes do not depend on the batch it is exported in.
    The quantization step of a block is the same fp32 arithmetic as quantize_nbits: scale = signed
-   extreme / -8 (1 where that is 0), level = round-half-even(w / scale) + 8 clamped to
-   [0, 15]. fuse_q4's sums are accumulated in another order than torch's matrix product, so they
-   can differ in their last bit (and a level at a rounding tie can differ by one). */
+   extreme / -8 (1 where that is 0), level = round-half-even(w / scale) + 8 clamped to [0, 15].
+   fuse_q4's sums are accumulated in another order than torch's matrix product, so they can differ
+   in their last bit (and a level at a rounding tie can differ by one). */
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,9 +28,17 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef int vi16 __attribute__((vector_size(64)));
 typedef unsigned char vb16 __attribute__((vector_size(16)));
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* MINPS/MAXPS are a < b ? a : b and a > b ? a : b exactly (the second operand for equal values,
+   zeros of either sign and NaN), the generic definitions below, in one instruction */
+static inline v16 vmin(v16 a, v16 b) { return (v16)_mm512_min_ps((__m512)a, (__m512)b); }
+static inline v16 vmax(v16 a, v16 b) { return (v16)_mm512_max_ps((__m512)a, (__m512)b); }
+#else
 static inline v16 vsel(vi16 m, v16 a, v16 b) { return (v16)(((vi16)a & m) | ((vi16)b & ~m)); }
 static inline v16 vmin(v16 a, v16 b) { return vsel(a < b, a, b); }
 static inline v16 vmax(v16 a, v16 b) { return vsel(a > b, a, b); }
+#endif
 
 static inline float reduce(v16 v, int is_min) {
     const vi16 p8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
@@ -63,84 +76,162 @@ static inline void quantize_block(v16 w0, v16 w1, uint8_t *q, float *scale) {
     memcpy(q, &bytes, 16);
 }
 
-#define BUFFER_FLOATS (1L << 17) /* 512 KB of bank rows per thread: they stay in L2 while every mix uses them */
+/* T mixes' sums of one block over the n experts (expert j's 32 values at e + j * stride):
+   out[2 i], out[2 i + 1] = sum_j A[i n + j] * expert j's block, one multiply-add after another in
+   j order. Out of line and specialised per T, so that each keeps its 2 T sums in registers. */
+static inline __attribute__((always_inline)) void sums(int T, const float *restrict e, long stride, long n,
+                                                      const float *restrict A, v16 *restrict out) {
+    v16 acc[16];
+    for (int i = 0; i < 2 * T; i++) acc[i] = (v16){0};
+    for (long j = 0; j < n; j++) {
+        const v16u *p = (const v16u *)(e + j * stride);
+        v16 e0 = p[0], e1 = p[1];
+        for (int i = 0; i < T; i++) {
+            float x = A[i * n + j];
+            acc[2 * i] += x * e0;
+            acc[2 * i + 1] += x * e1;
+        }
+    }
+    for (int i = 0; i < 2 * T; i++) out[i] = acc[i];
+}
+static __attribute__((noinline)) void sums8(const float *e, long s, long n, const float *A, v16 *o) { sums(8, e, s, n, A, o); }
+static __attribute__((noinline)) void sums4(const float *e, long s, long n, const float *A, v16 *o) { sums(4, e, s, n, A, o); }
+static __attribute__((noinline)) void sums1(const float *e, long s, long n, const float *A, v16 *o) { sums(1, e, s, n, A, o); }
 
-int fuse_q4(const float *restrict shared, const float *restrict bank, long n, long rows, long cols,
-            const float *restrict A, long M, long r_begin, long r_end, uint8_t *restrict q,
-            float *restrict scales) {
-    if (cols % 32 != 0) return 1;
-    if (n < 1) return 3;
-    long P = rows * cols, nb = cols / 32;
-    long rb = BUFFER_FLOATS / (n * cols);
+#define CHUNK_FLOATS (1L << 17) /* 512 KB of bank rows per thread: they stay in L2 while every mix uses them */
+#define PAD 16 /* floats after each expert's rows in a chunk: a block's n rows then fall in different cache sets */
+
+typedef struct {
+    const float *shared, *bank, *A, *w;
+    long n, rows, cols, M, r_begin, r_end;
+    uint8_t *q;
+    float *scales;
+    int rc;
+} Job;
+
+#define SPAN 2048 /* values of one mix summed expert after expert (8 KB: they stay in L1) */
+
+/* One mix: expert after expert, each adding its next SPAN values to the span's sums, so the bank
+   is read in long sequential runs (each value is used once). The same multiply-adds in the same
+   order as a tile's, so the same bits. */
+static void fuse_one(Job *job) {
+    long n = job->n, P = job->rows * job->cols;
+    const float *A = job->A;
+    v16 acc[SPAN / 16];
+    for (long p0 = job->r_begin * job->cols; p0 < job->r_end * job->cols; p0 += SPAN) {
+        long len = job->r_end * job->cols - p0 < SPAN ? job->r_end * job->cols - p0 : SPAN;
+        for (long k = 0; k < len / 16; k++) acc[k] = (v16){0};
+        for (long j = 0; j < n; j++) {
+            const v16u *e = (const v16u *)(job->bank + j * P + p0);
+            float x = A[j];
+            for (long k = 0; k < len / 16; k++) acc[k] += x * e[k];
+        }
+        for (long k = 0; k < len / 16; k += 2) {
+            const v16u *sp = (const v16u *)(job->shared + p0 + 16 * k);
+            long blk = (p0 + 16 * k) / 32;
+            quantize_block(acc[k] + sp[0], acc[k + 1] + sp[1], job->q + blk * 16, job->scales + blk);
+        }
+    }
+    job->rc = 0;
+}
+
+/* Rows [r_begin, r_end) of every mix: a chunk of rows of every expert is copied first, and every
+   mix's tile then reads it from cache. */
+static void fuse_rows(Job *job) {
+    if (job->M == 1) {
+        fuse_one(job);
+        return;
+    }
+    long n = job->n, rows = job->rows, cols = job->cols, M = job->M, P = rows * cols, nb = cols / 32;
+    long rb = CHUNK_FLOATS / (n * cols);
     if (rb < 1) rb = 1;
-    float *buf = malloc(sizeof(float) * n * rb * cols);
-    if (!buf) return 2;
-    for (long r0 = r_begin; r0 < r_end; r0 += rb) {
-        long rn = r_end - r0 < rb ? r_end - r0 : rb;
-        for (long j = 0; j < n; j++) /* the experts' rows r0..r0+rn, contiguous per expert */
-            memcpy(buf + j * rn * cols, bank + j * P + r0 * cols, sizeof(float) * rn * cols);
+    long stride = rb * cols + PAD;
+    float *buf = malloc(sizeof(float) * n * stride);
+    if (!buf) {
+        job->rc = 2;
+        return;
+    }
+    v16 out[16];
+    for (long r0 = job->r_begin; r0 < job->r_end; r0 += rb) {
+        long rn = job->r_end - r0 < rb ? job->r_end - r0 : rb;
+        for (long j = 0; j < n; j++)
+            memcpy(buf + j * stride, job->bank + j * P + r0 * cols, sizeof(float) * rn * cols);
         for (long rr = 0; rr < rn; rr++) {
             long r = r0 + rr;
             for (long c0 = 0; c0 < cols; c0 += 32) {
-                const v16u *sp = (const v16u *)(shared + r * cols + c0);
-                v16 s0 = sp[0], s1 = sp[1], zero = {0};
-                long blk = (r * nb) + c0 / 32;
-                long m = 0;
-                for (; m + 8 <= M; m += 8) { /* eight mixes at once: each expert row loaded once for eight */
-                    v16 acc[16];
-                    for (int i = 0; i < 16; i++) acc[i] = zero;
-                    for (long j = 0; j < n; j++) {
-                        const v16u *e = (const v16u *)(buf + (j * rn + rr) * cols + c0);
-                        v16 e0 = e[0], e1 = e[1];
-                        for (int i = 0; i < 8; i++) {
-                            float x = A[(m + i) * n + j];
-                            acc[2 * i] += x * e0;
-                            acc[2 * i + 1] += x * e1;
-                        }
-                    }
-                    for (int i = 0; i < 8; i++)
-                        quantize_block(acc[2 * i] + s0, acc[2 * i + 1] + s1, q + ((m + i) * rows * nb + blk) * 16,
-                                       scales + (m + i) * rows * nb + blk);
-                }
-                for (; m + 4 <= M; m += 4) { /* four mixes at once: each expert row loaded once for four */
-                    v16 a00 = zero, a01 = zero, a10 = zero, a11 = zero, a20 = zero, a21 = zero, a30 = zero, a31 = zero;
-                    for (long j = 0; j < n; j++) {
-                        const v16u *e = (const v16u *)(buf + (j * rn + rr) * cols + c0);
-                        v16 e0 = e[0], e1 = e[1];
-                        float x0 = A[m * n + j], x1 = A[(m + 1) * n + j], x2 = A[(m + 2) * n + j], x3 = A[(m + 3) * n + j];
-                        a00 += x0 * e0; a01 += x0 * e1; a10 += x1 * e0; a11 += x1 * e1;
-                        a20 += x2 * e0; a21 += x2 * e1; a30 += x3 * e0; a31 += x3 * e1;
-                    }
-                    quantize_block(a00 + s0, a01 + s1, q + (m * rows * nb + blk) * 16, scales + m * rows * nb + blk);
-                    quantize_block(a10 + s0, a11 + s1, q + ((m + 1) * rows * nb + blk) * 16, scales + (m + 1) * rows * nb + blk);
-                    quantize_block(a20 + s0, a21 + s1, q + ((m + 2) * rows * nb + blk) * 16, scales + (m + 2) * rows * nb + blk);
-                    quantize_block(a30 + s0, a31 + s1, q + ((m + 3) * rows * nb + blk) * 16, scales + (m + 3) * rows * nb + blk);
-                }
-                for (; m < M; m++) {
-                    v16 a0 = zero, a1 = zero;
-                    for (long j = 0; j < n; j++) {
-                        const v16u *e = (const v16u *)(buf + (j * rn + rr) * cols + c0);
-                        float x = A[m * n + j];
-                        a0 += x * e[0]; a1 += x * e[1];
-                    }
-                    quantize_block(a0 + s0, a1 + s1, q + (m * rows * nb + blk) * 16, scales + m * rows * nb + blk);
+                const v16u *sp = (const v16u *)(job->shared + r * cols + c0);
+                v16 s0 = sp[0], s1 = sp[1];
+                const float *e = buf + rr * cols + c0;
+                long blk = r * nb + c0 / 32;
+                for (long m = 0; m < M;) {
+                    int T = M - m >= 8 ? 8 : M - m >= 4 ? 4 : 1;
+                    const float *a = job->A + m * n;
+                    if (T == 8) sums8(e, stride, n, a, out);
+                    else if (T == 4) sums4(e, stride, n, a, out);
+                    else sums1(e, stride, n, a, out);
+                    for (int i = 0; i < T; i++)
+                        quantize_block(out[2 * i] + s0, out[2 * i + 1] + s1, job->q + ((m + i) * rows * nb + blk) * 16,
+                                       job->scales + (m + i) * rows * nb + blk);
+                    m += T;
                 }
             }
         }
     }
     free(buf);
+    job->rc = 0;
+}
+
+static void quantize_rows(Job *job) {
+    long cols = job->cols, nb = cols / 32;
+    for (long r = job->r_begin; r < job->r_end; r++)
+        for (long b = 0; b < nb; b++) {
+            const v16u *p = (const v16u *)(job->w + r * cols + b * 32);
+            quantize_block(p[0], p[1], job->q + (r * nb + b) * 16, job->scales + r * nb + b);
+        }
+    job->rc = 0;
+}
+
+static void *run_fuse(void *job) { fuse_rows(job); return NULL; }
+static void *run_quantize(void *job) { quantize_rows(job); return NULL; }
+
+#define MAX_THREADS 64
+
+/* The job's rows in `threads` contiguous ranges, one per thread; this thread runs the first. */
+static int over_rows(Job job, long threads, void *(*run)(void *)) {
+    if (threads > job.rows) threads = job.rows;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1) threads = 1;
+    Job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (long t = 0; t < threads; t++) {
+        jobs[t] = job;
+        jobs[t].r_begin = job.rows * t / threads;
+        jobs[t].r_end = job.rows * (t + 1) / threads;
+    }
+    for (long t = 1; t < threads; t++)
+        started[t] = pthread_create(&ids[t], NULL, run, &jobs[t]) == 0;
+    run(&jobs[0]);
+    for (long t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(ids[t], NULL);
+        else run(&jobs[t]); /* no thread to be had: its rows run here */
+    }
+    for (long t = 0; t < threads; t++)
+        if (jobs[t].rc) return jobs[t].rc;
     return 0;
 }
 
-/* Quantize rows [r_begin, r_end) of w (rows, cols), already fused, exactly as fuse_q4 does. */
-int quantize_q4(const float *restrict w, long rows, long cols, long r_begin, long r_end, uint8_t *restrict q,
-                float *restrict scales) {
+int fuse_q4(const float *shared, const float *bank, long n, long rows, long cols, const float *A, long M,
+            long threads, uint8_t *q, float *scales) {
     if (cols % 32 != 0) return 1;
-    long nb = cols / 32;
-    for (long r = r_begin; r < r_end; r++)
-        for (long b = 0; b < nb; b++) {
-            const v16u *p = (const v16u *)(w + r * cols + b * 32);
-            quantize_block(p[0], p[1], q + (r * nb + b) * 16, scales + r * nb + b);
-        }
-    return 0;
+    if (n < 1) return 3;
+    Job job = {shared, bank, A, NULL, n, rows, cols, M, 0, rows, q, scales, 0};
+    return over_rows(job, threads, run_fuse);
+}
+
+/* The quantization of w (rows, cols), already fused, exactly as fuse_q4 does it. */
+int quantize_q4(const float *w, long rows, long cols, long threads, uint8_t *q, float *scales) {
+    if (cols % 32 != 0) return 1;
+    Job job = {NULL, NULL, NULL, w, 0, rows, cols, 1, 0, rows, q, scales, 0};
+    return over_rows(job, threads, run_quantize);
 }

@@ -291,13 +291,15 @@ def _native_kernel_or_skip():
     return native
 
 
-@pytest.mark.parametrize("mixes,n,rows,cols,threads", [(13, 5, 7, 96, 3), (2, 5, 7, 96, 3), (5, 4, 7, 8192, 1)])
+@pytest.mark.parametrize("mixes,n,rows,cols,threads", [(13, 5, 7, 96, 3), (2, 5, 7, 96, 3), (5, 4, 7, 8192, 1),
+                                                       (1, 5, 7, 96, 3), (1, 4, 7, 8192, 2)])
 def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes, n, rows, cols, threads):
     """The compiled fuse-and-quantize kernel against the reference, S + A @ E then quantize_nbits,
     bit for bit: on exact sums its levels (round half to even, clamped), scales (signed extreme,
     all-zero blocks) and nibble order must all be the same. 13 mixes use every tile width (8, 4, 1);
     rows are split over threads unevenly; 4 x 8192 columns make the kernel's row blocks 4 rows, so
-    7 rows end in a shorter one."""
+    7 rows end in a shorter one. One mix takes the kernel's other path (expert after expert, over
+    spans of 2048 values that cross rows)."""
     native = _native_kernel_or_skip()
     rng = np.random.default_rng(mixes + cols)
     shared, bank = _dyadic(rng, (rows, cols), 2.0 ** -6), _dyadic(rng, (n, rows, cols), 2.0 ** -6)
@@ -313,6 +315,27 @@ def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes, n, rows, col
         ref = quantize_nbits(fused, rep)
         assert np.array_equal(q[m], ref["q"]) and np.array_equal(scales[m], ref["scales"]), m
     assert scales[0, 2, 0] == scales[0, 4, 0] == 1.0 and scales[0, 3, 1] == 2.0 ** -4
+
+
+@pytest.mark.parametrize("n,rows,cols", [(32, 9, 352), (3, 5, 4096)])
+def test_native_kernel_gives_a_mix_the_same_bytes_alone_and_in_any_batch(n, rows, cols):
+    """A shipping-only single build fuses its one mix expert after expert; a batch fuses tiles of
+    8, 4 or 1 mixes. Each mix's sum must be the same chain of multiply-adds either way, so that a
+    customer's bytes do not depend on the batch it is exported in: checked on values whose sums
+    do round, for a mix at every tile position and over uneven thread splits."""
+    native = _native_kernel_or_skip()
+    rng = np.random.default_rng(n * rows)
+    shared = rng.normal(size=(rows, cols)).astype(np.float32)
+    bank = rng.normal(size=(n, rows, cols)).astype(np.float32)
+    alphas = rng.normal(size=(13, n)).astype(np.float32)
+    q, scales = native.fuse_quantize(shared, bank, alphas, threads=2)
+    for m in (0, 7, 8, 11, 12):  # first and last of the 8-tile, the 4-tile, the 1-tile
+        for threads in (1, 3):
+            q1, s1 = native.fuse_quantize(shared, bank, alphas[m:m + 1], threads=threads)
+            assert np.array_equal(q1[0], q[m]) and np.array_equal(s1[0], scales[m]), (m, threads)
+    ref = quantize_nbits(shared + np.tensordot(alphas[12].astype(np.float64), bank, axes=1).astype(np.float32),
+                         Rep("nbits", bits=4, block=32))
+    np.testing.assert_allclose(scales[12], ref["scales"], rtol=1e-5)  # the sum itself: fp32 rounding
 
 
 def test_native_quantization_of_fused_values_equals_quantize_nbits_bit_for_bit():
@@ -348,7 +371,7 @@ def test_native_kernel_falls_back_without_a_compiler_or_when_disabled(monkeypatc
         for cc in ("/nonexistent/cc", "false", "false"):  # no compiler; one that fails (a warning), then remembered
             monkeypatch.setenv("CC", cc)
             native._load.cache_clear()
-            assert native.kernel() is None and not native.applies(Rep("nbits", bits=4, block=32), (4, 32), (np.zeros((2, 4, 32)),), 2)
+            assert native.kernel() is None and not native.applies(Rep("nbits", bits=4, block=32), (4, 32), (np.zeros((2, 4, 32)),))
             assert not native.quantizes(Rep("nbits", bits=4, block=32), (4, 32))
         assert len(list((tmp_path / "soup" / "native").glob("*.failed"))) == 1
         monkeypatch.delenv("CC")
