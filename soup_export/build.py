@@ -130,14 +130,15 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
     tier, preds = budget_mod.choose_tier(arch, spec.quant, spec.max_size, params or None)
     cache: dict = {}
     model_bytes, g = _graph(cache, arch, tier, params if spec.quant != "auto" else {})
+    known = []  # per root: the files hashed as they were written
     for lo in range(0, len(mixes), per_pass):
-        emit(bank, mixes[lo:lo + per_pass], roots[lo:lo + per_pass], g, model_bytes,
-             write_hf_weights=spec.keep_hf or spec.parity, progress=progress)
+        known += emit(bank, mixes[lo:lo + per_pass], roots[lo:lo + per_pass], g, model_bytes,
+                      write_hf_weights=spec.keep_hf or spec.parity, progress=progress)
     shared_seconds = (time.perf_counter() - start) / len(mixes)
     manifests = []
     extras = extras or [{} for _ in mixes]
-    for mix, root, extra in tqdm(list(zip(mixes, roots, extras)), desc="check", unit="mix",
-                                 disable=not progress or not spec.parity):
+    for mix, root, extra, hashed in tqdm(list(zip(mixes, roots, extras, known)), desc="check", unit="mix",
+                                         disable=not progress or not spec.parity):
         t0 = time.perf_counter()
         size = budget_mod.verify(root / "onnx", preds[tier].total, spec.max_size)
         mobile = write_ort_format(root / "onnx") if spec.ort_format else None
@@ -152,7 +153,7 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
                   "size": {**size, "predicted_by_tier": {t: p.total for t, p in preds.items()}},
                   "parity": parity, **({"ort_format": mobile} if mobile else {}), **extra,
                   "seconds": round(shared_seconds + time.perf_counter() - t0, 3)}
-        write_manifest(root, record)
+        write_manifest(root, record, hashed)
         manifests.append(json.loads((root / "manifest.json").read_text()))
     return manifests
 

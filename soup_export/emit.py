@@ -11,16 +11,19 @@ fused tensor per mix.
 """
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from soup_export import native
+from soup_export.datafile import HashedDataFile
 from soup_export.graph import DATA_FILE, DecoderGraph, _encode_one, rotary_table
 from soup_export.mix import Mix
-from soup_export.onnx_dir import MODEL_FILE, copy_side_files, write_runtime_configs
+from soup_export.onnx_dir import MODEL_FILE, runtime_configs, side_files, write_files
 from soup_export.resolve import SPEC_FILE, Bank, checkpoint_ref, write_hf_files
 from soup_export.stream import SafetensorsWriter
 from soup_train.model.soup_math import combine_many
@@ -36,35 +39,41 @@ def weight_order(g: DecoderGraph) -> list[str]:
 
 
 def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model_bytes: bytes,
-         write_hf_weights: bool, progress: bool = False) -> None:
-    """Write `root/onnx` for every mix, and `root/hf` (a complete HF directory) if `write_hf_weights`."""
+         write_hf_weights: bool, progress: bool = False) -> list[dict[str, tuple[str, int]]]:
+    """Write `root/onnx` for every mix, and `root/hf` (a complete HF directory) if `write_hf_weights`.
+    Returns, per root, the SHA-256 and bytes of the files whose hash is already known
+    ({relative path: (sha256, bytes)}: the files written from memory, the same for every customer
+    but the spec, hashed once; each data file, hashed as it was written)."""
     import torch
 
     order = weight_order(g)
     missing = sorted(set(bank.shapes) - set(order))
     assert not missing, f"the graph does not use {missing}"
     alphas = [bank.alpha(m.h) for m in mixes]
-    hf_writers, data_files = [], []
-    for i, (root, mix, alpha) in enumerate(zip(roots, mixes, alphas)):
-        side = root / "hf" if write_hf_weights else root / "onnx"  # without HF weights, no hf/ at all
-        side.mkdir(parents=True, exist_ok=True)
-        (root / "onnx").mkdir(parents=True, exist_ok=True)
-        if i == 0:
-            write_hf_files(bank, side, "float32")
-        else:  # the same config and tokenizer files for every customer
-            copy_side_files(roots[0] / side.name, side)
-        spec = {"mix": mix.to_dict(), "alpha": [float(a) for a in alpha], "checkpoint": checkpoint_ref(bank),
-                "dtype": "float32"}
-        (side / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-        if write_hf_weights:
-            specs = [(name, torch.float32, bank.shapes[name]) for name in order]
-            hf_writers.append(SafetensorsWriter(root / "hf" / "model.safetensors", specs, {"format": "pt"}))
-        (root / "onnx" / MODEL_FILE).write_bytes(model_bytes)
-        data_files.append(open(root / "onnx" / f".{DATA_FILE}.tmp", "wb"))
+    hf_writers, data_files, spec_files = [], [], []
     try:
-        _write_weights(bank, g, order, alphas, hf_writers, data_files, progress)
+        for i, (root, mix, alpha) in enumerate(zip(roots, mixes, alphas)):
+            side = root / "hf" if write_hf_weights else root / "onnx"  # without HF weights, no hf/ at all
+            side.mkdir(parents=True, exist_ok=True)
+            (root / "onnx").mkdir(parents=True, exist_ok=True)
+            if i == 0:
+                write_hf_files(bank, side, "float32")
+                common = side_files(side)  # the same config and tokenizer files for every customer
+            else:
+                write_files(side, common)
+            spec = {"mix": mix.to_dict(), "alpha": [float(a) for a in alpha], "checkpoint": checkpoint_ref(bank),
+                    "dtype": "float32"}
+            spec_files.append((json.dumps(spec, indent=2) + "\n").encode())
+            (side / SPEC_FILE).write_bytes(spec_files[-1])
+            if write_hf_weights:
+                specs = [(name, torch.float32, bank.shapes[name]) for name in order]
+                hf_writers.append(SafetensorsWriter(root / "hf" / "model.safetensors", specs, {"format": "pt"}))
+            (root / "onnx" / MODEL_FILE).write_bytes(model_bytes)
+            data_files.append(HashedDataFile(root / "onnx" / f".{DATA_FILE}.tmp"))
+        _write_weights(bank, g, alphas, hf_writers, data_files, progress)
         for w in hf_writers:
             w.close()
+        digests = [fh.finish(g.data_size()) for fh in data_files]
     except BaseException:
         for w in hf_writers:
             w.abort()
@@ -72,11 +81,25 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
     finally:
         for fh in data_files:
             fh.close()
-    for root in roots:
+    common.pop(SPEC_FILE, None)
+    generation = json.loads(common["generation_config.json"]) if "generation_config.json" in common else {}
+    configs = runtime_configs(g, generation)
+    hashed = {name: _digest(data) for name, data in {**common, **configs, MODEL_FILE: model_bytes}.items()}
+    known = []
+    for root, digest, spec in zip(roots, digests, spec_files):
         (root / "onnx" / f".{DATA_FILE}.tmp").replace(root / "onnx" / DATA_FILE)
         if write_hf_weights:
-            copy_side_files(root / "hf", root / "onnx")
-        write_runtime_configs(root / "onnx", g)
+            write_files(root / "onnx", {**common, SPEC_FILE: spec})
+        write_files(root / "onnx", configs)
+        files = {f"onnx/{name}": h for name, h in hashed.items()}
+        files.update({f"hf/{name}": hashed[name] for name in common} if write_hf_weights else {})
+        files.update({f"{d}/{SPEC_FILE}": _digest(spec) for d in ("onnx", "hf")})
+        known.append({**files, **({f"onnx/{DATA_FILE}": (digest, g.data_size())} if digest else {})})
+    return known
+
+
+def _digest(data: bytes) -> tuple[str, int]:
+    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 def encode_mixes(fused: np.ndarray, s) -> list[dict[str, np.ndarray]]:
@@ -121,40 +144,73 @@ class _TorchEncoder:
         return self.single[key]
 
 
-def _write_weights(bank, g, order, alphas, hf_writers, data_files, progress) -> None:
+def _write_weights(bank, g, alphas, hf_writers, data_files, progress) -> None:
+    """Every stored tensor in the graph's storage order, so each data file is written front to back
+    (and hashed on the way). Kernel outputs are fresh arrays: a background thread writes them while
+    the next tensor is fused. The torch path's fused tensors live in a reused workspace, so they
+    are written here, once the writer has finished with everything before them."""
+    import torch
+
     by_weight: dict[str, list] = {}
     for s, offset in zip(g.stored, g.offsets()):
         by_weight.setdefault(s.weight, []).append((s, offset))
-    for fn in ("cos", "sin"):  # architecture-derived tables: the same bytes for every mix
-        table = rotary_table(g.arch, fn)
-        for s, offset in by_weight[f"@rotary.{fn}"]:
-            for fh in data_files:
-                fh.seek(offset)
-                fh.write(table.tobytes())
-    import torch
-
-    workspace, coefs = bank.workspace(len(alphas), order), torch.stack(alphas).numpy()
+    tensors = bank.tensors(weight_order(g), progress)
+    workspace, coefs = bank.workspace(len(alphas)), torch.stack(alphas).numpy()
     # With HF weights (parity, or no --no-hf), every mix is fused by `combine` itself: bit-identical to its
     # single build, so parity (a) compares the very weights a single build would ship (a batch's
     # other orders of summation moved the demo's logits by up to 1.05e-5, past the 1e-5 bound).
     exact = bool(hf_writers)
-    for name, shared, experts in bank.tensors(order, progress):
-        parts = by_weight[name]
-        if not exact and all(native.applies(s.rep, tuple(shared.shape), experts) for s, _ in parts):
-            # every mix fused and quantized in one compiled pass: no fp32 fused tensor at all
-            q, scales = native.fuse_quantize(shared.numpy(), experts[0].numpy(), coefs, torch.get_num_threads())
-            encoded = functools.partial(_native_parts, q, scales)
-        else:
+    with _Writer() as writer:
+        for name, parts in by_weight.items():
+            if name.startswith("@rotary."):  # architecture-derived tables: the same bytes for every mix
+                table = rotary_table(g.arch, name.split(".")[1])
+                writer.submit(_write_parts, data_files, parts, lambda m, s: {s.part: table})
+                continue
+            dense, shared, experts = next(tensors)
+            assert dense == name, (dense, name)
+            if not exact and all(native.applies(s.rep, tuple(shared.shape), experts) for s, _ in parts):
+                # every mix fused and quantized in one compiled pass: no fp32 fused tensor at all
+                q, scales = native.fuse_quantize(shared.numpy(), experts[0].numpy(), coefs, torch.get_num_threads())
+                writer.submit(_write_parts, data_files, parts, lambda m, s, q=q, scales=scales: _native_parts(q, scales, m, s))
+                continue
+            writer.wait()  # the workspace is about to be overwritten
             fused = combine_many(shared, experts, alphas, workspace=workspace, exact=exact)  # (mixes, *shape)
-            for writer, tensor in zip(hf_writers, fused):
-                writer.write(name, tensor)
-            encoded = _TorchEncoder(fused)
-        for m, fh in enumerate(data_files):
-            for s, offset in parts:
-                arr = encoded(m, s)[s.part]
-                assert arr.shape == s.shape and arr.dtype == s.dtype, s.name
-                fh.seek(offset)
-                fh.write(memoryview(np.ascontiguousarray(arr)))
-    end = g.data_size()
-    for fh in data_files:  # the file ends where the last tensor ends (alignment padding is zeros)
-        fh.truncate(end)
+            for hf, tensor in zip(hf_writers, fused):
+                hf.write(name, tensor)
+            _write_parts(data_files, parts, _TorchEncoder(fused))
+
+
+def _write_parts(data_files, parts, encoded) -> None:
+    """Mix m's stored arrays of one weight (`encoded(m, stored)`) into each data file, at their offsets."""
+    for m, fh in enumerate(data_files):
+        for s, offset in parts:
+            arr = encoded(m, s)[s.part]
+            assert arr.shape == s.shape and arr.dtype == s.dtype, s.name
+            fh.write_at(offset, arr)
+
+
+class _Writer:
+    """One background thread that runs the submitted writes in order, with at most two waiting or
+    running: memory then holds at most three tensors' kernel outputs. A failed write raises in
+    the submitting thread, at the next `submit` or `wait`."""
+
+    def __init__(self) -> None:
+        self.pool, self.pending = ThreadPoolExecutor(1, thread_name_prefix="soup-export-writer"), deque()
+
+    def submit(self, fn, *args) -> None:
+        self.wait(left=1)
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def wait(self, left: int = 0) -> None:
+        while len(self.pending) > left:
+            self.pending.popleft().result()
+
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)

@@ -89,7 +89,7 @@ class Stored:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class DecoderGraph:
@@ -101,6 +101,7 @@ class DecoderGraph:
         self.consts: dict[tuple, str] = {}
         self.const_protos: list[TensorProto] = []
         self.stored: list[Stored] = []
+        self._offsets: tuple[list[int], int] = ([], 0)  # offsets() of the first n stored tensors
         self.uses_ms = False
         embed_ok = plan.embed.kind != "nbits" or arch.hidden % plan.embed.block == 0
         self.embed_rep = plan.embed if embed_ok else Rep("float", "float16")
@@ -308,12 +309,15 @@ class DecoderGraph:
 
     # ------------------------------------------------------------------ model
     def offsets(self) -> list[int]:
-        out, pos = [], 0
-        for s in self.stored:
-            pos += -pos % ALIGN
-            out.append(pos)
-            pos += s.nbytes
-        return out
+        """Each stored tensor's offset in the data file (computed once per layout: exports ask per tensor)."""
+        if self._offsets[1] != len(self.stored):
+            out, pos = [], 0
+            for s in self.stored:
+                pos += -pos % ALIGN
+                out.append(pos)
+                pos += s.nbytes
+            self._offsets = (out, len(self.stored))
+        return list(self._offsets[0])
 
     def data_size(self) -> int:
         offs = self.offsets()

@@ -31,15 +31,22 @@ def versions() -> dict[str, str]:
     return out
 
 
-def file_table(root: Path) -> dict[str, dict]:
+def file_table(root: Path, known: dict[str, tuple[str, int]] | None = None) -> dict[str, dict]:
     """{relative path: {sha256, bytes}} of every file under root except root's own manifest
-    (a mixture's table covers the manifests of its models)."""
-    return {p.relative_to(root).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(root.rglob("*")) if p.is_file() and p != root / MANIFEST}
+    (a mixture's table covers the manifests of its models). `known`: {relative path: (sha256,
+    bytes)} of files hashed as they were written; each is used only if the file still has that size."""
+    known = known or {}
+    table = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p != root / MANIFEST:
+            rel, size = p.relative_to(root).as_posix(), p.stat().st_size
+            sha = known[rel][0] if rel in known and known[rel][1] == size else file_sha256(p)
+            table[rel] = {"sha256": sha, "bytes": size}
+    return table
 
 
-def write_manifest(root: Path, record: dict) -> Path:
-    data = {"format": FORMAT, **record, "files": file_table(root), "versions": dict(versions())}
+def write_manifest(root: Path, record: dict, known: dict[str, tuple[str, int]] | None = None) -> Path:
+    data = {"format": FORMAT, **record, "files": file_table(root, known), "versions": dict(versions())}
     path = root / MANIFEST
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path

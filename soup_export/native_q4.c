@@ -8,9 +8,9 @@
 
    shared: (rows * cols) fp32; bank: (n, rows * cols) fp32; A: (M, n) fp32, the mixes' alphas;
    q: (M, rows, cols / 32, 16) bytes (low nibble first); scales: (M, rows, cols / 32) fp32.
-   cols % 32 == 0. Both split the rows over `threads` POSIX threads (the caller's thread is one of
-   them): starting threads here costs microseconds, where a Python thread pool cost a millisecond
-   a call.
+   cols % 32 == 0. Both share the rows out to `threads` POSIX threads (the caller's thread is one
+   of them) in small pieces taken as threads become free: starting threads here costs
+   microseconds, where a Python thread pool cost a millisecond a call.
 
    Each mix's sum is the same chain of fused multiply-adds over j = 0..n-1 whichever tile of
    mixes (8, 4 or 1) it falls in, so a mix's bytes do not depend on the batch it is exported in.
@@ -100,30 +100,30 @@ static __attribute__((noinline)) void sums1(const float *e, long s, long n, cons
 
 #define CHUNK_FLOATS (1L << 17) /* 512 KB of bank rows per thread: they stay in L2 while every mix uses them */
 #define PAD 16 /* floats after each expert's rows in a chunk: a block's n rows then fall in different cache sets */
+#define SPAN 2048 /* one mix's values summed expert after expert (8 KB: they stay in L1) */
 
 typedef struct {
     const float *shared, *bank, *A, *w;
-    long n, rows, cols, M, r_begin, r_end;
+    long n, rows, cols, M;
     uint8_t *q;
     float *scales;
-    int rc;
+    long unit;          /* rows per piece of work */
+    long next;          /* the first row no thread has taken yet (atomic) */
+    int rc;             /* the first failure, 0 if none */
 } Job;
 
-#define SPAN 2048 /* values of one mix summed expert after expert (8 KB: they stay in L1) */
-
-/* One mix: expert after expert, each adding its next SPAN values to the span's sums, so the bank
-   is read in long sequential runs (each value is used once). The same multiply-adds in the same
-   order as a tile's, so the same bits. */
-static void fuse_one(Job *job) {
+/* One mix, rows [r0, r1): expert after expert, each adding its next SPAN values to the span's
+   sums, so the bank is read in long sequential runs (each value is used once). The same
+   multiply-adds in the same order as a tile's, so the same bits. */
+static void fuse_one(const Job *job, long r0, long r1) {
     long n = job->n, P = job->rows * job->cols;
-    const float *A = job->A;
     v16 acc[SPAN / 16];
-    for (long p0 = job->r_begin * job->cols; p0 < job->r_end * job->cols; p0 += SPAN) {
-        long len = job->r_end * job->cols - p0 < SPAN ? job->r_end * job->cols - p0 : SPAN;
+    for (long p0 = r0 * job->cols; p0 < r1 * job->cols; p0 += SPAN) {
+        long len = r1 * job->cols - p0 < SPAN ? r1 * job->cols - p0 : SPAN;
         for (long k = 0; k < len / 16; k++) acc[k] = (v16){0};
         for (long j = 0; j < n; j++) {
             const v16u *e = (const v16u *)(job->bank + j * P + p0);
-            float x = A[j];
+            float x = job->A[j];
             for (long k = 0; k < len / 16; k++) acc[k] += x * e[k];
         }
         for (long k = 0; k < len / 16; k += 2) {
@@ -132,106 +132,98 @@ static void fuse_one(Job *job) {
             quantize_block(acc[k] + sp[0], acc[k + 1] + sp[1], job->q + blk * 16, job->scales + blk);
         }
     }
-    job->rc = 0;
 }
 
-/* Rows [r_begin, r_end) of every mix: a chunk of rows of every expert is copied first, and every
-   mix's tile then reads it from cache. */
-static void fuse_rows(Job *job) {
-    if (job->M == 1) {
-        fuse_one(job);
-        return;
-    }
+/* Several mixes, rows [r0, r1) (at most CHUNK_FLOATS of bank): the rows of every expert are
+   copied into buf first, and every mix's tile then reads them from cache. */
+static void fuse_many(const Job *job, long r0, long r1, float *buf) {
     long n = job->n, rows = job->rows, cols = job->cols, M = job->M, P = rows * cols, nb = cols / 32;
-    long rb = CHUNK_FLOATS / (n * cols);
-    if (rb < 1) rb = 1;
-    long stride = rb * cols + PAD;
-    float *buf = malloc(sizeof(float) * n * stride);
-    if (!buf) {
-        job->rc = 2;
-        return;
-    }
+    long rn = r1 - r0, stride = rn * cols + PAD;
+    for (long j = 0; j < n; j++)
+        memcpy(buf + j * stride, job->bank + j * P + r0 * cols, sizeof(float) * rn * cols);
     v16 out[16];
-    for (long r0 = job->r_begin; r0 < job->r_end; r0 += rb) {
-        long rn = job->r_end - r0 < rb ? job->r_end - r0 : rb;
-        for (long j = 0; j < n; j++)
-            memcpy(buf + j * stride, job->bank + j * P + r0 * cols, sizeof(float) * rn * cols);
-        for (long rr = 0; rr < rn; rr++) {
-            long r = r0 + rr;
-            for (long c0 = 0; c0 < cols; c0 += 32) {
-                const v16u *sp = (const v16u *)(job->shared + r * cols + c0);
-                v16 s0 = sp[0], s1 = sp[1];
-                const float *e = buf + rr * cols + c0;
-                long blk = r * nb + c0 / 32;
-                for (long m = 0; m < M;) {
-                    int T = M - m >= 8 ? 8 : M - m >= 4 ? 4 : 1;
-                    const float *a = job->A + m * n;
-                    if (T == 8) sums8(e, stride, n, a, out);
-                    else if (T == 4) sums4(e, stride, n, a, out);
-                    else sums1(e, stride, n, a, out);
-                    for (int i = 0; i < T; i++)
-                        quantize_block(out[2 * i] + s0, out[2 * i + 1] + s1, job->q + ((m + i) * rows * nb + blk) * 16,
-                                       job->scales + (m + i) * rows * nb + blk);
-                    m += T;
-                }
+    for (long r = r0; r < r1; r++)
+        for (long c0 = 0; c0 < cols; c0 += 32) {
+            const v16u *sp = (const v16u *)(job->shared + r * cols + c0);
+            v16 s0 = sp[0], s1 = sp[1];
+            const float *e = buf + (r - r0) * cols + c0;
+            long blk = r * nb + c0 / 32;
+            for (long m = 0; m < M;) {
+                int T = M - m >= 8 ? 8 : M - m >= 4 ? 4 : 1;
+                const float *a = job->A + m * n;
+                if (T == 8) sums8(e, stride, n, a, out);
+                else if (T == 4) sums4(e, stride, n, a, out);
+                else sums1(e, stride, n, a, out);
+                for (int i = 0; i < T; i++)
+                    quantize_block(out[2 * i] + s0, out[2 * i + 1] + s1, job->q + ((m + i) * rows * nb + blk) * 16,
+                                   job->scales + (m + i) * rows * nb + blk);
+                m += T;
             }
         }
-    }
-    free(buf);
-    job->rc = 0;
 }
 
-static void quantize_rows(Job *job) {
+static void quantize_rows(const Job *job, long r0, long r1) {
     long cols = job->cols, nb = cols / 32;
-    for (long r = job->r_begin; r < job->r_end; r++)
+    for (long r = r0; r < r1; r++)
         for (long b = 0; b < nb; b++) {
             const v16u *p = (const v16u *)(job->w + r * cols + b * 32);
             quantize_block(p[0], p[1], job->q + (r * nb + b) * 16, job->scales + r * nb + b);
         }
-    job->rc = 0;
 }
 
-static void *run_fuse(void *job) { fuse_rows(job); return NULL; }
-static void *run_quantize(void *job) { quantize_rows(job); return NULL; }
+/* A thread's share: pieces of `unit` rows, taken one at a time until none is left, so a thread
+   that the system slows down (another process, export's file writer) simply takes fewer. */
+static void *work(void *arg) {
+    Job *job = arg;
+    float *buf = NULL;
+    if (job->bank && job->M > 1 && !(buf = malloc(sizeof(float) * job->n * (job->unit * job->cols + PAD)))) {
+        __atomic_store_n(&job->rc, 2, __ATOMIC_RELAXED);
+        return NULL;
+    }
+    for (;;) {
+        long r0 = __atomic_fetch_add(&job->next, job->unit, __ATOMIC_RELAXED);
+        if (r0 >= job->rows) break;
+        long r1 = r0 + job->unit < job->rows ? r0 + job->unit : job->rows;
+        if (!job->bank) quantize_rows(job, r0, r1);
+        else if (buf) fuse_many(job, r0, r1, buf);
+        else fuse_one(job, r0, r1);
+    }
+    free(buf);
+    return NULL;
+}
 
 #define MAX_THREADS 64
 
-/* The job's rows in `threads` contiguous ranges, one per thread; this thread runs the first. */
-static int over_rows(Job job, long threads, void *(*run)(void *)) {
-    if (threads > job.rows) threads = job.rows;
+/* `threads` threads (this one among them) work through the job's rows. */
+static int run_job(Job *job, long threads) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
-    Job jobs[MAX_THREADS];
+    long pieces = (job->rows + job->unit - 1) / job->unit;
+    if (threads > pieces) threads = pieces;
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
-    for (long t = 0; t < threads; t++) {
-        jobs[t] = job;
-        jobs[t].r_begin = job.rows * t / threads;
-        jobs[t].r_end = job.rows * (t + 1) / threads;
-    }
     for (long t = 1; t < threads; t++)
-        started[t] = pthread_create(&ids[t], NULL, run, &jobs[t]) == 0;
-    run(&jobs[0]);
-    for (long t = 1; t < threads; t++) {
+        started[t] = pthread_create(&ids[t], NULL, work, job) == 0; /* none to be had: the others do more */
+    work(job);
+    for (long t = 1; t < threads; t++)
         if (started[t]) pthread_join(ids[t], NULL);
-        else run(&jobs[t]); /* no thread to be had: its rows run here */
-    }
-    for (long t = 0; t < threads; t++)
-        if (jobs[t].rc) return jobs[t].rc;
-    return 0;
+    return job->rc;
 }
+
+static long rows_per_piece(long cols, long floats) { return floats / cols > 1 ? floats / cols : 1; }
 
 int fuse_q4(const float *shared, const float *bank, long n, long rows, long cols, const float *A, long M,
             long threads, uint8_t *q, float *scales) {
     if (cols % 32 != 0) return 1;
     if (n < 1) return 3;
-    Job job = {shared, bank, A, NULL, n, rows, cols, M, 0, rows, q, scales, 0};
-    return over_rows(job, threads, run_fuse);
+    /* several mixes: a piece is a chunk of every expert's rows; one: 16 spans of every expert */
+    long unit = M > 1 ? rows_per_piece(n * cols, CHUNK_FLOATS) : rows_per_piece(cols, 16 * SPAN);
+    Job job = {shared, bank, A, NULL, n, rows, cols, M, q, scales, unit, 0, 0};
+    return run_job(&job, threads);
 }
 
 /* The quantization of w (rows, cols), already fused, exactly as fuse_q4 does it. */
 int quantize_q4(const float *w, long rows, long cols, long threads, uint8_t *q, float *scales) {
     if (cols % 32 != 0) return 1;
-    Job job = {NULL, NULL, NULL, w, 0, rows, cols, 1, 0, rows, q, scales, 0};
-    return over_rows(job, threads, run_quantize);
+    Job job = {NULL, NULL, NULL, w, 0, rows, cols, 1, q, scales, rows_per_piece(cols, 16 * SPAN), 0, 0};
+    return run_job(&job, threads);
 }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,8 +87,18 @@ def write_onnx_dir(out: Path, model_bytes: bytes, g: DecoderGraph, weight: Calla
 
 def write_runtime_configs(out: Path, g: DecoderGraph) -> None:
     """genai_config.json (onnxruntime-genai) and export.json (tier and storage as applied)."""
-    write_genai_config(out, g.arch)
-    (out / EXPORT_FILE).write_text(json.dumps({"tier": g.plan.tier, "quantization": g.storage()}, indent=2) + "\n")
+    gen = read_json(out / "generation_config.json") if (out / "generation_config.json").is_file() else {}
+    write_files(out, runtime_configs(g, gen))
+
+
+def runtime_configs(g: DecoderGraph, generation: dict) -> dict[str, bytes]:
+    """The bytes of genai_config.json and export.json for this graph and generation config."""
+    return {"genai_config.json": _json_bytes(genai_config(g.arch, generation)),
+            EXPORT_FILE: _json_bytes({"tier": g.plan.tier, "quantization": g.storage()})}
+
+
+def _json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2) + "\n").encode()
 
 
 def read_tier(onnx_dir: Path) -> str:
@@ -104,14 +113,23 @@ def read_tier(onnx_dir: Path) -> str:
 
 
 def copy_side_files(src: Path, out: Path) -> None:
-    for name in SIDE_FILES:
-        if (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
-            shutil.copy2(src / name, out / name)
+    if Path(src).resolve() != Path(out).resolve():
+        write_files(out, side_files(src))
 
 
-def write_genai_config(out: Path, arch: Arch) -> None:
-    """onnxruntime-genai's config for this hand-built decoder (KV names, no shared past/present buffer)."""
-    gen = read_json(out / "generation_config.json") if (out / "generation_config.json").is_file() else {}
+def side_files(src: Path) -> dict[str, bytes]:
+    """The side files (model config, tokenizer, soup spec) that `src` holds, as bytes by name."""
+    return {name: (src / name).read_bytes() for name in SIDE_FILES if (src / name).is_file()}
+
+
+def write_files(out: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+
+
+def genai_config(arch: Arch, gen: dict) -> dict:
+    """onnxruntime-genai's config for this hand-built decoder (KV names, no shared past/present
+    buffer); `gen`: the generation config (token ids)."""
     eos = gen.get("eos_token_id", 0)
     config = {
         "model": {
@@ -134,7 +152,7 @@ def write_genai_config(out: Path, arch: Arch) -> None:
                    "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
-    (out / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config
 
 
 def dense_weights(directory: Path) -> Callable[[str], np.ndarray]:

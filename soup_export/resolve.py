@@ -147,7 +147,8 @@ class MappedSafetensors:
         self.header.pop("__metadata__", None)
         self.base = 8 + n
         self.path = path
-        self.map = np.memmap(path, dtype=np.uint8, mode="c")
+        # a plain ndarray over the map (which it keeps open): slicing np.memmap runs a Python hook per view
+        self.map = np.memmap(path, dtype=np.uint8, mode="c").view(np.ndarray)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self.header[key]

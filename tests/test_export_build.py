@@ -180,6 +180,9 @@ def test_batch_int4_through_the_native_kernel_matches_the_torch_path(debug_ckpt,
     for name in ("acme", "initech"):
         a, b = data(f"native/{name}"), data(f"torch/{name}")
         assert a.size == b.size and np.mean(a != b) < 0.05, name  # scales' last bits
+        for path in ("native", "torch"):  # data files hashed while written (by the writer thread, or inline)
+            m = json.loads((tmp_path / path / name / "manifest.json").read_text())
+            assert all(sha(tmp_path / path / name / rel) == e["sha256"] for rel, e in m["files"].items()), (path, name)
     # parity on: each customer fused by `combine` and encoded by the compiled quantization, equal to
     # its single build encoded by torch (SOUP_NATIVE=0 still holds), and parity (a) exact
     assert np.array_equal(data("checked/acme"), data("single"))

@@ -317,7 +317,7 @@ def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes, n, rows, col
     assert scales[0, 2, 0] == scales[0, 4, 0] == 1.0 and scales[0, 3, 1] == 2.0 ** -4
 
 
-@pytest.mark.parametrize("n,rows,cols", [(32, 9, 352), (3, 5, 4096)])
+@pytest.mark.parametrize("n,rows,cols", [(32, 40, 352), (3, 25, 4096)])
 def test_native_kernel_gives_a_mix_the_same_bytes_alone_and_in_any_batch(n, rows, cols):
     """A shipping-only single build fuses its one mix expert after expert; a batch fuses tiles of
     8, 4 or 1 mixes. Each mix's sum must be the same chain of multiply-adds either way, so that a
@@ -336,6 +336,28 @@ def test_native_kernel_gives_a_mix_the_same_bytes_alone_and_in_any_batch(n, rows
     ref = quantize_nbits(shared + np.tensordot(alphas[12].astype(np.float64), bank, axes=1).astype(np.float32),
                          Rep("nbits", bits=4, block=32))
     np.testing.assert_allclose(scales[12], ref["scales"], rtol=1e-5)  # the sum itself: fp32 rounding
+
+
+def test_a_data_file_hashed_while_written_has_the_files_sha256(tmp_path):
+    """Holes between tensors are zeros in the file and in the hash, the file ends where finish()
+    says; a write behind the previous one drops the hash, and the manifest then reads the file;
+    a known hash whose size no longer matches the file is not used."""
+    from soup_export.datafile import HashedDataFile
+    from soup_export.manifest import file_table
+
+    fh = HashedDataFile(tmp_path / "a.data")
+    fh.write_at(0, np.arange(5, dtype=np.float32))
+    fh.write_at(64, b"xyz")
+    fh.write_at(200_000, np.ones((3, 4), np.uint8))  # a hole longer than the zero buffer
+    digest = fh.finish(300_000)
+    assert (tmp_path / "a.data").stat().st_size == 300_000 and digest == sha(tmp_path / "a.data")
+    back = HashedDataFile(tmp_path / "b.data")
+    back.write_at(64, b"xyz")
+    back.write_at(0, b"ab")
+    assert back.finish(67) is None
+    table = file_table(tmp_path, {"a.data": ("0" * 64, 300_000), "b.data": ("0" * 64, 1)})
+    assert table["a.data"]["sha256"] == "0" * 64  # trusted: the size matches
+    assert table["b.data"] == {"sha256": sha(tmp_path / "b.data"), "bytes": 67}  # size differs: read
 
 
 def test_native_quantization_of_fused_values_equals_quantize_nbits_bit_for_bit():

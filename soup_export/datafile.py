@@ -1,0 +1,54 @@
+"""An external-data file written at increasing offsets and hashed as it is written.
+
+Export writes each specialist's `model.onnx.data` tensor after tensor in the graph's storage
+order; hashing the bytes on their way to the file saves the manifest reading every file back
+(about 3 ms per 5 MB specialist, which in a batch is a large part of each customer's cost).
+The hash covers exactly the file's bytes: alignment holes are zeros in the file and in the hash,
+and the file ends where `finish` says. A write that goes back before the end of the previous one
+(emit never makes one) drops the running hash, and the manifest then reads the file.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+_ZEROS = bytes(1 << 16)
+
+
+class HashedDataFile:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.fh = open(self.path, "wb")
+        self.hash: hashlib._Hash | None = hashlib.sha256()
+        self.pos = 0  # where the previous write ended
+
+    def write_at(self, offset: int, data: np.ndarray | bytes) -> None:
+        view = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
+        if self.hash is not None:
+            if offset < self.pos:
+                self.hash = None
+            else:
+                self._zeros(offset - self.pos)
+                self.hash.update(view)
+        self.fh.seek(offset)
+        self.fh.write(view)
+        self.pos = max(self.pos, offset + view.nbytes)
+
+    def finish(self, size: int) -> str | None:
+        """End the file at `size` bytes and close it; its SHA-256 (hex), or None if not known."""
+        self.fh.truncate(size)
+        self.fh.close()
+        if self.hash is None or size < self.pos:
+            return None
+        self._zeros(size - self.pos)
+        return self.hash.hexdigest()
+
+    def close(self) -> None:
+        self.fh.close()
+
+    def _zeros(self, n: int) -> None:
+        while n > 0:
+            self.hash.update(_ZEROS[:min(n, len(_ZEROS))])
+            n -= len(_ZEROS)
