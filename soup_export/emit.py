@@ -69,7 +69,7 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
                 specs = [(name, torch.float32, bank.shapes[name]) for name in order]
                 hf_writers.append(SafetensorsWriter(root / "hf" / "model.safetensors", specs, {"format": "pt"}))
             (root / "onnx" / MODEL_FILE).write_bytes(model_bytes)
-            data_files.append(HashedDataFile(root / "onnx" / f".{DATA_FILE}.tmp"))
+            data_files.append(HashedDataFile(root / "onnx" / DATA_FILE))  # roots are staged: no temporary name
         _write_weights(bank, g, alphas, hf_writers, data_files, progress)
         for w in hf_writers:
             w.close()
@@ -87,7 +87,6 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
     hashed = {name: _digest(data) for name, data in {**common, **configs, MODEL_FILE: model_bytes}.items()}
     known = []
     for root, digest, spec in zip(roots, digests, spec_files):
-        (root / "onnx" / f".{DATA_FILE}.tmp").replace(root / "onnx" / DATA_FILE)
         if write_hf_weights:
             write_files(root / "onnx", {**common, SPEC_FILE: spec})
         write_files(root / "onnx", configs)
