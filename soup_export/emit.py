@@ -41,6 +41,8 @@ def weight_order(g: DecoderGraph) -> list[str]:
 def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model_bytes: bytes,
          write_hf_weights: bool, progress: bool = False) -> list[dict[str, tuple[str, int]]]:
     """Write `root/onnx` for every mix, and `root/hf` (a complete HF directory) if `write_hf_weights`.
+    The roots are staged directories (renamed into place once the whole export succeeded), so every
+    file is written under its final name.
     Returns, per root, the SHA-256 and bytes of the files whose hash is already known
     ({relative path: (sha256, bytes)}: the files written from memory, the same for every customer
     but the spec, hashed once; each data file, hashed as it was written)."""
