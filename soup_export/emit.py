@@ -7,7 +7,8 @@ pass, and for the rest `combine_many`, one matrix product per block of columns f
 write the fused tensor to its HF `model.safetensors` (when asked) and its encoded form (the tier's storage) to its
 `model.onnx.data` at the offset the graph already names. `model.onnx` is the same bytes for every
 mix. No intermediate file is written and read back; peak memory is one bank tensor plus one
-fused tensor per mix.
+fused tensor per mix (on the kernel path, the int4 outputs of up to three tensors: one being
+fused, two waiting for the writer).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
     but the spec, hashed once; each data file, hashed as it was written)."""
     import torch
 
+    if not mixes:
+        return []
     order = weight_order(g)
     missing = sorted(set(bank.shapes) - set(order))
     assert not missing, f"the graph does not use {missing}"
@@ -165,7 +168,7 @@ def _write_weights(bank, g, alphas, hf_writers, data_files, progress) -> None:
         for name, parts in by_weight.items():
             if name.startswith("@rotary."):  # architecture-derived tables: the same bytes for every mix
                 table = rotary_table(g.arch, name.split(".")[1])
-                writer.submit(_write_parts, data_files, parts, lambda m, s: {s.part: table})
+                writer.submit(_write_parts, data_files, parts, lambda m, s, table=table: {s.part: table})
                 continue
             dense, shared, experts = next(tensors)
             assert dense == name, (dense, name)

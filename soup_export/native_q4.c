@@ -109,7 +109,8 @@ typedef struct {
     float *scales;
     long unit;          /* rows per piece of work */
     long next;          /* the first row no thread has taken yet (atomic) */
-    int rc;             /* the first failure, 0 if none */
+    int rc;             /* a failure (2: a thread's chunk buffer could not be allocated; the call then
+                           fails as a whole, whatever rows other threads did), 0 if none */
 } Job;
 
 /* One mix, rows [r0, r1): expert after expert, each adding its next SPAN values to the span's
@@ -215,6 +216,7 @@ int fuse_q4(const float *shared, const float *bank, long n, long rows, long cols
             long threads, uint8_t *q, float *scales) {
     if (cols % 32 != 0) return 1;
     if (n < 1) return 3;
+    if (M < 1) return M ? 4 : 0; /* no mix: nothing to write */
     /* several mixes: a piece is a chunk of every expert's rows; one: 16 spans of every expert */
     long unit = M > 1 ? rows_per_piece(n * cols, CHUNK_FLOATS) : rows_per_piece(cols, 16 * SPAN);
     Job job = {shared, bank, A, NULL, n, rows, cols, M, q, scales, unit, 0, 0};

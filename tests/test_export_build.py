@@ -133,6 +133,7 @@ def test_batch_writes_the_graph_once_and_equals_single_builds(debug_ckpt, tmp_pa
     assert globex["mix"]["source"].startswith("texts:") and max(globex["mix"]["weights"], key=globex["mix"]["weights"].get) == "python-code"
     graphs = {sha(tmp_path / "b" / n / "onnx" / "model.onnx") for n in ("acme", "globex", "initech")}
     assert len(graphs) == 1
+    _assert_rotary_tables(tmp_path / "b", ("acme", "globex", "initech"))
     # acme alone: the same graph and, as this batch writes HF directories (fused by `combine` per mix),
     # the same bytes
     single = run("build", debug_ckpt, "--mix", "licences=0.7,python-code=0.3", "--quant", "int4", "--no-parity",
@@ -154,12 +155,57 @@ def test_batch_writes_the_graph_once_and_equals_single_builds(debug_ckpt, tmp_pa
     assert sha(tmp_path / "b1" / "acme" / "onnx" / "model.onnx.data") == sha(tmp_path / "single" / "onnx" / "model.onnx.data")
 
 
+class _LateWriter:
+    """emit's background writer at its latest: every submitted write runs only at the next wait()
+    or at the end, after the export has moved on (so a write that reads anything but its own
+    arguments sees later values)."""
+
+    def __init__(self) -> None:
+        self.tasks = []
+
+    def submit(self, fn, *args) -> None:
+        self.tasks.append((fn, args))
+
+    def wait(self, left: int = 0) -> None:
+        tasks, self.tasks = self.tasks, []
+        for fn, args in tasks:
+            fn(*args)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.wait()
+
+
+def _assert_rotary_tables(batch_dir, names):
+    """Every customer's data file holds the architecture's rotary tables: they are written by the
+    background writer while the next tensors are fused (a late-bound table once gave some customers
+    the sine table in place of the cosine)."""
+    import onnx
+
+    from soup_export.graph import rotary_table
+    from soup_export.onnx_dir import read_arch
+
+    for name in names:
+        onnx_dir = batch_dir / name / "onnx"
+        arch, _ = read_arch(onnx_dir)
+        data = np.fromfile(onnx_dir / "model.onnx.data", np.uint8)
+        for t in onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.initializer:
+            if t.name.startswith("model.rotary_emb."):
+                info = {e.key: e.value for e in t.external_data}
+                off, n = int(info.get("offset", 0)), int(info["length"])
+                want = rotary_table(arch, t.name.split(".")[-1].split("_")[0]).tobytes()
+                assert data[off:off + n].tobytes() == want, (name, t.name)
+
+
 def test_batch_int4_through_the_native_kernel_matches_the_torch_path(debug_ckpt, tmp_path, monkeypatch):
     """Without HF weights (--no-parity --no-hf), a batch's int4 weights come from the compiled kernel when
     there is one; they equal the torch path's to fp32 rounding (scales differ in their last bits,
     levels almost never). With parity on, every mix is fused by `combine` itself: the same bytes as
     its single build, and parity (a) exact."""
-    from soup_export import native
+    from soup_export import emit, native
 
     if native.kernel() is None and shutil.which(os.environ.get("CC", "cc")) is None:
         pytest.skip("no C compiler: batch export uses the torch path")  # CI has one: the kernel is tested there
@@ -169,7 +215,21 @@ def test_batch_int4_through_the_native_kernel_matches_the_torch_path(debug_ckpt,
     monkeypatch.setattr(native, "fuse_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
     batch = lambda out, *extra: run("batch", debug_ckpt, tmp_path / "m.yaml", "--out", tmp_path / out, "--quant", "int4",
                                     *extra).exit_code  # noqa: E731
+    from soup_export import manifest
+
+    read_back = []  # files the manifest hashed from disk
+    real_sha = manifest.file_sha256
+    monkeypatch.setattr(manifest, "file_sha256", lambda path: read_back.append(path.name) or real_sha(path))
     assert batch("native", "--no-parity", "--no-hf") == 0 and calls  # the kernel did the work
+    assert read_back == []  # every file hashed as written (the data files) or once per pass (the rest)
+    monkeypatch.setattr(manifest, "file_sha256", real_sha)
+    _assert_rotary_tables(tmp_path / "native", ("acme", "initech"))
+    with monkeypatch.context() as late:  # the same batch with every write run as late as the writer may run it
+        late.setattr(emit, "_Writer", _LateWriter)
+        assert batch("late", "--no-parity", "--no-hf") == 0
+    for name in ("acme", "initech"):
+        assert sha(tmp_path / "late" / name / "onnx" / "model.onnx.data") == sha(tmp_path / "native" / name / "onnx" / "model.onnx.data")
+    _assert_rotary_tables(tmp_path / "late", ("acme", "initech"))
     calls.clear()
     assert batch("checked") == 0 and not calls  # parity on: HF weights by `combine`, no kernel
     monkeypatch.setenv("SOUP_NATIVE", "0")  # read on every call: nothing cached to clear
