@@ -12,6 +12,7 @@ fused, two waiting for the writer).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import deque
@@ -151,8 +152,9 @@ class _TorchEncoder:
 def _write_weights(bank, g, alphas, hf_writers, data_files, progress) -> None:
     """Every stored tensor in the graph's storage order, so each data file is written front to back
     (and hashed on the way). Kernel outputs are fresh arrays: a background thread writes them while
-    the next tensor is fused. The torch path's fused tensors live in a reused workspace, so they
-    are written here, once the writer has finished with everything before them."""
+    the next tensor is fused (what it writes is bound into each task, never read from the loop's
+    variables later). The torch path's fused tensors live in a reused workspace, so they are
+    written here, once the writer has finished with everything before them."""
     import torch
 
     by_weight: dict[str, list] = {}
@@ -168,20 +170,24 @@ def _write_weights(bank, g, alphas, hf_writers, data_files, progress) -> None:
         for name, parts in by_weight.items():
             if name.startswith("@rotary."):  # architecture-derived tables: the same bytes for every mix
                 table = rotary_table(g.arch, name.split(".")[1])
-                writer.submit(_write_parts, data_files, parts, lambda m, s, table=table: {s.part: table})
+                writer.submit(_write_parts, data_files, parts, functools.partial(_every_mix, table))
                 continue
             dense, shared, experts = next(tensors)
             assert dense == name, (dense, name)
             if not exact and all(native.applies(s.rep, tuple(shared.shape), experts) for s, _ in parts):
                 # every mix fused and quantized in one compiled pass: no fp32 fused tensor at all
                 q, scales = native.fuse_quantize(shared.numpy(), experts[0].numpy(), coefs, torch.get_num_threads())
-                writer.submit(_write_parts, data_files, parts, lambda m, s, q=q, scales=scales: _native_parts(q, scales, m, s))
+                writer.submit(_write_parts, data_files, parts, functools.partial(_native_parts, q, scales))
                 continue
             writer.wait()  # the workspace is about to be overwritten
             fused = combine_many(shared, experts, alphas, workspace=workspace, exact=exact)  # (mixes, *shape)
             for hf, tensor in zip(hf_writers, fused):
                 hf.write(name, tensor)
             _write_parts(data_files, parts, _TorchEncoder(fused))
+
+
+def _every_mix(table: np.ndarray, m: int, s) -> dict[str, np.ndarray]:
+    return {s.part: table}
 
 
 def _write_parts(data_files, parts, encoded) -> None:
