@@ -276,12 +276,14 @@ def _dyadic(rng, size, scale):
 
 def _native_kernel_or_skip():
     """The kernel; a compiler that is present but fails to build it fails the test (only a machine
-    without one skips: CI has one, so the kernel is tested there)."""
+    without one, or a run with SOUP_NATIVE=0, skips: CI has one, so the kernel is tested there)."""
     import os
     import shutil
 
     from soup_export import native
 
+    if os.environ.get("SOUP_NATIVE") == "0":
+        pytest.skip("SOUP_NATIVE=0 disables the kernel")
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         pytest.skip("no C compiler: batch export uses the torch path")
@@ -391,6 +393,7 @@ def test_native_kernel_falls_back_without_a_compiler_or_when_disabled(monkeypatc
     from soup_export import native
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("SOUP_NATIVE", raising=False)
     try:
         for cc in ("/nonexistent/cc", "false", "false"):  # no compiler; one that fails (a warning), then remembered
             monkeypatch.setenv("CC", cc)
