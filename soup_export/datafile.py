@@ -10,6 +10,7 @@ and the file ends where `finish` says. A write that goes back before the end of 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ _ZEROS = bytes(1 << 16)
 class HashedDataFile:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.fh = open(self.path, "wb")
+        self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.hash: hashlib._Hash | None = hashlib.sha256()
         self.pos = 0  # where the previous write ended
 
@@ -32,21 +33,24 @@ class HashedDataFile:
             else:
                 self._zeros(offset - self.pos)
                 self.hash.update(view)
-        self.fh.seek(offset)
-        self.fh.write(view)
+        done = 0
+        while done < view.nbytes:  # one positioned write, unbuffered (a short write continues)
+            done += os.pwrite(self.fd, view[done:], offset + done)
         self.pos = max(self.pos, offset + view.nbytes)
 
     def finish(self, size: int) -> str | None:
         """End the file at `size` bytes and close it; its SHA-256 (hex), or None if not known."""
-        self.fh.truncate(size)
-        self.fh.close()
+        os.ftruncate(self.fd, size)
+        self.close()
         if self.hash is None or size < self.pos:
             return None
         self._zeros(size - self.pos)
         return self.hash.hexdigest()
 
     def close(self) -> None:
-        self.fh.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def _zeros(self, n: int) -> None:
         while n > 0:
