@@ -342,6 +342,20 @@ def test_native_kernel_gives_a_mix_the_same_bytes_alone_and_in_any_batch(n, rows
     np.testing.assert_allclose(scales[12], ref["scales"], rtol=1e-5)  # the sum itself: fp32 rounding
 
 
+def test_added_tokens_are_read_without_parsing_the_whole_tokenizer(debug_ckpt):
+    """The EOS id for the HF side files comes from tokenizer.json's added_tokens array, decoded
+    alone: the same list as a full parse, on the real tokenizer and where the key's name also
+    appears as a value, as an escaped vocabulary entry, or not at all."""
+    from soup_export.resolve import Bank, added_tokens
+
+    text = (Bank.open(debug_ckpt).path / "tokenizer.json").read_text()
+    assert added_tokens(text) == json.loads(text)["added_tokens"] != []
+    tricky = json.dumps({"note": "added_tokens", "model": {"vocab": {'"added_tokens": [': 5}},
+                         "added_tokens": [{"id": 3, "content": "<eos>"}]})
+    assert added_tokens(tricky) == [{"id": 3, "content": "<eos>"}]
+    assert added_tokens(json.dumps({"model": {"vocab": {"added_tokens": 1}}})) == []
+
+
 def test_a_data_file_hashed_while_written_has_the_files_sha256(tmp_path):
     """Holes between tensors are zeros in the file and in the hash, the file ends where finish()
     says; a write behind the previous one drops the hash, and the manifest then reads the file;
