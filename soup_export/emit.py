@@ -25,8 +25,8 @@ from soup_export import native
 from soup_export.datafile import HashedDataFile
 from soup_export.graph import DATA_FILE, DecoderGraph, _encode_one, rotary_table
 from soup_export.mix import Mix
-from soup_export.onnx_dir import MODEL_FILE, runtime_configs, side_files, write_files
-from soup_export.resolve import SPEC_FILE, Bank, checkpoint_ref, write_hf_files
+from soup_export.onnx_dir import MODEL_FILE, runtime_configs, write_files
+from soup_export.resolve import SPEC_FILE, Bank, checkpoint_ref, hf_side_files
 from soup_export.stream import SafetensorsWriter
 from soup_train.model.soup_math import combine_many
 
@@ -56,17 +56,14 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
     missing = sorted(set(bank.shapes) - set(order))
     assert not missing, f"the graph does not use {missing}"
     alphas = [bank.alpha(m.h) for m in mixes]
+    common = hf_side_files(bank.info.run.model, bank.path / "tokenizer.json", "float32")  # the same for every customer
     hf_writers, data_files, spec_files = [], [], []
     try:
-        for i, (root, mix, alpha) in enumerate(zip(roots, mixes, alphas)):
+        for root, mix, alpha in zip(roots, mixes, alphas):
             side = root / "hf" if write_hf_weights else root / "onnx"  # without HF weights, no hf/ at all
             side.mkdir(parents=True, exist_ok=True)
             (root / "onnx").mkdir(parents=True, exist_ok=True)
-            if i == 0:
-                write_hf_files(bank, side, "float32")
-                common = side_files(side)  # the same config and tokenizer files for every customer
-            else:
-                write_files(side, common)
+            write_files(side, common)
             spec = {"mix": mix.to_dict(), "alpha": [float(a) for a in alpha], "checkpoint": checkpoint_ref(bank),
                     "dtype": "float32"}
             spec_files.append((json.dumps(spec, indent=2) + "\n").encode())
@@ -87,9 +84,7 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
     finally:
         for fh in data_files:
             fh.close()
-    common.pop(SPEC_FILE, None)
-    generation = json.loads(common["generation_config.json"]) if "generation_config.json" in common else {}
-    configs = runtime_configs(g, generation)
+    configs = runtime_configs(g, json.loads(common["generation_config.json"]))
     hashed = {name: _digest(data) for name, data in {**common, **configs, MODEL_FILE: model_bytes}.items()}
     known = []
     for root, digest, spec in zip(roots, digests, spec_files):
@@ -149,12 +144,13 @@ class _TorchEncoder:
         return self.single[key]
 
 
-def _write_weights(bank, g, alphas, hf_writers, data_files, progress) -> None:
-    """Every stored tensor in the graph's storage order, so each data file is written front to back
-    (and hashed on the way). Kernel outputs are fresh arrays: a background thread writes them while
-    the next tensor is fused (what it writes is bound into each task, never read from the loop's
-    variables later). The torch path's fused tensors live in a reused workspace, so they are
-    written here, once the writer has finished with everything before them."""
+def fused_weights(bank, g: DecoderGraph, alphas, exact: bool, progress: bool = False):
+    """The bank pass of an export: for every stored weight in the graph's storage order, (name, its
+    stored parts with their offsets, encoded(m, stored) -> mix m's arrays, fused). `fused` is None
+    when the arrays are fresh (kernel outputs, rotary tables) and may be written later; otherwise it
+    is the (mixes, *shape) fp32 fusion in a reused workspace, valid until the next item. With
+    `exact` every mix is fused by `combine` itself; otherwise int4 matrices go through the compiled
+    kernel where it applies."""
     import torch
 
     by_weight: dict[str, list] = {}
@@ -162,28 +158,38 @@ def _write_weights(bank, g, alphas, hf_writers, data_files, progress) -> None:
         by_weight.setdefault(s.weight, []).append((s, offset))
     tensors = bank.tensors(weight_order(g), progress)
     workspace, coefs = bank.workspace(len(alphas)), torch.stack(alphas).numpy()
+    for name, parts in by_weight.items():
+        if name.startswith("@rotary."):  # architecture-derived tables: the same bytes for every mix
+            yield name, parts, functools.partial(_every_mix, rotary_table(g.arch, name.split(".")[1])), None
+            continue
+        dense, shared, experts = next(tensors)
+        assert dense == name, (dense, name)
+        if not exact and all(native.applies(s.rep, tuple(shared.shape), experts) for s, _ in parts):
+            # every mix fused and quantized in one compiled pass: no fp32 fused tensor at all
+            q, scales = native.fuse_quantize(shared.numpy(), experts[0].numpy(), coefs, torch.get_num_threads())
+            yield name, parts, functools.partial(_native_parts, q, scales), None
+            continue
+        fused = combine_many(shared, experts, alphas, workspace=workspace, exact=exact)  # (mixes, *shape)
+        yield name, parts, _TorchEncoder(fused), fused
+
+
+def _write_weights(bank, g, alphas, hf_writers, data_files, progress) -> None:
+    """Every stored tensor in the graph's storage order, so each data file is written front to back
+    (and hashed on the way). Fresh arrays are written by a background thread while the next tensor
+    is fused (what it writes is bound into each task by `fused_weights`). A torch fusion lives in a
+    reused workspace, so it is written here, once the writer has finished with everything before it."""
     # With HF weights (parity, or no --no-hf), every mix is fused by `combine` itself: bit-identical to its
     # single build, so parity (a) compares the very weights a single build would ship (a batch's
     # other orders of summation moved the demo's logits by up to 1.05e-5, past the 1e-5 bound).
-    exact = bool(hf_writers)
     with _Writer() as writer:
-        for name, parts in by_weight.items():
-            if name.startswith("@rotary."):  # architecture-derived tables: the same bytes for every mix
-                table = rotary_table(g.arch, name.split(".")[1])
-                writer.submit(_write_parts, data_files, parts, functools.partial(_every_mix, table))
+        for name, parts, encoded, fused in fused_weights(bank, g, alphas, exact=bool(hf_writers), progress=progress):
+            if fused is None:
+                writer.submit(_write_parts, data_files, parts, encoded)
                 continue
-            dense, shared, experts = next(tensors)
-            assert dense == name, (dense, name)
-            if not exact and all(native.applies(s.rep, tuple(shared.shape), experts) for s, _ in parts):
-                # every mix fused and quantized in one compiled pass: no fp32 fused tensor at all
-                q, scales = native.fuse_quantize(shared.numpy(), experts[0].numpy(), coefs, torch.get_num_threads())
-                writer.submit(_write_parts, data_files, parts, functools.partial(_native_parts, q, scales))
-                continue
-            writer.wait()  # the workspace is about to be overwritten
-            fused = combine_many(shared, experts, alphas, workspace=workspace, exact=exact)  # (mixes, *shape)
+            writer.wait()  # in storage order, after everything before it
             for hf, tensor in zip(hf_writers, fused):
                 hf.write(name, tensor)
-            _write_parts(data_files, parts, _TorchEncoder(fused))
+            _write_parts(data_files, parts, encoded)
 
 
 def _every_mix(table: np.ndarray, m: int, s) -> dict[str, np.ndarray]:

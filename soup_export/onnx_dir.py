@@ -113,13 +113,9 @@ def read_tier(onnx_dir: Path) -> str:
 
 
 def copy_side_files(src: Path, out: Path) -> None:
+    """The side files (model config, tokenizer, soup spec) that `src` holds, into `out`."""
     if Path(src).resolve() != Path(out).resolve():
-        write_files(out, side_files(src))
-
-
-def side_files(src: Path) -> dict[str, bytes]:
-    """The side files (model config, tokenizer, soup spec) that `src` holds, as bytes by name."""
-    return {name: (src / name).read_bytes() for name in SIDE_FILES if (src / name).is_file()}
+        write_files(out, {name: (src / name).read_bytes() for name in SIDE_FILES if (src / name).is_file()})
 
 
 def write_files(out: Path, files: dict[str, bytes]) -> None:

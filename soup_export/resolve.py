@@ -17,7 +17,6 @@ import math
 import os
 import re
 import struct
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -255,30 +254,38 @@ def write_hf_files(bank: Bank, out: Path, dtype: str) -> None:
 
 
 def write_hf_side_files(model: ModelConfig, tokenizer: Path, out: Path, dtype: str) -> None:
-    """config.json, generation_config.json and the tokenizer files of an HF Llama directory.
+    """config.json, generation_config.json and the tokenizer files of an HF Llama directory."""
+    for name, data in hf_side_files(model, tokenizer, dtype).items():
+        (out / name).write_bytes(data)
 
-    The tokenizer files are written directly (tokenizer.json copied, its config generated) rather
+
+def hf_side_files(model: ModelConfig, tokenizer: Path, dtype: str) -> dict[str, bytes]:
+    """The bytes of config.json, generation_config.json and the tokenizer files of an HF Llama
+    directory, by name.
+
+    The tokenizer files are made directly (tokenizer.json as it is, its config generated) rather
     than by loading and re-saving a transformers tokenizer: same files, a fraction of the time.
     """
     from transformers import GenerationConfig, LlamaConfig
 
     from soup_train.data.tokenizer import EOS
 
-    text = Path(tokenizer).read_text()
-    eos = next(t["id"] for t in added_tokens(text) if t["content"] == EOS)
+    tokenizer_bytes = Path(tokenizer).read_bytes()
+    eos = next(t["id"] for t in added_tokens(tokenizer_bytes.decode()) if t["content"] == EOS)
     cfg = LlamaConfig(**model.to_hf(), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
                       torch_dtype=dtype, architectures=["LlamaForCausalLM"])
-    cfg.to_json_file(str(out / "config.json"))
-    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False,
-                     max_length=model.max_seq_len).to_json_file(str(out / "generation_config.json"))
-    shutil.copyfile(tokenizer, out / "tokenizer.json")
+    gen = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False,
+                           max_length=model.max_seq_len)
     special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     token = {"content": EOS, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
     tok_cfg = {**special, "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                "model_input_names": ["input_ids", "attention_mask"], "model_max_length": model.max_seq_len,
                "added_tokens_decoder": {str(eos): token}}
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return {"config.json": cfg.to_json_string().encode(),  # what to_json_file writes
+            "generation_config.json": gen.to_json_string().encode(),
+            "tokenizer.json": tokenizer_bytes,
+            "tokenizer_config.json": (json.dumps(tok_cfg, indent=2) + "\n").encode(),
+            "special_tokens_map.json": (json.dumps(special, indent=2) + "\n").encode()}
 
 
 _ADDED_TOKENS = re.compile(r'"added_tokens"\s*:\s*\[')

@@ -232,20 +232,16 @@ def fusion_job(bank, one: list, many: list, repeat: int) -> dict:
     import numpy as np
 
     from soup_export import native, resolve
-    from soup_export.quantize import Rep
-    from soup_train.model.soup_math import combine_many
+    from soup_export.emit import fused_weights
+    from soup_export.graph import Arch
+    from soup_export.onnx_dir import graph_bytes
+    from soup_export.quantize import make_plan
 
-    int4 = Rep("nbits", bits=4, block=32)
+    _, g = graph_bytes(Arch.from_hf(bank.info.run.model.to_hf()), make_plan("int4", {}))
 
-    def bank_pass(alphas: list) -> None:
-        import torch
-
-        coefs, workspace = torch.stack(alphas).numpy(), bank.workspace(len(alphas))
-        for _, shared, experts in bank.tensors():
-            if native.applies(int4, tuple(shared.shape), experts):
-                native.fuse_quantize(shared.numpy(), experts[0].numpy(), coefs, torch.get_num_threads())
-            else:
-                combine_many(shared, experts, alphas, workspace=workspace)
+    def bank_pass(alphas: list) -> None:  # the export's own pass, nothing encoded beyond it or written
+        for _ in fused_weights(bank, g, alphas, exact=False):
+            pass
 
     nbytes = bank.weights.stat().st_size
     buf = np.empty(nbytes, np.uint8)
