@@ -378,6 +378,47 @@ def test_a_data_file_hashed_while_written_has_the_files_sha256(tmp_path):
     assert table["b.data"] == {"sha256": sha(tmp_path / "b.data"), "bytes": 67}  # size differs: read
 
 
+def test_the_bank_pass_fuses_small_tensors_on_one_torch_thread_and_restores_the_count(debug_ckpt, monkeypatch):
+    """The norms' vectors are fused with torch on one thread (a parallel region's workers would spin
+    on the cores the kernel needs next), larger tensors with every thread; the count is restored
+    after each, even when a fusion raises."""
+    from soup_export import emit
+
+    from soup_export.graph import Arch
+
+    bank = Bank.open(debug_ckpt)
+    _, g = graph_bytes(Arch.from_hf(bank.info.run.model.to_hf()), make_plan("fp32", {}))
+    alphas = [bank.alpha(np.array([0.5, 0.25, 0.25], np.float32))] * 2
+    seen, real = {}, emit.combine_many
+
+    def spy(shared, *args, **kwargs):
+        seen[shared.numel()] = torch.get_num_threads()
+        return real(shared, *args, **kwargs)
+
+    monkeypatch.setattr(emit, "combine_many", spy)
+    monkeypatch.setattr(emit, "SMALL", 1000)  # the debug model's tensors are all small: split them here
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in emit.fused_weights(bank, g, alphas, exact=True):
+            assert torch.get_num_threads() == 2
+        assert {n < 1000 for n in seen} == {True, False}
+        assert all(threads == (1 if n < 1000 else 2) for n, threads in seen.items()), seen
+
+        def boom(shared, *_, **__):
+            if shared.numel() < 1000:
+                raise OSError("disk gone")
+            return real(shared, *_, **__)
+
+        monkeypatch.setattr(emit, "combine_many", boom)
+        with pytest.raises(OSError):
+            for _ in emit.fused_weights(bank, g, alphas, exact=True):
+                pass
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_native_quantization_of_fused_values_equals_quantize_nbits_bit_for_bit():
     """Every int4 export (single builds too) encodes through the compiled quantization when there
     is one: on the same fp32 values it must give quantize_nbits' bytes exactly, through encode_mixes
