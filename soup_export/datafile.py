@@ -21,9 +21,15 @@ _ZEROS = bytes(1 << 16)
 class HashedDataFile:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd: int | None = None  # opened at the first write (by the thread that writes it, once its directory exists)
         self.hash: hashlib._Hash | None = hashlib.sha256()
         self.pos = 0  # where the previous write ended
+        self.digest: str | None = None  # set by finish
+
+    def _open(self) -> int:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        return self.fd
 
     def write_at(self, offset: int, data: np.ndarray | bytes) -> None:
         view = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
@@ -33,19 +39,21 @@ class HashedDataFile:
             else:
                 self._zeros(offset - self.pos)
                 self.hash.update(view)
-        done = 0
+        fd, done = self._open(), 0
         while done < view.nbytes:  # one positioned write, unbuffered (a short write continues)
-            done += os.pwrite(self.fd, view[done:], offset + done)
+            done += os.pwrite(fd, view[done:], offset + done)
         self.pos = max(self.pos, offset + view.nbytes)
 
     def finish(self, size: int) -> str | None:
-        """End the file at `size` bytes and close it; its SHA-256 (hex), or None if not known."""
-        os.ftruncate(self.fd, size)
+        """End the file at `size` bytes and close it; its SHA-256 (hex), or None if not known (also
+        kept as `digest`)."""
+        os.ftruncate(self._open(), size)
         self.close()
         if self.hash is None or size < self.pos:
             return None
         self._zeros(size - self.pos)
-        return self.hash.hexdigest()
+        self.digest = self.hash.hexdigest()
+        return self.digest
 
     def close(self) -> None:
         if self.fd is not None:

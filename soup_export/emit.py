@@ -7,8 +7,8 @@ pass, and for the rest `combine_many`, one matrix product per block of columns f
 write the fused tensor to its HF `model.safetensors` (when asked) and its encoded form (the tier's storage) to its
 `model.onnx.data` at the offset the graph already names. `model.onnx` is the same bytes for every
 mix. No intermediate file is written and read back; peak memory is one bank tensor plus one
-fused tensor per mix (on the kernel path, the int4 outputs of up to three tensors: one being
-fused, two waiting for the writer).
+fused tensor per mix (on the kernel path, the int4 outputs of up to five tensors: one being
+fused, four waiting for the writer; the norms, copied out of the workspace, are a few KB).
 """
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ import contextlib
 import functools
 import hashlib
 import json
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -58,45 +60,56 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
     assert not missing, f"the graph does not use {missing}"
     alphas = [bank.alpha(m.h) for m in mixes]
     common = hf_side_files(bank.info.run.model, bank.path / "tokenizer.json", "float32")  # the same for every customer
-    hf_writers, data_files, spec_files = [], [], []
+    configs = runtime_configs(g, json.loads(common["generation_config.json"]))
+    spec_files = [(json.dumps({"mix": mix.to_dict(), "alpha": [float(a) for a in alpha], "checkpoint": checkpoint_ref(bank),
+                               "dtype": "float32"}, indent=2) + "\n").encode() for mix, alpha in zip(mixes, alphas)]
+    files = [(m, HashedDataFile(root / "onnx" / DATA_FILE)) for m, root in enumerate(roots)]  # staged: final names
+    hf_writers = []
     try:
-        for root, mix, alpha in zip(roots, mixes, alphas):
-            side = root / "hf" if write_hf_weights else root / "onnx"  # without HF weights, no hf/ at all
-            side.mkdir(parents=True, exist_ok=True)
-            (root / "onnx").mkdir(parents=True, exist_ok=True)
-            write_files(side, common)
-            spec = {"mix": mix.to_dict(), "alpha": [float(a) for a in alpha], "checkpoint": checkpoint_ref(bank),
-                    "dtype": "float32"}
-            spec_files.append((json.dumps(spec, indent=2) + "\n").encode())
-            (side / SPEC_FILE).write_bytes(spec_files[-1])
-            if write_hf_weights:
+        with _Writer(files, lanes=min(torch.get_num_threads(), MAX_LANES)) as writer:
+            # every customer's directories and small files, made by the writer's lanes while the first
+            # tensors are fused (on this machine's disk, creating files took 1-3 ms per customer)
+            writer.submit(_write_small_files, roots, common, configs, spec_files, model_bytes, write_hf_weights)
+            for root in roots if write_hf_weights else ():
+                (root / "hf").mkdir(parents=True, exist_ok=True)
                 specs = [(name, torch.float32, bank.shapes[name]) for name in order]
                 hf_writers.append(SafetensorsWriter(root / "hf" / "model.safetensors", specs, {"format": "pt"}))
-            (root / "onnx" / MODEL_FILE).write_bytes(model_bytes)
-            data_files.append(HashedDataFile(root / "onnx" / DATA_FILE))  # roots are staged: no temporary name
-        _write_weights(bank, g, alphas, hf_writers, data_files, progress)
+            _write_weights(bank, g, alphas, hf_writers, writer, files, progress)
+            writer.submit(_finish, g.data_size())
         for w in hf_writers:
             w.close()
-        digests = [fh.finish(g.data_size()) for fh in data_files]
     except BaseException:
         for w in hf_writers:
             w.abort()
         raise
     finally:
-        for fh in data_files:
+        for _, fh in files:
             fh.close()
-    configs = runtime_configs(g, json.loads(common["generation_config.json"]))
     hashed = {name: _digest(data) for name, data in {**common, **configs, MODEL_FILE: model_bytes}.items()}
     known = []
-    for root, digest, spec in zip(roots, digests, spec_files):
-        if write_hf_weights:
-            write_files(root / "onnx", {**common, SPEC_FILE: spec})
-        write_files(root / "onnx", configs)
-        files = {f"onnx/{name}": h for name, h in hashed.items()}
-        files.update({f"hf/{name}": hashed[name] for name in common} if write_hf_weights else {})
-        files.update({f"{d}/{SPEC_FILE}": _digest(spec) for d in ("onnx", "hf")})
-        known.append({**files, **({f"onnx/{DATA_FILE}": (digest, g.data_size())} if digest else {})})
+    for (_, fh), spec in zip(files, spec_files):
+        table = {f"onnx/{name}": h for name, h in hashed.items()}
+        table.update({f"hf/{name}": hashed[name] for name in common} if write_hf_weights else {})
+        table.update({f"{d}/{SPEC_FILE}": _digest(spec) for d in ("onnx", "hf")})
+        known.append({**table, **({f"onnx/{DATA_FILE}": (fh.digest, g.data_size())} if fh.digest else {})})
     return known
+
+
+def _write_small_files(lane, roots, common, configs, spec_files, model_bytes, write_hf_weights) -> None:
+    """A lane's customers' directories and the files written from memory: the HF side files and
+    spec (in `hf/` too when HF weights are written), `model.onnx`, the runtime configs."""
+    for m, _ in lane:
+        onnx = roots[m] / "onnx"
+        onnx.mkdir(parents=True, exist_ok=True)
+        write_files(onnx, {**common, SPEC_FILE: spec_files[m], MODEL_FILE: model_bytes, **configs})
+        if write_hf_weights:
+            (roots[m] / "hf").mkdir(parents=True, exist_ok=True)
+            write_files(roots[m] / "hf", {**common, SPEC_FILE: spec_files[m]})
+
+
+def _finish(lane, size: int) -> None:
+    for _, fh in lane:
+        fh.finish(size)
 
 
 def _digest(data: bytes) -> tuple[str, int]:
@@ -127,31 +140,44 @@ def _native_parts(q: np.ndarray, scales: np.ndarray, m: int, s) -> dict[str, np.
 class _TorchEncoder:
     """Mix m's stored arrays of one fused tensor (mixes, *shape). Block quantizations are made for
     every mix at once (small: a fraction of the fused bytes); other encodings one mix at a time, as
-    the mixes are asked for in order (an fp32 copy of every mix would double a batch's memory)."""
+    each thread asks for its mixes in order (an fp32 copy of every mix would double a batch's
+    memory). The writer's lanes call it at the same time."""
 
     def __init__(self, fused) -> None:
-        self.fused, self.batched, self.single, self.mix = fused, {}, {}, None
+        self.fused, self.batched = fused, {}
+        self.lock, self.local = threading.Lock(), threading.local()  # local: the calling thread's last mix
 
     def __call__(self, m: int, s) -> dict[str, np.ndarray]:
         key = (s.how, s.rep)
         if s.how.startswith("nbits") and self.fused.dim() == 3:
-            if key not in self.batched:
-                self.batched[key] = encode_mixes(self.fused.numpy(), s)
+            with self.lock:
+                if key not in self.batched:
+                    self.batched[key] = encode_mixes(self.fused.numpy(), s)
             return self.batched[key][m]
-        if m != self.mix:
-            self.single, self.mix = {}, m
-        if key not in self.single:
-            self.single[key] = _encode_one(self.fused[m].numpy(), s)
-        return self.single[key]
+        local = self.local
+        if getattr(local, "mix", None) != m:
+            local.single, local.mix = {}, m
+        if key not in local.single:
+            local.single[key] = _encode_one(self.fused[m].numpy(), s)
+        return local.single[key]
 
 
-def fused_weights(bank, g: DecoderGraph, alphas, exact: bool, progress: bool = False):
-    """The bank pass of an export: for every stored weight in the graph's storage order, (name, its
-    stored parts with their offsets, encoded(m, stored) -> mix m's arrays, fused). `fused` is None
-    when the arrays are fresh (kernel outputs, rotary tables) and may be written later; otherwise it
-    is the (mixes, *shape) fp32 fusion in a reused workspace, valid until the next item. With
-    `exact` every mix is fused by `combine` itself; otherwise int4 matrices go through the compiled
-    kernel where it applies."""
+class Weight(NamedTuple):
+    """One stored weight of the bank pass, fused for every mix."""
+
+    name: str
+    parts: list  # its stored parts with their offsets in the data file
+    encoded: Callable  # encoded(m, stored part) -> mix m's arrays
+    fused: object  # the (mixes, *shape) fp32 fusion (a torch tensor), or None (kernel outputs, rotary tables)
+    fresh: bool  # whether `encoded` stays valid after the next weight (False: it reads the reused workspace)
+
+
+def fused_weights(bank, g: DecoderGraph, alphas, exact: bool, progress: bool = False) -> Iterator[Weight]:
+    """The bank pass of an export: every stored weight in the graph's storage order. With `exact`
+    every mix is fused by `combine` itself; otherwise int4 matrices go through the compiled kernel
+    where it applies. A torch fusion lives in a reused workspace, valid until the next weight; a
+    small one (the norms' vectors) is copied out of it, so that it can be written later like the
+    kernel's outputs."""
     import torch
 
     by_weight: dict[str, list] = {}
@@ -161,21 +187,24 @@ def fused_weights(bank, g: DecoderGraph, alphas, exact: bool, progress: bool = F
     workspace, coefs = bank.workspace(len(alphas)), torch.stack(alphas).numpy()
     for name, parts in by_weight.items():
         if name.startswith("@rotary."):  # architecture-derived tables: the same bytes for every mix
-            yield name, parts, functools.partial(_every_mix, rotary_table(g.arch, name.split(".")[1])), None
+            yield Weight(name, parts, functools.partial(_every_mix, rotary_table(g.arch, name.split(".")[1])), None, True)
             continue
         dense, shared, experts = next(tensors)
         assert dense == name, (dense, name)
         if not exact and all(native.applies(s.rep, tuple(shared.shape), experts) for s, _ in parts):
             # every mix fused and quantized in one compiled pass: no fp32 fused tensor at all
             q, scales = native.fuse_quantize(shared.numpy(), experts[0].numpy(), coefs, torch.get_num_threads())
-            yield name, parts, functools.partial(_native_parts, q, scales), None
+            yield Weight(name, parts, functools.partial(_native_parts, q, scales), None, True)
             continue
-        with _one_torch_thread(shared.numel() < SMALL):
+        small = shared.numel() < SMALL
+        with _one_torch_thread(small):
             fused = combine_many(shared, experts, alphas, workspace=workspace, exact=exact)  # (mixes, *shape)
-        yield name, parts, _TorchEncoder(fused), fused
+        if small:
+            fused = fused.clone()
+        yield Weight(name, parts, _TorchEncoder(fused), fused, small)
 
 
-SMALL = 1 << 16  # values per mix: a torch fusion of fewer runs on one thread (see _one_torch_thread)
+SMALL = 1 << 16  # values per mix: a torch fusion of fewer runs on one thread and is copied out of the workspace
 
 
 @contextlib.contextmanager
@@ -197,53 +226,67 @@ def _one_torch_thread(small: bool):
         torch.set_num_threads(before)
 
 
-def _write_weights(bank, g, alphas, hf_writers, data_files, progress) -> None:
+def _write_weights(bank, g, alphas, hf_writers, writer: "_Writer", files, progress) -> None:
     """Every stored tensor in the graph's storage order, so each data file is written front to back
     (and hashed on the way). Fresh arrays are written by a background thread while the next tensor
-    is fused (what it writes is bound into each task by `fused_weights`). A torch fusion lives in a
-    reused workspace, so it is written here, once the writer has finished with everything before it."""
+    is fused (what it writes is bound into each task by `fused_weights`). A fusion that lives in the
+    reused workspace is written here, once the writer has finished with everything before it (a
+    wait that the norms, copied out, no longer cause: they had made the main thread wait for the
+    writer 17 times a pass, about 40 ms of a 16-mix batch's 320). HF weights are written here, in order."""
     # With HF weights (parity, or no --no-hf), every mix is fused by `combine` itself: bit-identical to its
     # single build, so parity (a) compares the very weights a single build would ship (a batch's
     # other orders of summation moved the demo's logits by up to 1.05e-5, past the 1e-5 bound).
-    with _Writer() as writer:
-        for name, parts, encoded, fused in fused_weights(bank, g, alphas, exact=bool(hf_writers), progress=progress):
-            if fused is None:
-                writer.submit(_write_parts, data_files, parts, encoded)
-                continue
-            writer.wait()  # in storage order, after everything before it
-            for hf, tensor in zip(hf_writers, fused):
-                hf.write(name, tensor)
-            _write_parts(data_files, parts, encoded)
+    for w in fused_weights(bank, g, alphas, exact=bool(hf_writers), progress=progress):
+        for hf, tensor in zip(hf_writers, w.fused if w.fused is not None else ()):
+            hf.write(w.name, tensor)
+        if w.fresh:
+            writer.submit(_write_parts, w.parts, w.encoded)
+            continue
+        writer.wait()  # in storage order, after everything before it
+        _write_parts(files, w.parts, w.encoded)
 
 
 def _every_mix(table: np.ndarray, m: int, s) -> dict[str, np.ndarray]:
     return {s.part: table}
 
 
-def _write_parts(data_files, parts, encoded) -> None:
-    """Mix m's stored arrays of one weight (`encoded(m, stored)`) into each data file, at their offsets."""
-    for m, fh in enumerate(data_files):
+def _write_parts(files, parts, encoded) -> None:
+    """Mix m's stored arrays of one weight (`encoded(m, stored)`) into its data file, at their
+    offsets, for each (m, data file) of `files`."""
+    for m, fh in files:
         for s, offset in parts:
             arr = encoded(m, s)[s.part]
             assert arr.shape == s.shape and arr.dtype == s.dtype, s.name
             fh.write_at(offset, arr)
 
 
-class _Writer:
-    """One background thread that runs the submitted writes in order, with at most two waiting or
-    running: memory then holds at most three tensors' kernel outputs. A failed write raises in
-    the submitting thread, at the next `submit` or `wait`."""
+PENDING = 4  # weights submitted and not yet written, at most: memory holds up to PENDING + 1 tensors' outputs
+MAX_LANES = 8  # writer threads, at most (one per core the export's threads use, and no more than the customers)
 
-    def __init__(self) -> None:
-        self.pool, self.pending = ThreadPoolExecutor(1, thread_name_prefix="soup-export-writer"), deque()
+
+class _Writer:
+    """Background threads that write the submitted weights in order, each to its own share of the
+    customers' data files (so each file is still written front to back), with at most PENDING
+    weights waiting or being written: the main thread goes on fusing while the writers catch up.
+    Two lanes on two cores halve the writing and hashing that is left when the fusion is done
+    (the last tensors of a batch, 16 customers' worth). `submit(fn, *args)` runs fn(lane's
+    [(m, data file)], *args) in every lane. A failed write raises in the submitting thread, at the
+    next `submit` or `wait`."""
+
+    def __init__(self, files: list, lanes: int) -> None:
+        k = max(1, min(lanes, len(files)))
+        self.lanes = [files[i::k] for i in range(k)]
+        self.pools = [ThreadPoolExecutor(1, thread_name_prefix=f"soup-export-writer-{i}") for i in range(k)]
+        self.pending = deque()  # per weight: its futures, one per lane
 
     def submit(self, fn, *args) -> None:
-        self.wait(left=1)
-        self.pending.append(self.pool.submit(fn, *args))
+        self.wait(left=PENDING - 1)
+        self.pending.append([pool.submit(fn, lane, *args) for pool, lane in zip(self.pools, self.lanes)])
 
     def wait(self, left: int = 0) -> None:
         while len(self.pending) > left:
-            self.pending.popleft().result()
+            for future in self.pending.popleft():
+                future.result()
 
     def __enter__(self) -> "_Writer":
         return self
@@ -253,4 +296,5 @@ class _Writer:
             if exc_type is None:
                 self.wait()
         finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            for pool in self.pools:
+                pool.shutdown(wait=True, cancel_futures=True)

@@ -160,8 +160,8 @@ class _LateWriter:
     or at the end, after the export has moved on (so a write that reads anything but its own
     arguments sees later values)."""
 
-    def __init__(self) -> None:
-        self.tasks = []
+    def __init__(self, files, lanes) -> None:
+        self.files, self.tasks = files, []
 
     def submit(self, fn, *args) -> None:
         self.tasks.append((fn, args))
@@ -169,7 +169,7 @@ class _LateWriter:
     def wait(self, left: int = 0) -> None:
         tasks, self.tasks = self.tasks, []
         for fn, args in tasks:
-            fn(*args)
+            fn(self.files, *args)
 
     def __enter__(self):
         return self
@@ -251,6 +251,31 @@ def test_batch_int4_through_the_native_kernel_matches_the_torch_path(debug_ckpt,
     for name in ("acme", "initech"):
         parity = json.loads((tmp_path / "checked" / name / "manifest.json").read_text())["parity"]
         assert parity["a_soup_vs_dense"]["max_abs_logit_diff"] == 0.0, (name, parity["a_soup_vs_dense"])
+
+
+@pytest.mark.parametrize("quant", ["int8", "fp16"])
+def test_the_writers_lanes_write_every_customer_as_one_late_writer_would(debug_ckpt, tmp_path, monkeypatch, quant):
+    """The writer's lanes (three here, over four customers) each write their share of the data
+    files, and encode per-mix tiers concurrently: the same bytes as every write run in order, late."""
+    from soup_export import emit
+
+    (tmp_path / "m.yaml").write_text("customers:\n  a: {licences: 1}\n  b: {python-docs: 1}\n"
+                                     "  c: {python-code: 1}\n  d: {licences: 0.5, python-docs: 0.5}\n")
+    batch = lambda out: run("batch", debug_ckpt, tmp_path / "m.yaml", "--out", tmp_path / out, "--quant", quant,
+                            "--no-parity", "--no-hf").exit_code  # noqa: E731
+    monkeypatch.setattr(emit, "MAX_LANES", 3)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert batch("lanes") == 0
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(emit, "_Writer", _LateWriter)
+    assert batch("late") == 0
+    for name in "abcd":
+        assert sha(tmp_path / "lanes" / name / "onnx" / "model.onnx.data") == sha(tmp_path / "late" / name / "onnx" / "model.onnx.data"), name
 
 
 def test_batch_weights_equal_single_builds_to_fp32_rounding(debug_ckpt, tmp_path):
