@@ -25,9 +25,12 @@ class HashedDataFile:
         self.hash: hashlib._Hash | None = hashlib.sha256()
         self.pos = 0  # where the previous write ended
         self.digest: str | None = None  # set by finish
+        self.closed = False
 
     def _open(self) -> int:
         if self.fd is None:
+            if self.closed:  # never reopened (with O_TRUNC) by a write that outlived a failed export
+                raise ValueError(f"{self.path} was closed")
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         return self.fd
 
@@ -56,6 +59,7 @@ class HashedDataFile:
         return self.digest
 
     def close(self) -> None:
+        self.closed = True
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

@@ -176,8 +176,8 @@ def fused_weights(bank, g: DecoderGraph, alphas, exact: bool, progress: bool = F
     """The bank pass of an export: every stored weight in the graph's storage order. With `exact`
     every mix is fused by `combine` itself; otherwise int4 matrices go through the compiled kernel
     where it applies. A torch fusion lives in a reused workspace, valid until the next weight; a
-    small one (the norms' vectors) is copied out of it, so that it can be written later like the
-    kernel's outputs."""
+    small one (fewer than SMALL values per mix: the norms' vectors) is copied out of it, so that it
+    can be written later like the kernel's outputs."""
     import torch
 
     by_weight: dict[str, list] = {}
@@ -204,7 +204,10 @@ def fused_weights(bank, g: DecoderGraph, alphas, exact: bool, progress: bool = F
         yield Weight(name, parts, _TorchEncoder(fused), fused, small)
 
 
-SMALL = 1 << 16  # values per mix: a torch fusion of fewer runs on one thread and is copied out of the workspace
+# values per mix: a torch fusion of fewer (the norms; on small models, whole matrices) runs on one
+# thread and is copied out of the workspace. A shipping-only batch's fusion by matrix product may
+# round its last bits differently on one thread than on several: the same bytes every time still.
+SMALL = 1 << 16
 
 
 @contextlib.contextmanager
@@ -219,8 +222,8 @@ def _one_torch_thread(small: bool):
     if not small or before == 1:
         yield
         return
-    torch.set_num_threads(1)
     try:
+        torch.set_num_threads(1)
         yield
     finally:
         torch.set_num_threads(before)
@@ -296,5 +299,7 @@ class _Writer:
             if exc_type is None:
                 self.wait()
         finally:
+            for pool in self.pools:  # every lane told to stop first, then joined
+                pool.shutdown(wait=False, cancel_futures=True)
             for pool in self.pools:
-                pool.shutdown(wait=True, cancel_futures=True)
+                pool.shutdown(wait=True)

@@ -254,26 +254,36 @@ def test_batch_int4_through_the_native_kernel_matches_the_torch_path(debug_ckpt,
 
 
 @pytest.mark.parametrize("quant", ["int8", "fp16"])
-def test_the_writers_lanes_write_every_customer_as_one_late_writer_would(debug_ckpt, tmp_path, monkeypatch, quant):
+@pytest.mark.parametrize("small", [None, 1000])
+def test_the_writers_lanes_write_every_customer_as_one_late_writer_would(debug_ckpt, tmp_path, monkeypatch, quant, small):
     """The writer's lanes (three here, over four customers) each write their share of the data
-    files, and encode per-mix tiers concurrently: the same bytes as every write run in order, late."""
-    from soup_export import emit
+    files, and encode per-mix tiers concurrently: the same bytes as every write run in order, late.
+    With `small` below the debug model's matrices, those are written inline by the main thread
+    between the lanes' writes of the norms (each file still front to back: its hash is kept)."""
+    import torch
+
+    from soup_export import emit, manifest
 
     (tmp_path / "m.yaml").write_text("customers:\n  a: {licences: 1}\n  b: {python-docs: 1}\n"
                                      "  c: {python-code: 1}\n  d: {licences: 0.5, python-docs: 0.5}\n")
     batch = lambda out: run("batch", debug_ckpt, tmp_path / "m.yaml", "--out", tmp_path / out, "--quant", quant,
                             "--no-parity", "--no-hf").exit_code  # noqa: E731
     monkeypatch.setattr(emit, "MAX_LANES", 3)
-    import torch
-
+    if small:
+        monkeypatch.setattr(emit, "SMALL", small)
+    read_back = []  # files the manifest hashed from disk (a data file whose hash was dropped)
+    real_sha = manifest.file_sha256
+    monkeypatch.setattr(manifest, "file_sha256", lambda path: read_back.append(path.name) or real_sha(path))
     before = torch.get_num_threads()
-    torch.set_num_threads(3)
+    torch.set_num_threads(3)  # both runs: the batched torch fusion's last bits depend on the thread count
     try:
         assert batch("lanes") == 0
+        assert read_back == []
+        with monkeypatch.context() as late:
+            late.setattr(emit, "_Writer", _LateWriter)
+            assert batch("late") == 0
     finally:
         torch.set_num_threads(before)
-    monkeypatch.setattr(emit, "_Writer", _LateWriter)
-    assert batch("late") == 0
     for name in "abcd":
         assert sha(tmp_path / "lanes" / name / "onnx" / "model.onnx.data") == sha(tmp_path / "late" / name / "onnx" / "model.onnx.data"), name
 
