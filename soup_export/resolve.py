@@ -91,8 +91,8 @@ class Bank:
         rank = self.info.run.soup.expert_rank
         tensors = MappedSafetensors(self.weights)
         for name in tqdm(names or list(self.shapes), desc="fuse", unit="tensor", disable=not progress, leave=False):
-            shared = tensors[SHARED_PREFIX + name].float()
-            yield name, shared, tuple(tensors[k].float() for k in expert_keys(name, shared.shape, rank))
+            shared = _fp32(tensors[SHARED_PREFIX + name])
+            yield name, shared, tuple(_fp32(tensors[k]) for k in expert_keys(name, shared.shape, rank))
 
     def workspace(self, mixes: int, names: list[str] | None = None) -> torch.Tensor:
         """Memory for `mixes` fused copies of the largest of these tensors (see `fused`)."""
@@ -107,6 +107,12 @@ class Bank:
         workspace = self.workspace(len(alphas), names)
         for name, shared, experts in self.tensors(names, progress):
             yield name, combine_many(shared, experts, alphas, workspace=workspace)  # the bank is read once for all mixes
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32; an fp32 tensor as it is, without a torch call (each releases and retakes the GIL,
+    which export's writer threads hold in turn)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 @lru_cache(maxsize=8)
