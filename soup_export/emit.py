@@ -28,8 +28,8 @@ from soup_export import native
 from soup_export.datafile import HashedDataFile
 from soup_export.graph import DATA_FILE, DecoderGraph, _encode_one, rotary_table
 from soup_export.mix import Mix
-from soup_export.onnx_dir import MODEL_FILE, runtime_configs, write_files
-from soup_export.resolve import SPEC_FILE, Bank, checkpoint_ref, hf_side_files
+from soup_export.onnx_dir import MODEL_FILE, runtime_configs
+from soup_export.resolve import SPEC_FILE, Bank, hf_side_files, spec_bytes, write_files
 from soup_export.stream import SafetensorsWriter
 from soup_train.model.soup_math import combine_many
 
@@ -61,8 +61,7 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
     alphas = [bank.alpha(m.h) for m in mixes]
     common = hf_side_files(bank.info.run.model, bank.path / "tokenizer.json", "float32")  # the same for every customer
     configs = runtime_configs(g, json.loads(common["generation_config.json"]))
-    spec_files = [(json.dumps({"mix": mix.to_dict(), "alpha": [float(a) for a in alpha], "checkpoint": checkpoint_ref(bank),
-                               "dtype": "float32"}, indent=2) + "\n").encode() for mix, alpha in zip(mixes, alphas)]
+    spec_files = [spec_bytes(bank, mix, alpha, "float32") for mix, alpha in zip(mixes, alphas)]
     files = [(m, HashedDataFile(root / "onnx" / DATA_FILE)) for m, root in enumerate(roots)]  # staged: final names
     hf_writers = []
     try:
@@ -70,9 +69,9 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
             # every customer's directories and small files, made by the writer's lanes while the first
             # tensors are fused (on this machine's disk, creating files took 1-3 ms per customer)
             writer.submit(_write_small_files, roots, common, configs, spec_files, model_bytes, write_hf_weights)
+            specs = [(name, torch.float32, bank.shapes[name]) for name in order]
             for root in roots if write_hf_weights else ():
                 (root / "hf").mkdir(parents=True, exist_ok=True)
-                specs = [(name, torch.float32, bank.shapes[name]) for name in order]
                 hf_writers.append(SafetensorsWriter(root / "hf" / "model.safetensors", specs, {"format": "pt"}))
             _write_weights(bank, g, alphas, hf_writers, writer, files, progress)
             writer.submit(_finish, g.data_size())

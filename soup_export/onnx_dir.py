@@ -17,7 +17,7 @@ import onnx
 from soup_export.errors import ExportInputError
 from soup_export.graph import DATA_FILE, Arch, DecoderGraph, encode
 from soup_export.quantize import Plan
-from soup_export.resolve import SPEC_FILE
+from soup_export.resolve import SPEC_FILE, json_bytes, write_files
 
 MODEL_FILE = "model.onnx"
 EXPORT_FILE = "export.json"
@@ -93,12 +93,8 @@ def write_runtime_configs(out: Path, g: DecoderGraph) -> None:
 
 def runtime_configs(g: DecoderGraph, generation: dict) -> dict[str, bytes]:
     """The bytes of genai_config.json and export.json for this graph and generation config."""
-    return {"genai_config.json": _json_bytes(genai_config(g.arch, generation)),
-            EXPORT_FILE: _json_bytes({"tier": g.plan.tier, "quantization": g.storage()})}
-
-
-def _json_bytes(data: dict) -> bytes:
-    return (json.dumps(data, indent=2) + "\n").encode()
+    return {"genai_config.json": json_bytes(genai_config(g.arch, generation)),
+            EXPORT_FILE: json_bytes({"tier": g.plan.tier, "quantization": g.storage()})}
 
 
 def read_tier(onnx_dir: Path) -> str:
@@ -116,11 +112,6 @@ def copy_side_files(src: Path, out: Path) -> None:
     """The side files (model config, tokenizer, soup spec) that `src` holds, into `out`."""
     if Path(src).resolve() != Path(out).resolve():
         write_files(out, {name: (src / name).read_bytes() for name in SIDE_FILES if (src / name).is_file()})
-
-
-def write_files(out: Path, files: dict[str, bytes]) -> None:
-    for name, data in files.items():
-        (out / name).write_bytes(data)
 
 
 def genai_config(arch: Arch, gen: dict) -> dict:

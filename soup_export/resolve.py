@@ -243,10 +243,14 @@ def resolve_batch(ckpt: Path, mixes: list[Mix], outs: list[Path], dtype: str = "
         raise
     for out, mix, alpha in zip(outs, mixes, alphas):
         write_hf_files(bank, out, dtype)
-        spec = {"mix": mix.to_dict(), "alpha": [float(a) for a in alpha], "checkpoint": checkpoint_ref(bank),
-                "dtype": dtype}
-        (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        (out / SPEC_FILE).write_bytes(spec_bytes(bank, mix, alpha, dtype))
     return outs
+
+
+def spec_bytes(bank: Bank, mix: Mix, alpha: torch.Tensor, dtype: str) -> bytes:
+    """The SPEC_FILE of a resolved mix: its weights, alpha, the checkpoint and the dtype."""
+    return json_bytes({"mix": mix.to_dict(), "alpha": [float(a) for a in alpha], "checkpoint": checkpoint_ref(bank),
+                       "dtype": dtype})
 
 
 def checkpoint_ref(bank: Bank) -> dict:
@@ -261,8 +265,18 @@ def write_hf_files(bank: Bank, out: Path, dtype: str) -> None:
 
 def write_hf_side_files(model: ModelConfig, tokenizer: Path, out: Path, dtype: str) -> None:
     """config.json, generation_config.json and the tokenizer files of an HF Llama directory."""
-    for name, data in hf_side_files(model, tokenizer, dtype).items():
+    write_files(out, hf_side_files(model, tokenizer, dtype))
+
+
+def write_files(out: Path, files: dict[str, bytes]) -> None:
+    """Each {name: bytes} as out/name."""
+    for name, data in files.items():
         (out / name).write_bytes(data)
+
+
+def json_bytes(data: dict) -> bytes:
+    """The bytes of a JSON file as export writes them (indented, a final newline)."""
+    return (json.dumps(data, indent=2) + "\n").encode()
 
 
 def hf_side_files(model: ModelConfig, tokenizer: Path, dtype: str) -> dict[str, bytes]:
@@ -290,8 +304,8 @@ def hf_side_files(model: ModelConfig, tokenizer: Path, dtype: str) -> dict[str, 
     return {"config.json": cfg.to_json_string().encode(),  # what to_json_file writes
             "generation_config.json": gen.to_json_string().encode(),
             "tokenizer.json": tokenizer_bytes,
-            "tokenizer_config.json": (json.dumps(tok_cfg, indent=2) + "\n").encode(),
-            "special_tokens_map.json": (json.dumps(special, indent=2) + "\n").encode()}
+            "tokenizer_config.json": json_bytes(tok_cfg),
+            "special_tokens_map.json": json_bytes(special)}
 
 
 _ADDED_TOKENS = re.compile(r'"added_tokens"\s*:\s*\[')
