@@ -179,6 +179,16 @@ class _LateWriter:
             self.wait()
 
 
+def _files_read_back(mp) -> list[str]:
+    """The names of the files that the manifest hashes from disk from now on (under `mp`, a
+    monkeypatch), rather than taking the hash made while they were written."""
+    from soup_export import manifest
+
+    read, real = [], manifest.file_sha256
+    mp.setattr(manifest, "file_sha256", lambda path: read.append(path.name) or real(path))
+    return read
+
+
 def _assert_rotary_tables(batch_dir, names):
     """Every customer's data file holds the architecture's rotary tables: they are written by the
     background writer while the next tensors are fused (a late-bound table once gave some customers
@@ -217,14 +227,10 @@ def test_batch_int4_through_the_native_kernel_matches_the_torch_path(debug_ckpt,
     monkeypatch.setattr(native, "fuse_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
     batch = lambda out, *extra: run("batch", debug_ckpt, tmp_path / "m.yaml", "--out", tmp_path / out, "--quant", "int4",
                                     *extra).exit_code  # noqa: E731
-    from soup_export import manifest
-
-    read_back = []  # files the manifest hashed from disk
-    real_sha = manifest.file_sha256
-    monkeypatch.setattr(manifest, "file_sha256", lambda path: read_back.append(path.name) or real_sha(path))
-    assert batch("native", "--no-parity", "--no-hf") == 0 and calls  # the kernel did the work
-    assert read_back == []  # every file hashed as written (the data files) or once per pass (the rest)
-    monkeypatch.setattr(manifest, "file_sha256", real_sha)
+    with monkeypatch.context() as counted:
+        read_back = _files_read_back(counted)
+        assert batch("native", "--no-parity", "--no-hf") == 0 and calls  # the kernel did the work
+        assert read_back == []  # every file hashed as written (the data files) or once per pass (the rest)
     _assert_rotary_tables(tmp_path / "native", ("acme", "initech"))
     with monkeypatch.context() as late:  # the same batch with every write run as late as the writer may run it
         late.setattr(emit, "_Writer", _LateWriter)
@@ -262,7 +268,7 @@ def test_the_writers_lanes_write_every_customer_as_one_late_writer_would(debug_c
     between the lanes' writes of the norms (each file still front to back: its hash is kept)."""
     import torch
 
-    from soup_export import emit, manifest
+    from soup_export import emit
 
     (tmp_path / "m.yaml").write_text("customers:\n  a: {licences: 1}\n  b: {python-docs: 1}\n"
                                      "  c: {python-code: 1}\n  d: {licences: 0.5, python-docs: 0.5}\n")
@@ -271,9 +277,7 @@ def test_the_writers_lanes_write_every_customer_as_one_late_writer_would(debug_c
     monkeypatch.setattr(emit, "MAX_LANES", 3)
     if small:
         monkeypatch.setattr(emit, "SMALL", small)
-    read_back = []  # files the manifest hashed from disk (a data file whose hash was dropped)
-    real_sha = manifest.file_sha256
-    monkeypatch.setattr(manifest, "file_sha256", lambda path: read_back.append(path.name) or real_sha(path))
+    read_back = _files_read_back(monkeypatch)  # a data file whose hash was dropped is read back
     before = torch.get_num_threads()
     torch.set_num_threads(3)  # both runs: the batched torch fusion's last bits depend on the thread count
     try:
