@@ -3,7 +3,7 @@
    fuse_q4: fuse S + sum_j A[m, j] E_j for every mix m of a batch (the sum first, then S, as
    soup_math.combine adds S to the product) and block-quantize the result (4 bits, blocks of 32
    along a row, symmetric: MLAS's convention, as quantize_nbits does) while it is still in
-   registers, so no fp32 fused tensor is ever written to memory.
+   registers or L1, so no fp32 fused tensor is ever written to memory.
    quantize_q4: the same quantization of already fused values.
 
    shared: (rows * cols) fp32; bank: (n, rows * cols) fp32; A: (M, n) fp32, the mixes' alphas;
@@ -12,94 +12,181 @@
    of them) in small pieces taken as threads become free: starting threads here costs
    microseconds, where a Python thread pool cost a millisecond a call.
 
+   The code is written once for the machine's vector width W (16 floats with AVX-512, 8 with AVX,
+   4 otherwise) and its register count: a tile of TILE mixes x TCOLS columns keeps its TILE x TCOLS
+   sums in registers (AVX-512: 8 x 32 in 16 of 32 registers; AVX2: 6 x 16 in 12 of 16; a tile
+   that does not fit the register file spills every sum to the stack on each expert, 20x slower).
+
    Each mix's sum is the same chain of fused multiply-adds over j = 0..n-1 whichever tile of
-   mixes (8, 4 or 1) it falls in, so a mix's bytes do not depend on the batch it is exported in.
-   The quantization step of a block is the same fp32 arithmetic as quantize_nbits: scale = signed
-   extreme / -8 (1 where that is 0), level = round-half-even(w / scale) + 8 clamped to [0, 15].
-   fuse_q4's sums are accumulated in another order than torch's matrix product, so they can differ
-   in their last bit (and a level at a rounding tie can differ by one). */
+   mixes (of width 1 to TILE) and whichever path (one mix, several) it falls in, so a mix's bytes do not
+   depend on the batch it is exported in. The quantization step of a block is the same fp32
+   arithmetic as quantize_nbits: scale = signed extreme / -8 (1 where that is 0), level =
+   round-half-even(w / scale) + 8 clamped to [0, 15]. fuse_q4's sums are accumulated in another
+   order than torch's matrix product, so they can differ in their last bit (and a level at a
+   rounding tie can differ by one). */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int vi16 __attribute__((vector_size(64)));
-typedef unsigned char vb16 __attribute__((vector_size(16)));
+#if defined(__AVX512F__)
+#define W 16
+#define TILE 8
+#define TCOLS 32
+#elif defined(__AVX__)
+#define W 8
+#define TILE 6
+#define TCOLS 16
+#elif defined(__aarch64__)
+#define W 4
+#define TILE 6
+#define TCOLS 16
+#else
+#define W 4
+#define TILE 2
+#define TCOLS 16
+#endif
+#define G (TCOLS / W)  /* vectors per tile row */
+#define VB (32 / W)    /* vectors per block */
+
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef float vfu __attribute__((vector_size(4 * W), aligned(4)));
+typedef int vi __attribute__((vector_size(4 * W)));
+typedef unsigned char vb __attribute__((vector_size(W)));
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 /* MINPS/MAXPS are a < b ? a : b and a > b ? a : b exactly (the second operand for equal values,
    zeros of either sign and NaN), the generic definitions below, in one instruction */
-static inline v16 vmin(v16 a, v16 b) { return (v16)_mm512_min_ps((__m512)a, (__m512)b); }
-static inline v16 vmax(v16 a, v16 b) { return (v16)_mm512_max_ps((__m512)a, (__m512)b); }
+static inline vf vmin(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }
+static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+#elif defined(__AVX__)
+#include <immintrin.h>
+static inline vf vmin(vf a, vf b) { return (vf)_mm256_min_ps((__m256)a, (__m256)b); }
+static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
 #else
-static inline v16 vsel(vi16 m, v16 a, v16 b) { return (v16)(((vi16)a & m) | ((vi16)b & ~m)); }
-static inline v16 vmin(v16 a, v16 b) { return vsel(a < b, a, b); }
-static inline v16 vmax(v16 a, v16 b) { return vsel(a > b, a, b); }
+static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf vmin(vf a, vf b) { return vsel(a < b, a, b); }
+static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
 #endif
 
-static inline float reduce(v16 v, int is_min) {
-    const vi16 p8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
-    const vi16 p4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
-    const vi16 p2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
-    const vi16 p1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
-    v16 t = __builtin_shuffle(v, p8);
-    v = is_min ? vmin(v, t) : vmax(v, t);
-    t = __builtin_shuffle(v, p4);
-    v = is_min ? vmin(v, t) : vmax(v, t);
-    t = __builtin_shuffle(v, p2);
-    v = is_min ? vmin(v, t) : vmax(v, t);
-    t = __builtin_shuffle(v, p1);
-    v = is_min ? vmin(v, t) : vmax(v, t);
+/* lane permutations: halves, quarters, ... swapped (the horizontal reduction), and the even and
+   odd lanes of two vectors (the nibble pairs) */
+#if W == 16
+static const vi SWAPS[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
+                            {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11},
+                            {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13},
+                            {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}};
+#define EVEN {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}
+#define ODD {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}
+#elif W == 8
+static const vi SWAPS[3] = {{4, 5, 6, 7, 0, 1, 2, 3}, {2, 3, 0, 1, 6, 7, 4, 5}, {1, 0, 3, 2, 5, 4, 7, 6}};
+#define EVEN {0, 2, 4, 6, 8, 10, 12, 14}
+#define ODD {1, 3, 5, 7, 9, 11, 13, 15}
+#else
+static const vi SWAPS[2] = {{2, 3, 0, 1}, {1, 0, 3, 2}};
+#define EVEN {0, 2, 4, 6}
+#define ODD {1, 3, 5, 7}
+#endif
+#define NSWAPS (sizeof(SWAPS) / sizeof(SWAPS[0]))
+
+static inline float reduce_min(vf v) {
+    for (unsigned k = 0; k < NSWAPS; k++) v = vmin(v, __builtin_shuffle(v, SWAPS[k]));
+    return v[0];
+}
+static inline float reduce_max(vf v) {
+    for (unsigned k = 0; k < NSWAPS; k++) v = vmax(v, __builtin_shuffle(v, SWAPS[k]));
     return v[0];
 }
 
-/* One block of 32 values (w0: the first 16, w1: the next 16). */
-static inline void quantize_block(v16 w0, v16 w1, uint8_t *q, float *scale) {
-    float low = reduce(vmin(w0, w1), 1), high = reduce(vmax(w0, w1), 0);
+/* pairs(l0, l1): the 2 W levels of two vectors as W byte values, level 2 i + 16 x level 2 i + 1;
+   store_bytes: the 16 byte values of a block (VB / 2 vectors of pairs()) as bytes, in order. With
+   AVX the pairs are taken within 128-bit lanes (one instruction each), in the order
+   0 1 4 5 2 3 6 7 of each vector's 8 bytes, which store_bytes' packing puts back in order. */
+#if W == 8 && defined(__AVX2__)
+static inline vf pairs(vf l0, vf l1) {
+    __m256 even = _mm256_shuffle_ps((__m256)l0, (__m256)l1, 0x88), odd = _mm256_shuffle_ps((__m256)l0, (__m256)l1, 0xdd);
+    return (vf)even + (vf)odd * 16.0f;
+}
+static inline void store_bytes(const vf *packed, uint8_t *q) {
+    __m256i a = _mm256_cvttps_epi32((__m256)packed[0]), b = _mm256_cvttps_epi32((__m256)packed[1]);
+    __m256i words = _mm256_packus_epi32(a, b);     /* lane 0: bytes 0 1 4 5 8 9 12 13; lane 1: 2 3 6 7 10 11 14 15 */
+    __m256i bytes = _mm256_packus_epi16(words, words);
+    __m128i lo = _mm256_castsi256_si128(bytes), hi = _mm256_extracti128_si256(bytes, 1);
+    _mm_storeu_si128((__m128i *)q, _mm_unpacklo_epi16(lo, hi));
+}
+#else
+static inline vf pairs(vf l0, vf l1) {
+    const vi even = EVEN, odd = ODD;
+    return __builtin_shuffle(l0, l1, even) + __builtin_shuffle(l0, l1, odd) * 16.0f;
+}
+static inline void store_bytes(const vf *packed, uint8_t *q) {
+    for (int k = 0; k < VB / 2; k++) {
+        vb bytes = __builtin_convertvector(__builtin_convertvector(packed[k], vi), vb);
+        memcpy(q + k * W, &bytes, W);
+    }
+}
+#endif
+
+/* One block of 32 values, w[k] holding values k W .. k W + W - 1. */
+static inline void quantize_block(const vf *w, uint8_t *q, float *scale) {
+    vf lo = w[0], hi = w[0];
+    for (int k = 1; k < VB; k++) {
+        lo = vmin(lo, w[k]);
+        hi = vmax(hi, w[k]);
+    }
+    float low = reduce_min(lo), high = reduce_max(hi);
     float extreme = high >= -low ? high : low;
     float s = extreme / -8.0f;
     if (s == 0.0f) s = 1.0f; /* an all-zero block (or one that underflows): as quantize_nbits */
     *scale = s;
-    const v16 zero = {0}, eight = zero + 8.0f, fifteen = zero + 15.0f, magic = zero + 12582912.0f;
-    v16 sv = zero + s;
-    /* (x + 1.5 * 2^23) - 1.5 * 2^23 rounds half to even, like torch.round, for |x| < 2^22 (here |x| <= 8) */
-    v16 l0 = ((w0 / sv + magic) - magic) + eight, l1 = ((w1 / sv + magic) - magic) + eight;
-    l0 = vmin(vmax(l0, zero), fifteen);
-    l1 = vmin(vmax(l1, zero), fifteen);
-    const vi16 even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-    const vi16 odd = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-    v16 packed = __builtin_shuffle(l0, l1, even) + __builtin_shuffle(l0, l1, odd) * 16.0f;
-    vb16 bytes = __builtin_convertvector(__builtin_convertvector(packed, vi16), vb16);
-    memcpy(q, &bytes, 16);
+    const vf zero = {0}, eight = zero + 8.0f, fifteen = zero + 15.0f, magic = zero + 12582912.0f;
+    vf sv = zero + s, packed[VB / 2];
+    for (int k = 0; k < VB; k += 2) {
+        /* (x + 1.5 * 2^23) - 1.5 * 2^23 rounds half to even, like torch.round, for |x| < 2^22 (here |x| <= 8) */
+        vf l0 = ((w[k] / sv + magic) - magic) + eight, l1 = ((w[k + 1] / sv + magic) - magic) + eight;
+        l0 = vmin(vmax(l0, zero), fifteen);
+        l1 = vmin(vmax(l1, zero), fifteen);
+        packed[k / 2] = pairs(l0, l1);
+    }
+    store_bytes(packed, q);
 }
 
-/* T mixes' sums of one block over the n experts (expert j's 32 values at e + j * stride):
-   out[2 i], out[2 i + 1] = sum_j A[i n + j] * expert j's block, one multiply-add after another in
-   j order. Out of line and specialised per T, so that each keeps its 2 T sums in registers. */
+/* The block of 32 values at f (unaligned) plus the block at s: quantized. */
+static inline void quantize_sum(const float *f, const float *s, uint8_t *q, float *scale) {
+    vf w[VB];
+    for (int k = 0; k < VB; k++) w[k] = *(const vfu *)(f + k * W) + (s ? *(const vfu *)(s + k * W) : (vf){0});
+    quantize_block(w, q, scale);
+}
+
+/* T mixes' sums of TCOLS columns over the n experts (expert j's columns at e + j * stride):
+   out[i * 32 + c] = sum_j A[i n + j] * expert j's column c, one multiply-add after another in j
+   order. Out of line and specialised per T, so that each keeps its T x G sums in registers. */
 static inline __attribute__((always_inline)) void sums(int T, const float *restrict e, long stride, long n,
-                                                      const float *restrict A, v16 *restrict out) {
-    v16 acc[16];
-    for (int i = 0; i < 2 * T; i++) acc[i] = (v16){0};
+                                                      const float *restrict A, float *restrict out) {
+    vf acc[8 * G];
+    for (int i = 0; i < T * G; i++) acc[i] = (vf){0};
     for (long j = 0; j < n; j++) {
-        const v16u *p = (const v16u *)(e + j * stride);
-        v16 e0 = p[0], e1 = p[1];
+        const vfu *p = (const vfu *)(e + j * stride);
+        vf ev[G];
+        for (int g = 0; g < G; g++) ev[g] = p[g];
         for (int i = 0; i < T; i++) {
             float x = A[i * n + j];
-            acc[2 * i] += x * e0;
-            acc[2 * i + 1] += x * e1;
+            for (int g = 0; g < G; g++) acc[i * G + g] += x * ev[g];
         }
     }
-    for (int i = 0; i < 2 * T; i++) out[i] = acc[i];
+    for (int i = 0; i < T; i++)
+        for (int g = 0; g < G; g++) *(vfu *)(out + i * 32 + g * W) = acc[i * G + g];
 }
-static __attribute__((noinline)) void sums8(const float *e, long s, long n, const float *A, v16 *o) { sums(8, e, s, n, A, o); }
-static __attribute__((noinline)) void sums4(const float *e, long s, long n, const float *A, v16 *o) { sums(4, e, s, n, A, o); }
-static __attribute__((noinline)) void sums1(const float *e, long s, long n, const float *A, v16 *o) { sums(1, e, s, n, A, o); }
+#define SUMS(T) static __attribute__((noinline)) void sums##T(const float *e, long s, long n, const float *A, float *o) { sums(T, e, s, n, A, o); }
+SUMS(1) SUMS(2) SUMS(3) SUMS(4) SUMS(5) SUMS(6) SUMS(7) SUMS(8)
+typedef void (*sums_fn)(const float *, long, long, const float *, float *);
+/* every tile width up to TILE: a batch's last mixes take one tile of their own width */
+static const sums_fn SUMS_OF[9] = {NULL, sums1, sums2, sums3, sums4, sums5, sums6, sums7, sums8};
 
-#define CHUNK_FLOATS (1L << 17) /* 512 KB of bank rows per thread: they stay in L2 while every mix uses them */
-#define PAD 16 /* floats after each expert's rows in a chunk: a block's n rows then fall in different cache sets */
+#define MAX_CHUNK_FLOATS (1L << 17) /* 512 KB of bank rows per thread, at most: half the L2 cache */
+#define PAD 16   /* floats after each expert's rows in a chunk: a block's n rows then fall in different cache sets */
 #define SPAN 2048 /* one mix's values summed expert after expert (8 KB: they stay in L1) */
 
 typedef struct {
@@ -118,46 +205,45 @@ typedef struct {
    multiply-adds in the same order as a tile's, so the same bits. */
 static void fuse_one(const Job *job, long r0, long r1) {
     long n = job->n, P = job->rows * job->cols;
-    v16 acc[SPAN / 16];
+    vf acc[SPAN / W];
     for (long p0 = r0 * job->cols; p0 < r1 * job->cols; p0 += SPAN) {
         long len = r1 * job->cols - p0 < SPAN ? r1 * job->cols - p0 : SPAN;
-        for (long k = 0; k < len / 16; k++) acc[k] = (v16){0};
+        for (long k = 0; k < len / W; k++) acc[k] = (vf){0};
         for (long j = 0; j < n; j++) {
-            const v16u *e = (const v16u *)(job->bank + j * P + p0);
+            const vfu *e = (const vfu *)(job->bank + j * P + p0);
             float x = job->A[j];
-            for (long k = 0; k < len / 16; k++) acc[k] += x * e[k];
+            for (long k = 0; k < len / W; k++) acc[k] += x * e[k];
         }
-        for (long k = 0; k < len / 16; k += 2) {
-            const v16u *sp = (const v16u *)(job->shared + p0 + 16 * k);
-            long blk = (p0 + 16 * k) / 32;
-            quantize_block(acc[k] + sp[0], acc[k + 1] + sp[1], job->q + blk * 16, job->scales + blk);
+        for (long k = 0; k < len / W; k += VB) {
+            const vfu *sp = (const vfu *)(job->shared + p0 + W * k);
+            vf w[VB];
+            for (int b = 0; b < VB; b++) w[b] = acc[k + b] + sp[b];
+            long blk = (p0 + W * k) / 32;
+            quantize_block(w, job->q + blk * 16, job->scales + blk);
         }
     }
 }
 
-/* Several mixes, rows [r0, r1) (at most CHUNK_FLOATS of bank): the rows of every expert are
-   copied into buf first, and every mix's tile then reads them from cache. */
+/* Several mixes, rows [r0, r1) (one chunk of bank): the rows of every expert are copied into
+   buf first, and every mix's tile then reads them from cache. */
 static void fuse_many(const Job *job, long r0, long r1, float *buf) {
     long n = job->n, rows = job->rows, cols = job->cols, M = job->M, P = rows * cols, nb = cols / 32;
     long rn = r1 - r0, stride = rn * cols + PAD;
     for (long j = 0; j < n; j++)
         memcpy(buf + j * stride, job->bank + j * P + r0 * cols, sizeof(float) * rn * cols);
-    v16 out[16];
+    float out[TILE * 32];
     for (long r = r0; r < r1; r++)
         for (long c0 = 0; c0 < cols; c0 += 32) {
-            const v16u *sp = (const v16u *)(job->shared + r * cols + c0);
-            v16 s0 = sp[0], s1 = sp[1];
+            const float *sp = job->shared + r * cols + c0;
             const float *e = buf + (r - r0) * cols + c0;
             long blk = r * nb + c0 / 32;
             for (long m = 0; m < M;) {
-                int T = M - m >= 8 ? 8 : M - m >= 4 ? 4 : 1;
+                int T = M - m >= TILE ? TILE : (int)(M - m);
                 const float *a = job->A + m * n;
-                if (T == 8) sums8(e, stride, n, a, out);
-                else if (T == 4) sums4(e, stride, n, a, out);
-                else sums1(e, stride, n, a, out);
+                for (long h = 0; h < 32; h += TCOLS) SUMS_OF[T](e + h, stride, n, a, out + h);
                 for (int i = 0; i < T; i++)
-                    quantize_block(out[2 * i] + s0, out[2 * i + 1] + s1, job->q + ((m + i) * rows * nb + blk) * 16,
-                                   job->scales + (m + i) * rows * nb + blk);
+                    quantize_sum(out + i * 32, sp, job->q + ((m + i) * rows * nb + blk) * 16,
+                                 job->scales + (m + i) * rows * nb + blk);
                 m += T;
             }
         }
@@ -166,10 +252,8 @@ static void fuse_many(const Job *job, long r0, long r1, float *buf) {
 static void quantize_rows(const Job *job, long r0, long r1) {
     long cols = job->cols, nb = cols / 32;
     for (long r = r0; r < r1; r++)
-        for (long b = 0; b < nb; b++) {
-            const v16u *p = (const v16u *)(job->w + r * cols + b * 32);
-            quantize_block(p[0], p[1], job->q + (r * nb + b) * 16, job->scales + r * nb + b);
-        }
+        for (long b = 0; b < nb; b++)
+            quantize_sum(job->w + r * cols + b * 32, NULL, job->q + (r * nb + b) * 16, job->scales + r * nb + b);
 }
 
 /* A thread's share: pieces of `unit` rows, taken one at a time until none is left, so a thread
@@ -212,13 +296,30 @@ static int run_job(Job *job, long threads) {
 
 static long rows_per_piece(long cols, long floats) { return floats / cols > 1 ? floats / cols : 1; }
 
+/* Bank floats a thread copies per chunk: half of this core's L2 cache (the rest holds the
+   outputs and the other thread's lines), at most MAX_CHUNK_FLOATS. */
+static long chunk_floats(void) {
+    static long cached;
+    long c = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (c) return c;
+    long l2 = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    c = l2 > 0 ? l2 / 2 / (long)sizeof(float) : MAX_CHUNK_FLOATS;
+    if (c > MAX_CHUNK_FLOATS) c = MAX_CHUNK_FLOATS;
+    if (c < 1L << 14) c = 1L << 14;
+    __atomic_store_n(&cached, c, __ATOMIC_RELAXED);
+    return c;
+}
+
 int fuse_q4(const float *shared, const float *bank, long n, long rows, long cols, const float *A, long M,
             long threads, uint8_t *q, float *scales) {
     if (cols % 32 != 0) return 1;
     if (n < 1) return 3;
     if (M < 1) return M ? 4 : 0; /* no mix: nothing to write */
     /* several mixes: a piece is a chunk of every expert's rows; one: 16 spans of every expert */
-    long unit = M > 1 ? rows_per_piece(n * cols, CHUNK_FLOATS) : rows_per_piece(cols, 16 * SPAN);
+    long unit = M > 1 ? rows_per_piece(n * cols, chunk_floats()) : rows_per_piece(cols, 16 * SPAN);
     Job job = {shared, bank, A, NULL, n, rows, cols, M, q, scales, unit, 0, 0};
     return run_job(&job, threads);
 }
@@ -229,3 +330,6 @@ int quantize_q4(const float *w, long rows, long cols, long threads, uint8_t *q, 
     Job job = {NULL, NULL, NULL, w, 0, rows, cols, 1, q, scales, rows_per_piece(cols, 16 * SPAN), 0, 0};
     return run_job(&job, threads);
 }
+
+/* The most mixes the kernel fuses together (a batch's last ones take one tile of their own width). */
+int tile_width(void) { return TILE; }
