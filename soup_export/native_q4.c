@@ -162,11 +162,13 @@ static inline void quantize_sum(const float *f, const float *s, uint8_t *q, floa
 
 /* T mixes' sums of TCOLS columns over the n experts (expert j's columns at e + j * stride):
    out[i * 32 + c] = sum_j A[i n + j] * expert j's column c, one multiply-add after another in j
-   order. Out of line and specialised per T, so that each keeps its T x G sums in registers. */
+   order. Out of line and specialised per T, so that each keeps its T x G sums in registers
+   (built with -fno-tree-loop-distribute-patterns: GCC had made the zeroing a memset call). */
 static inline __attribute__((always_inline)) void sums(int T, const float *restrict e, long stride, long n,
                                                       const float *restrict A, float *restrict out) {
     vf acc[8 * G];
     for (int i = 0; i < T * G; i++) acc[i] = (vf){0};
+#pragma GCC unroll 2
     for (long j = 0; j < n; j++) {
         const vfu *p = (const vfu *)(e + j * stride);
         vf ev[G];
@@ -185,7 +187,7 @@ typedef void (*sums_fn)(const float *, long, long, const float *, float *);
 /* every tile width up to TILE: a batch's last mixes take one tile of their own width */
 static const sums_fn SUMS_OF[9] = {NULL, sums1, sums2, sums3, sums4, sums5, sums6, sums7, sums8};
 
-#define MAX_CHUNK_FLOATS (1L << 17) /* 512 KB of bank rows per thread, at most: half the L2 cache */
+#define MAX_CHUNK_FLOATS (1L << 17) /* 512 KB of bank rows per thread, at most */
 #define PAD 16   /* floats after each expert's rows in a chunk: a block's n rows then fall in different cache sets */
 #define SPAN 2048 /* one mix's values summed expert after expert (8 KB: they stay in L1) */
 
@@ -225,13 +227,18 @@ static void fuse_one(const Job *job, long r0, long r1) {
 }
 
 /* Several mixes, rows [r0, r1) (one chunk of bank): the rows of every expert are copied into
-   buf first, and every mix's tile then reads them from cache. */
-static void fuse_many(const Job *job, long r0, long r1, float *buf) {
+   buf first, and every mix's tile then reads them from cache. While it computes, the rows
+   [n0, n1) of the thread's next chunk are prefetched, a few lines after each tile, so that its
+   copy reads them from cache rather than from memory (a copy from memory had been a third of a
+   thread's time). */
+static void fuse_many(const Job *job, long r0, long r1, float *buf, long n0, long n1) {
     long n = job->n, rows = job->rows, cols = job->cols, M = job->M, P = rows * cols, nb = cols / 32;
     long rn = r1 - r0, stride = rn * cols + PAD;
     for (long j = 0; j < n; j++)
         memcpy(buf + j * stride, job->bank + j * P + r0 * cols, sizeof(float) * rn * cols);
     float out[TILE * 32];
+    long per_expert = n1 > n0 ? (n1 - n0) * cols / 16 : 0, left = n * per_expert, pj = 0, pl = 0;
+    long calls = rn * nb * ((M + TILE - 1) / TILE) * (32 / TCOLS), per_block = (left + calls - 1) / calls;
     for (long r = r0; r < r1; r++)
         for (long c0 = 0; c0 < cols; c0 += 32) {
             const float *sp = job->shared + r * cols + c0;
@@ -240,7 +247,13 @@ static void fuse_many(const Job *job, long r0, long r1, float *buf) {
             for (long m = 0; m < M;) {
                 int T = M - m >= TILE ? TILE : (int)(M - m);
                 const float *a = job->A + m * n;
-                for (long h = 0; h < 32; h += TCOLS) SUMS_OF[T](e + h, stride, n, a, out + h);
+                for (long h = 0; h < 32; h += TCOLS) {
+                    SUMS_OF[T](e + h, stride, n, a, out + h);
+                    for (long k = 0; k < per_block && left > 0; k++, left--) {
+                        __builtin_prefetch(job->bank + pj * P + n0 * cols + pl * 16, 0, 3);
+                        if (++pl == per_expert) pl = 0, pj++;
+                    }
+                }
                 for (int i = 0; i < T; i++)
                     quantize_sum(out + i * 32, sp, job->q + ((m + i) * rows * nb + blk) * 16,
                                  job->scales + (m + i) * rows * nb + blk);
@@ -265,13 +278,16 @@ static void *work(void *arg) {
         __atomic_store_n(&job->rc, 2, __ATOMIC_RELAXED);
         return NULL;
     }
-    for (;;) {
-        long r0 = __atomic_fetch_add(&job->next, job->unit, __ATOMIC_RELAXED);
-        if (r0 >= job->rows) break;
+    long r0 = __atomic_fetch_add(&job->next, job->unit, __ATOMIC_RELAXED);
+    while (r0 < job->rows) {
         long r1 = r0 + job->unit < job->rows ? r0 + job->unit : job->rows;
+        /* the next piece is taken now, so that fuse_many can fetch its rows while it computes */
+        long next = __atomic_fetch_add(&job->next, job->unit, __ATOMIC_RELAXED);
+        long n1 = next + job->unit < job->rows ? next + job->unit : job->rows;
         if (!job->bank) quantize_rows(job, r0, r1);
-        else if (buf) fuse_many(job, r0, r1, buf);
+        else if (buf) fuse_many(job, r0, r1, buf, next, n1);
         else fuse_one(job, r0, r1);
+        r0 = next;
     }
     free(buf);
     return NULL;
@@ -296,8 +312,8 @@ static int run_job(Job *job, long threads) {
 
 static long rows_per_piece(long cols, long floats) { return floats / cols > 1 ? floats / cols : 1; }
 
-/* Bank floats a thread copies per chunk: half of this core's L2 cache (the rest holds the
-   outputs and the other thread's lines), at most MAX_CHUNK_FLOATS. */
+/* Bank floats a thread copies per chunk: a quarter of this core's L2 cache (the chunk, the next
+   one being prefetched, and room for the outputs), at most MAX_CHUNK_FLOATS. */
 static long chunk_floats(void) {
     static long cached;
     long c = __atomic_load_n(&cached, __ATOMIC_RELAXED);
@@ -306,7 +322,7 @@ static long chunk_floats(void) {
 #ifdef _SC_LEVEL2_CACHE_SIZE
     l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
-    c = l2 > 0 ? l2 / 2 / (long)sizeof(float) : MAX_CHUNK_FLOATS;
+    c = l2 > 0 ? l2 / 4 / (long)sizeof(float) : MAX_CHUNK_FLOATS;
     if (c > MAX_CHUNK_FLOATS) c = MAX_CHUNK_FLOATS;
     if (c < 1L << 14) c = 1L << 14;
     __atomic_store_n(&cached, c, __ATOMIC_RELAXED);
