@@ -153,8 +153,7 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
                   "size": {**size, "predicted_by_tier": {t: p.total for t, p in preds.items()}},
                   "parity": parity, **({"ort_format": mobile} if mobile else {}), **extra,
                   "seconds": round(shared_seconds + time.perf_counter() - t0, 3)}
-        write_manifest(root, record, hashed)
-        manifests.append(json.loads((root / "manifest.json").read_text()))
+        manifests.append(write_manifest(root, record, hashed))
     return manifests
 
 
