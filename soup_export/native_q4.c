@@ -129,8 +129,8 @@ static inline void store_bytes(const vf *packed, uint8_t *q) {
 }
 #endif
 
-/* One block of 32 values, w[k] holding values k W .. k W + W - 1. */
-static inline void quantize_block(const vf *w, uint8_t *q, float *scale) {
+/* The scale of one block of 32 values (w[k] holding values k W .. k W + W - 1). */
+static inline float block_scale(const vf *w) {
     vf lo = w[0], hi = w[0];
     for (int k = 1; k < VB; k++) {
         lo = vmin(lo, w[k]);
@@ -139,8 +139,11 @@ static inline void quantize_block(const vf *w, uint8_t *q, float *scale) {
     float low = reduce_min(lo), high = reduce_max(hi);
     float extreme = high >= -low ? high : low;
     float s = extreme / -8.0f;
-    if (s == 0.0f) s = 1.0f; /* an all-zero block (or one that underflows): as quantize_nbits */
-    *scale = s;
+    return s == 0.0f ? 1.0f : s; /* an all-zero block (or one that underflows): as quantize_nbits */
+}
+
+/* The 16 bytes of one block's levels at scale s. */
+static inline void block_levels(const vf *w, float s, uint8_t *q) {
     const vf zero = {0}, eight = zero + 8.0f, fifteen = zero + 15.0f, magic = zero + 12582912.0f;
     vf sv = zero + s, packed[VB / 2];
     for (int k = 0; k < VB; k += 2) {
@@ -153,11 +156,31 @@ static inline void quantize_block(const vf *w, uint8_t *q, float *scale) {
     store_bytes(packed, q);
 }
 
-/* The block of 32 values at f (unaligned) plus the block at s: quantized. */
-static inline void quantize_sum(const float *f, const float *s, uint8_t *q, float *scale) {
-    vf w[VB];
+static inline void load_block(const float *f, const float *s, vf *w) {
     for (int k = 0; k < VB; k++) w[k] = *(const vfu *)(f + k * W) + (s ? *(const vfu *)(s + k * W) : (vf){0});
-    quantize_block(w, q, scale);
+}
+
+#define GROUP 8 /* blocks whose scales are found before any is encoded */
+
+/* `count` blocks, block b the 32 values at f + b * fs plus those at s + b * ss (s may be NULL),
+   quantized to q + b * qs and scales + b * cs. In groups of GROUP blocks: every scale of a group
+   first, then every block's levels, so that the blocks' chains (reductions, scale, division)
+   are independent work for the processor instead of one chain after another. */
+static void quantize_blocks(const float *f, long fs, const float *s, long ss, long count, uint8_t *q, long qs,
+                            float *scales, long cs) {
+    for (long b0 = 0; b0 < count; b0 += GROUP) {
+        long nb = count - b0 < GROUP ? count - b0 : GROUP;
+        float sc[GROUP];
+        vf w[VB];
+        for (long b = b0; b < b0 + nb; b++) {
+            load_block(f + b * fs, s ? s + b * ss : NULL, w);
+            scales[b * cs] = sc[b - b0] = block_scale(w);
+        }
+        for (long b = b0; b < b0 + nb; b++) {
+            load_block(f + b * fs, s ? s + b * ss : NULL, w);
+            block_levels(w, sc[b - b0], q + b * qs);
+        }
+    }
 }
 
 /* T mixes' sums of TCOLS columns over the n experts (expert j's columns at e + j * stride):
@@ -216,13 +239,9 @@ static void fuse_one(const Job *job, long r0, long r1) {
             float x = job->A[j];
             for (long k = 0; k < len / W; k++) acc[k] += x * e[k];
         }
-        for (long k = 0; k < len / W; k += VB) {
-            const vfu *sp = (const vfu *)(job->shared + p0 + W * k);
-            vf w[VB];
-            for (int b = 0; b < VB; b++) w[b] = acc[k + b] + sp[b];
-            long blk = (p0 + W * k) / 32;
-            quantize_block(w, job->q + blk * 16, job->scales + blk);
-        }
+        long blk = p0 / 32;
+        quantize_blocks((const float *)acc, 32, job->shared + p0, 32, len / 32, job->q + blk * 16, 16,
+                        job->scales + blk, 1);
     }
 }
 
@@ -254,9 +273,8 @@ static void fuse_many(const Job *job, long r0, long r1, float *buf, long n0, lon
                         if (++pl == per_expert) pl = 0, pj++;
                     }
                 }
-                for (int i = 0; i < T; i++)
-                    quantize_sum(out + i * 32, sp, job->q + ((m + i) * rows * nb + blk) * 16,
-                                 job->scales + (m + i) * rows * nb + blk);
+                quantize_blocks(out, 32, sp, 0, T, job->q + (m * rows * nb + blk) * 16, rows * nb * 16,
+                                job->scales + m * rows * nb + blk, rows * nb);
                 m += T;
             }
         }
@@ -264,9 +282,7 @@ static void fuse_many(const Job *job, long r0, long r1, float *buf, long n0, lon
 
 static void quantize_rows(const Job *job, long r0, long r1) {
     long cols = job->cols, nb = cols / 32;
-    for (long r = r0; r < r1; r++)
-        for (long b = 0; b < nb; b++)
-            quantize_sum(job->w + r * cols + b * 32, NULL, job->q + (r * nb + b) * 16, job->scales + r * nb + b);
+    quantize_blocks(job->w + r0 * cols, 32, NULL, 0, (r1 - r0) * nb, job->q + r0 * nb * 16, 16, job->scales + r0 * nb, 1);
 }
 
 /* A thread's share: pieces of `unit` rows, taken one at a time until none is left, so a thread
