@@ -6,6 +6,11 @@ order; hashing the bytes on their way to the file saves the manifest reading eve
 The hash covers exactly the file's bytes: alignment holes are zeros in the file and in the hash,
 and the file ends where `finish` says. A write that goes back before the end of the previous one
 (emit never makes one) drops the running hash, and the manifest then reads the file.
+
+Small writes (the norms, the scales, each a few KB) are gathered into one buffer of up to BUFFER
+bytes, holes included as zeros, and written and hashed with it: a specialist's 130 tensors
+had cost as many system calls and hash updates, and writing 16 customers' files took 85 ms of
+CPU beyond their hashing (25 ms in writes of 64 KB or more).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 _ZEROS = bytes(1 << 16)
+BUFFER = 1 << 18  # bytes gathered before a write; a larger write goes to the file directly
 
 
 class HashedDataFile:
@@ -24,6 +30,8 @@ class HashedDataFile:
         self.fd: int | None = None  # opened at the first write (by the thread that writes it, once its directory exists)
         self.hash: hashlib._Hash | None = hashlib.sha256()
         self.pos = 0  # where the previous write ended
+        self.buffer = bytearray()  # the bytes [start, pos) not yet written (and not yet hashed)
+        self.start = 0
         self.digest: str | None = None  # set by finish
         self.closed = False
 
@@ -36,20 +44,46 @@ class HashedDataFile:
 
     def write_at(self, offset: int, data: np.ndarray | bytes) -> None:
         view = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
-        if self.hash is not None:
-            if offset < self.pos:
-                self.hash = None
+        if offset < self.pos:  # behind the previous write: no running hash from here on
+            self.flush()
+            self.hash = None
+            self._write(offset, view)
+            return
+        if self.buffer and offset + view.nbytes - self.start <= BUFFER:
+            self.buffer += bytes(offset - self.pos)
+            self.buffer += view
+        else:
+            self.flush()
+            self._zeros(offset - self.pos)  # a hole in the file, zeros in the hash
+            if view.nbytes < BUFFER:
+                self.buffer, self.start = bytearray(view), offset
             else:
-                self._zeros(offset - self.pos)
-                self.hash.update(view)
+                self._hash(view)
+                self._write(offset, view)
+        self.pos = offset + view.nbytes
+
+    def flush(self) -> None:
+        """Write (and hash) the gathered bytes."""
+        if self.buffer:
+            view = memoryview(self.buffer)
+            self._hash(view)
+            self._write(self.start, view)
+            self.buffer = bytearray()
+
+    def _write(self, offset: int, view: memoryview) -> None:
         fd, done = self._open(), 0
         while done < view.nbytes:  # one positioned write, unbuffered (a short write continues)
             done += os.pwrite(fd, view[done:], offset + done)
         self.pos = max(self.pos, offset + view.nbytes)
 
+    def _hash(self, view: memoryview) -> None:
+        if self.hash is not None:
+            self.hash.update(view)
+
     def finish(self, size: int) -> str | None:
         """End the file at `size` bytes and close it; its SHA-256 (hex), or None if not known (also
         kept as `digest`)."""
+        self.flush()
         os.ftruncate(self._open(), size)
         self.close()
         if self.hash is None or size < self.pos:
@@ -60,11 +94,12 @@ class HashedDataFile:
 
     def close(self) -> None:
         self.closed = True
+        self.buffer = bytearray()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
     def _zeros(self, n: int) -> None:
-        while n > 0:
+        while n > 0 and self.hash is not None:
             self.hash.update(_ZEROS[:min(n, len(_ZEROS))])
             n -= len(_ZEROS)

@@ -144,11 +144,12 @@ static inline float block_scale(const vf *w) {
 
 /* The 16 bytes of one block's levels at scale s. */
 static inline void block_levels(const vf *w, float s, uint8_t *q) {
-    const vf zero = {0}, eight = zero + 8.0f, fifteen = zero + 15.0f, magic = zero + 12582912.0f;
+    const vf zero = {0}, fifteen = zero + 15.0f, magic = zero + 12582912.0f, magic8 = magic - 8.0f;
     vf sv = zero + s, packed[VB / 2];
     for (int k = 0; k < VB; k += 2) {
-        /* (x + 1.5 * 2^23) - 1.5 * 2^23 rounds half to even, like torch.round, for |x| < 2^22 (here |x| <= 8) */
-        vf l0 = ((w[k] / sv + magic) - magic) + eight, l1 = ((w[k + 1] / sv + magic) - magic) + eight;
+        /* x + 1.5 * 2^23 rounds x half to even, like torch.round, to an integer (|x| < 2^22; here |x| <= 8);
+           subtracting 1.5 * 2^23 - 8 then leaves round(x) + 8 exactly */
+        vf l0 = (w[k] / sv + magic) - magic8, l1 = (w[k + 1] / sv + magic) - magic8;
         l0 = vmin(vmax(l0, zero), fifteen);
         l1 = vmin(vmax(l1, zero), fifteen);
         packed[k / 2] = pairs(l0, l1);
