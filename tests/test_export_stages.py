@@ -298,11 +298,25 @@ def _native_kernel_or_skip():
 def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes, n, rows, cols, threads):
     """The compiled fuse-and-quantize kernel against the reference, S + A @ E then quantize_nbits,
     bit for bit: on exact sums its levels (round half to even, clamped), scales (signed extreme,
-    all-zero blocks) and nibble order must all be the same. 13 mixes use every tile width (8, 4, 1);
-    rows are split over threads unevenly; 4 x 8192 columns make the kernel's row blocks 4 rows, so
-    7 rows end in a shorter one. One mix takes the kernel's other path (expert after expert, over
-    spans of 2048 values that cross rows)."""
+    all-zero blocks) and nibble order must all be the same. 13 mixes are full tiles and a narrower
+    one on every build (tiles of 8 with AVX-512, 6 with AVX2); rows are split over threads
+    unevenly; 4 x 8192 columns make the kernel's row blocks 4 rows, so 7 rows end in a shorter one.
+    One mix takes the kernel's other path (expert after expert, over spans of 2048 values that
+    cross rows)."""
+    _check_exact_fusion(_native_kernel_or_skip(), mixes, n, rows, cols, threads)
+
+
+def test_native_kernel_is_exact_at_every_tile_width():
+    """A batch's mixes go through tiles of the kernel's widest width and its last ones through one
+    tile of their own width: every width from 1 to the widest (and two full tiles) must be exact."""
     native = _native_kernel_or_skip()
+    widest = native.tile_width()
+    assert widest in (2, 6, 8)  # the widths the source defines (generic, AVX2 and NEON, AVX-512)
+    for mixes in range(1, 2 * widest + 2):
+        _check_exact_fusion(native, mixes, 3, 5, 64, 2)
+
+
+def _check_exact_fusion(native, mixes, n, rows, cols, threads):
     rng = np.random.default_rng(mixes + cols)
     shared, bank = _dyadic(rng, (rows, cols), 2.0 ** -6), _dyadic(rng, (n, rows, cols), 2.0 ** -6)
     alphas = (rng.integers(-8, 9, size=(mixes, n)) * 2.0 ** -3).astype(np.float32)
@@ -315,14 +329,14 @@ def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes, n, rows, col
     for m in range(mixes):
         fused = shared + np.tensordot(alphas[m], bank, axes=1)
         ref = quantize_nbits(fused, rep)
-        assert np.array_equal(q[m], ref["q"]) and np.array_equal(scales[m], ref["scales"]), m
+        assert np.array_equal(q[m], ref["q"]) and np.array_equal(scales[m], ref["scales"]), (mixes, m)
     assert scales[0, 2, 0] == scales[0, 4, 0] == 1.0 and scales[0, 3, 1] == 2.0 ** -4
 
 
 @pytest.mark.parametrize("n,rows,cols", [(32, 200, 352), (3, 25, 4096)])
 def test_native_kernel_gives_a_mix_the_same_bytes_alone_and_in_any_batch(n, rows, cols):
     """A shipping-only single build fuses its one mix expert after expert; a batch fuses tiles of
-    8, 4 or 1 mixes. Each mix's sum must be the same chain of multiply-adds either way, so that a
+    up to 8 mixes (6 with AVX2). Each mix's sum must be the same chain of multiply-adds either way, so that a
     customer's bytes do not depend on the batch it is exported in: checked on values whose sums
     do round, for a mix at every tile position and over uneven thread splits."""
     native = _native_kernel_or_skip()
@@ -331,7 +345,9 @@ def test_native_kernel_gives_a_mix_the_same_bytes_alone_and_in_any_batch(n, rows
     bank = rng.normal(size=(n, rows, cols)).astype(np.float32)
     alphas = rng.normal(size=(13, n)).astype(np.float32)
     q, scales = native.fuse_quantize(shared, bank, alphas, threads=2)
-    for m in (0, 7, 8, 11, 12):  # first and last of the 8-tile, the 4-tile, the 1-tile
+    widest = native.tile_width()
+    starts = list(range(0, 13, widest))  # 13 mixes: full tiles, then one narrower tile
+    for m in sorted({i for s in starts for i in (s, min(s + widest, 13) - 1)}):  # each tile's first and last
         for threads in (1, 3):
             q1, s1 = native.fuse_quantize(shared, bank, alphas[m:m + 1], threads=threads)
             assert np.array_equal(q1[0], q[m]) and np.array_equal(s1[0], scales[m]), (m, threads)
@@ -376,6 +392,48 @@ def test_a_data_file_hashed_while_written_has_the_files_sha256(tmp_path):
     table = file_table(tmp_path, {"a.data": ("0" * 64, 300_000), "b.data": ("0" * 64, 1)})
     assert table["a.data"]["sha256"] == "0" * 64  # trusted: the size matches
     assert table["b.data"] == {"sha256": sha(tmp_path / "b.data"), "bytes": 67}  # size differs: read
+
+
+def test_export_json_reads_back_as_json_dumps_would_write_it():
+    """json_text (manifests, specs, configs) is the same JSON as json.dumps for every kind of
+    value, objects one member a line and lists of plain values on one line."""
+    from soup_export.resolve import json_text
+
+    value = {"alpha": [0.1, -2.5e-08, 3], "nested": {"a": [], "b": {}, "c": [1, [2, {"x": None}]]},
+             True: 1.5, 2: (1, 2), None: "\u00e9\"\n", "big": 10 ** 30, "nan": float("nan"), "flags": [True, False]}
+    text = json_text(value)
+    assert text.endswith("}\n") and '  "alpha": [0.1, -2.5e-08, 3],\n' in text
+    assert repr(json.loads(text)) == repr(json.loads(json.dumps(value)))  # nan != nan: compare the reprs
+    with pytest.raises(TypeError):
+        json_text({"a": object()})
+
+
+def test_a_data_file_gathers_small_writes_and_keeps_every_byte_in_place(tmp_path, monkeypatch):
+    """Small writes are gathered (holes as zeros) into few system calls; writes larger than the
+    buffer go straight to the file: the bytes, the file's length and its SHA-256 are those of the
+    same writes made one by one."""
+    import hashlib
+    import os
+
+    from soup_export import datafile
+
+    rng = np.random.default_rng(3)
+    writes, offset = [], 0
+    for size in [100, 3000, 70_000, datafile.BUFFER + 5, 17, 1024, datafile.BUFFER - 1, 8, 200_000, 5]:
+        writes.append((offset, rng.integers(0, 256, size, dtype=np.uint8)))
+        offset += size + int(rng.integers(0, 100))  # alignment holes
+    expected = bytearray(offset + 50)
+    for at, data in writes:
+        expected[at:at + data.size] = data.tobytes()
+    calls, real = [], os.pwrite
+    monkeypatch.setattr(datafile.os, "pwrite", lambda fd, b, at: calls.append(at) or real(fd, b, at))
+    fh = datafile.HashedDataFile(tmp_path / "d.data")
+    for at, data in writes:
+        fh.write_at(at, data)
+    digest = fh.finish(len(expected))
+    assert (tmp_path / "d.data").read_bytes() == bytes(expected)
+    assert digest == hashlib.sha256(expected).hexdigest()
+    assert len(calls) <= 7 < len(writes)  # the small ones went out together
 
 
 def test_the_bank_pass_fuses_small_tensors_on_one_torch_thread_and_restores_the_count(debug_ckpt, monkeypatch):
