@@ -83,9 +83,10 @@ def _load():
     ptr, long = ctypes.c_void_p, ctypes.c_long
     lib.fuse_q4.argtypes = [ptr, ptr, long, long, long, ptr, long, long, ptr, ptr]
     lib.quantize_q4.argtypes = [ptr, long, long, long, ptr, ptr]
-    lib.tile_width.argtypes = []
+    lib.tile_width.argtypes = lib.chunk_size.argtypes = []
     for fn in (lib.fuse_q4, lib.quantize_q4, lib.tile_width):
         fn.restype = ctypes.c_int
+    lib.chunk_size.restype = long
     return lib
 
 
@@ -129,6 +130,12 @@ def tile_width() -> int:
     """The most mixes the built kernel fuses together (8 with AVX-512, 6 with AVX2); a batch's
     last mixes take one tile of their own width."""
     return int(kernel().tile_width())
+
+
+def chunk_size() -> int:
+    """The bank floats one kernel thread copies per chunk of a batch (a quarter of its L2 cache,
+    at most 2^17): a chunk is whole rows of every expert."""
+    return int(kernel().chunk_size())
 
 
 def applies(rep, shape: tuple[int, ...], experts: tuple) -> bool:

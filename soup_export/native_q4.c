@@ -298,12 +298,11 @@ static void *work(void *arg) {
     long r0 = __atomic_fetch_add(&job->next, job->unit, __ATOMIC_RELAXED);
     while (r0 < job->rows) {
         long r1 = r0 + job->unit < job->rows ? r0 + job->unit : job->rows;
-        /* the next piece is taken now, so that fuse_many can fetch its rows while it computes */
         long next = __atomic_fetch_add(&job->next, job->unit, __ATOMIC_RELAXED);
-        long n1 = next + job->unit < job->rows ? next + job->unit : job->rows;
         if (!job->bank) quantize_rows(job, r0, r1);
-        else if (buf) fuse_many(job, r0, r1, buf, next, n1);
-        else fuse_one(job, r0, r1);
+        else if (!buf) fuse_one(job, r0, r1);
+        else /* the next piece is taken before this one is computed, so that its rows are fetched meanwhile */
+            fuse_many(job, r0, r1, buf, next, next + job->unit < job->rows ? next + job->unit : job->rows);
         r0 = next;
     }
     free(buf);
@@ -351,6 +350,7 @@ int fuse_q4(const float *shared, const float *bank, long n, long rows, long cols
     if (cols % 32 != 0) return 1;
     if (n < 1) return 3;
     if (M < 1) return M ? 4 : 0; /* no mix: nothing to write */
+    if (rows < 1 || cols < 1) return rows < 0 || cols < 0 ? 1 : 0; /* an empty matrix: nothing to write */
     /* several mixes: a piece is a chunk of every expert's rows; one: 16 spans of every expert */
     long unit = M > 1 ? rows_per_piece(n * cols, chunk_floats()) : rows_per_piece(cols, 16 * SPAN);
     Job job = {shared, bank, A, NULL, n, rows, cols, M, q, scales, unit, 0, 0};
@@ -359,10 +359,14 @@ int fuse_q4(const float *shared, const float *bank, long n, long rows, long cols
 
 /* The quantization of w (rows, cols), already fused, exactly as fuse_q4 does it. */
 int quantize_q4(const float *w, long rows, long cols, long threads, uint8_t *q, float *scales) {
-    if (cols % 32 != 0) return 1;
+    if (cols % 32 != 0 || rows < 0 || cols < 0) return 1;
+    if (rows == 0 || cols == 0) return 0; /* an empty matrix: nothing to write */
     Job job = {NULL, NULL, NULL, w, 0, rows, cols, 1, q, scales, rows_per_piece(cols, 16 * SPAN), 0, 0};
     return run_job(&job, threads);
 }
+
+/* The bank floats a thread copies per chunk (for the tests, which shape their matrices by it). */
+long chunk_size(void) { return chunk_floats(); }
 
 /* The most mixes the kernel fuses together (a batch's last ones take one tile of their own width). */
 int tile_width(void) { return TILE; }

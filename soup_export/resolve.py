@@ -291,13 +291,22 @@ def json_text(data: dict) -> str:
 def _indented(value, pad: str) -> str:
     inner = pad + "  "
     if isinstance(value, dict) and value:
-        return "{\n" + ",\n".join(f"{inner}{_plain(k if isinstance(k, str) else _plain(k))}: {_indented(v, inner)}"
-                                   for k, v in value.items()) + f"\n{pad}}}"
+        return "{\n" + ",\n".join(f"{inner}{_plain(_key(k))}: {_indented(v, inner)}" for k, v in value.items()) \
+            + f"\n{pad}}}"
     if isinstance(value, (list, tuple)) and value:
         if any(isinstance(v, (dict, list, tuple)) for v in value):
             return "[\n" + ",\n".join(inner + _indented(v, inner) for v in value) + f"\n{pad}]"
         return "[" + ", ".join(map(_plain, value)) + "]"
     return _plain(value)
+
+
+def _key(key) -> str:
+    """A member name as json.dumps makes it (True: "true", 1.5: "1.5"); other keys are its TypeError."""
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (bool, int, float)):
+        return _plain(key)
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
 
 
 def _plain(value) -> str:

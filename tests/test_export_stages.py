@@ -293,17 +293,32 @@ def _native_kernel_or_skip():
     return native
 
 
-@pytest.mark.parametrize("mixes,n,rows,cols,threads", [(13, 5, 7, 96, 3), (2, 5, 7, 96, 3), (5, 4, 7, 8192, 1),
-                                                       (1, 5, 7, 96, 3), (1, 4, 7, 8192, 2)])
+@pytest.mark.parametrize("mixes,n,rows,cols,threads", [(13, 5, 7, 96, 3), (2, 5, 7, 96, 3), (5, 4, 7, "chunk", 1),
+                                                       (5, 4, 7, "chunk", 2), (1, 5, 7, 96, 3), (1, 4, 7, 8192, 2)])
 def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes, n, rows, cols, threads):
     """The compiled fuse-and-quantize kernel against the reference, S + A @ E then quantize_nbits,
     bit for bit: on exact sums its levels (round half to even, clamped), scales (signed extreme,
     all-zero blocks) and nibble order must all be the same. 13 mixes are full tiles and a narrower
     one on every build (tiles of 8 with AVX-512, 6 with AVX2); rows are split over threads
-    unevenly; 4 x 8192 columns make the kernel's row blocks 4 rows, so 7 rows end in a shorter one.
+    unevenly. "chunk" columns make a batch's pieces 4 rows of every expert whatever this CPU's L2
+    (the chunk size), so 7 rows end in a shorter piece, and each piece prefetches the next.
     One mix takes the kernel's other path (expert after expert, over spans of 2048 values that
     cross rows)."""
-    _check_exact_fusion(_native_kernel_or_skip(), mixes, n, rows, cols, threads)
+    native = _native_kernel_or_skip()
+    if cols == "chunk":
+        cols = native.chunk_size() // (4 * n)
+        assert cols % 32 == 0 and native.chunk_size() // (n * cols) == 4
+    _check_exact_fusion(native, mixes, n, rows, cols, threads)
+
+
+def test_native_kernel_writes_nothing_for_an_empty_matrix():
+    native = _native_kernel_or_skip()
+    for rows, cols in ((4, 0), (0, 64)):
+        q, scales = native.quantize(np.zeros((rows, cols), np.float32), threads=2)
+        assert q.size == scales.size == 0
+        q, scales = native.fuse_quantize(np.zeros((rows, cols), np.float32), np.zeros((3, rows, cols), np.float32),
+                                         np.ones((2, 3), np.float32), threads=2)
+        assert q.shape[:2] == (2, rows) and q.size == scales.size == 0
 
 
 def test_native_kernel_is_exact_at_every_tile_width():
@@ -404,8 +419,9 @@ def test_export_json_reads_back_as_json_dumps_would_write_it():
     text = json_text(value)
     assert text.endswith("}\n") and '  "alpha": [0.1, -2.5e-08, 3],\n' in text
     assert repr(json.loads(text)) == repr(json.loads(json.dumps(value)))  # nan != nan: compare the reprs
-    with pytest.raises(TypeError):
-        json_text({"a": object()})
+    for bad in ({"a": object()}, {(1, 2): 3}):
+        with pytest.raises(TypeError):
+            json_text(bad)
 
 
 def test_a_data_file_gathers_small_writes_and_keeps_every_byte_in_place(tmp_path, monkeypatch):
