@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import platform
 from importlib import metadata
 from pathlib import Path
 
-from soup_export.resolve import file_sha256, json_text
+from soup_export.resolve import file_sha256
 
 FORMAT = "soup-export-v1"
 MANIFEST = "manifest.json"
@@ -34,28 +33,22 @@ def versions() -> dict[str, str]:
 
 def file_table(root: Path, known: dict[str, tuple[str, int]] | None = None) -> dict[str, dict]:
     """{relative path: {sha256, bytes}} of every file under root except root's own manifest
-    (a mixture's table covers the manifests of its models), in path order. `known`: {relative
-    path: (sha256, bytes)} of files hashed as they were written; each is used only if the file
-    still has that size."""
+    (a mixture's table covers the manifests of its models). `known`: {relative path: (sha256,
+    bytes)} of files hashed as they were written; each is used only if the file still has that size."""
     known = known or {}
-    found = []
-    for folder, dirs, files in os.walk(root):
-        prefix = Path(folder).relative_to(root).as_posix()
-        found += [(f"{prefix}/{f}" if prefix != "." else f, os.path.join(folder, f)) for f in files]
     table = {}
-    for rel, path in sorted(found, key=lambda item: item[0].split("/")):  # the order of sorted Paths
-        if rel == MANIFEST or not os.path.isfile(path):
-            continue
-        size = os.stat(path).st_size
-        sha = known[rel][0] if rel in known and known[rel][1] == size else file_sha256(Path(path))
-        table[rel] = {"sha256": sha, "bytes": size}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p != root / MANIFEST:
+            rel, size = p.relative_to(root).as_posix(), p.stat().st_size
+            sha = known[rel][0] if rel in known and known[rel][1] == size else file_sha256(p)
+            table[rel] = {"sha256": sha, "bytes": size}
     return table
 
 
 def write_manifest(root: Path, record: dict, known: dict[str, tuple[str, int]] | None = None) -> dict:
-    """Write root/manifest.json; returns it as read back from JSON."""
+    """Write root/manifest.json; returns the manifest as JSON reads it back."""
     data = {"format": FORMAT, **record, "files": file_table(root, known), "versions": dict(versions())}
-    text = json_text(data)
+    text = json.dumps(data, indent=2) + "\n"
     (root / MANIFEST).write_text(text)
     return json.loads(text)
 

@@ -157,8 +157,9 @@ static inline void block_levels(const vf *w, float s, uint8_t *q) {
     store_bytes(packed, q);
 }
 
+/* The block at f, plus the block at s unless s is NULL (already fused values are taken as they are). */
 static inline void load_block(const float *f, const float *s, vf *w) {
-    for (int k = 0; k < VB; k++) w[k] = *(const vfu *)(f + k * W) + (s ? *(const vfu *)(s + k * W) : (vf){0});
+    for (int k = 0; k < VB; k++) w[k] = s ? *(const vfu *)(f + k * W) + *(const vfu *)(s + k * W) : *(const vfu *)(f + k * W);
 }
 
 #define GROUP 8 /* blocks whose scales are found before any is encoded */

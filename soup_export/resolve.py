@@ -21,7 +21,6 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from json.encoder import encode_basestring_ascii
 from pathlib import Path
 
 import numpy as np
@@ -277,47 +276,7 @@ def write_files(out: Path, files: dict[str, bytes]) -> None:
 
 def json_bytes(data: dict) -> bytes:
     """The bytes of a JSON file as export writes them (indented, a final newline)."""
-    return json_text(data).encode()
-
-
-def json_text(data: dict) -> str:
-    """JSON indented by two spaces per level, objects one member a line, lists of plain values on
-    one line, and a final newline. json.dumps(indent=...) runs the pure-Python encoder, 1.6 ms for
-    a manifest (a batch's customers each write one); this formats the objects and leaves every
-    value to the C encoder."""
-    return _indented(data, "") + "\n"
-
-
-def _indented(value, pad: str) -> str:
-    inner = pad + "  "
-    if isinstance(value, dict) and value:
-        return "{\n" + ",\n".join(f"{inner}{_plain(_key(k))}: {_indented(v, inner)}" for k, v in value.items()) \
-            + f"\n{pad}}}"
-    if isinstance(value, (list, tuple)) and value:
-        if any(isinstance(v, (dict, list, tuple)) for v in value):
-            return "[\n" + ",\n".join(inner + _indented(v, inner) for v in value) + f"\n{pad}]"
-        return "[" + ", ".join(map(_plain, value)) + "]"
-    return _plain(value)
-
-
-def _key(key) -> str:
-    """A member name as json.dumps makes it (True: "true", 1.5: "1.5"); other keys are its TypeError."""
-    if isinstance(key, str):
-        return key
-    if key is None or isinstance(key, (bool, int, float)):
-        return _plain(key)
-    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
-
-
-def _plain(value) -> str:
-    """One value as json.dumps writes it (a member name given as a string: "true" for True)."""
-    if isinstance(value, str):
-        return encode_basestring_ascii(value)
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if type(value) is int or (type(value) is float and math.isfinite(value)):
-        return repr(value)
-    return json.dumps(value)  # NaN, inf, {}, [], subclasses, and the encoder's errors for the rest
+    return (json.dumps(data, indent=2) + "\n").encode()
 
 
 def hf_side_files(model: ModelConfig, tokenizer: Path, dtype: str) -> dict[str, bytes]:

@@ -409,21 +409,6 @@ def test_a_data_file_hashed_while_written_has_the_files_sha256(tmp_path):
     assert table["b.data"] == {"sha256": sha(tmp_path / "b.data"), "bytes": 67}  # size differs: read
 
 
-def test_export_json_reads_back_as_json_dumps_would_write_it():
-    """json_text (manifests, specs, configs) is the same JSON as json.dumps for every kind of
-    value, objects one member a line and lists of plain values on one line."""
-    from soup_export.resolve import json_text
-
-    value = {"alpha": [0.1, -2.5e-08, 3], "nested": {"a": [], "b": {}, "c": [1, [2, {"x": None}]]},
-             True: 1.5, 2: (1, 2), None: "\u00e9\"\n", "big": 10 ** 30, "nan": float("nan"), "flags": [True, False]}
-    text = json_text(value)
-    assert text.endswith("}\n") and '  "alpha": [0.1, -2.5e-08, 3],\n' in text
-    assert repr(json.loads(text)) == repr(json.loads(json.dumps(value)))  # nan != nan: compare the reprs
-    for bad in ({"a": object()}, {(1, 2): 3}):
-        with pytest.raises(TypeError):
-            json_text(bad)
-
-
 def test_a_data_file_gathers_small_writes_and_keeps_every_byte_in_place(tmp_path, monkeypatch):
     """Small writes are gathered (holes as zeros) into few system calls; writes larger than the
     buffer go straight to the file: the bytes, the file's length and its SHA-256 are those of the
