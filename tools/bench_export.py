@@ -107,10 +107,12 @@ def report(root: Path, rounds: int, repeat: int) -> None:
     """Every job once per round, back to back, so each ratio compares runs made minutes apart at most;
     a ratio is the median over rounds of its per-round value, a time the median of its rounds."""
     runs = {name: [] for name in (*JOBS, "fusion")}
+    create_before = file_creation_ms(root / "probe-before")
     for _ in range(rounds):
         for name in JOBS:
             runs[name].append(job_in_subprocess(name, root, repeat))  # median of `repeat` in the process (singles: 1)
     runs["fusion"].append(job_in_subprocess("fusion", root, 3))
+    create_after = file_creation_ms(root / "probe-after")
     sec = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items() if name != "fusion"}
 
     def ratio(slow: str, fast: str) -> float:
@@ -133,9 +135,24 @@ def report(root: Path, rounds: int, repeat: int) -> None:
           f"mapped {f['fuse_mapped_gbps']:.2f} vs {f['copy_mapped_gbps']:.2f} GB/s "
           f"({100 * f['fuse_mapped_gbps'] / f['copy_mapped_gbps']:.0f}%)")
     print_bounds(runs, sec, ratio)
+    print(f"file system: creating a small file took {create_before:.3f} ms before the jobs, {create_after:.3f} ms after "
+          "(each specialist is 11 files; on an ext4 without a journal, for a few minutes after many files were deleted, "
+          "creating one takes several times longer, and the batch's ratio falls with it)")
     print(f"speedup_vs_genai: {ratio('genai', 'ours'):.2f}")
     print(f"batch_over_singles: {ratio('singles', 'batch'):.2f}")
     print(f"speedup_vs_optimum: {ratio('optimum', 'ours'):.2f}")
+
+
+def file_creation_ms(probe: Path, files: int = 64) -> float:
+    """The median time to create and write one 1 KB file under `probe` (kept until the benchmark's end:
+    deleting them would slow the jobs' own file creation)."""
+    probe.mkdir()
+    times = []
+    for i in range(files):
+        start = time.perf_counter()
+        (probe / f"f{i}.json").write_bytes(bytes(1024))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
 
 
 def print_bounds(runs: dict, sec: dict, ratio) -> None:
