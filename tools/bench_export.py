@@ -147,12 +147,8 @@ def file_creation_ms(probe: Path, files: int = 64) -> float:
     """The median time to create and write one 1 KB file under `probe` (kept until the benchmark's end:
     deleting them would slow the jobs' own file creation)."""
     probe.mkdir()
-    times = []
-    for i in range(files):
-        start = time.perf_counter()
-        (probe / f"f{i}.json").write_bytes(bytes(1024))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    names = iter(range(files))
+    return 1e3 * timed(lambda: (probe / f"f{next(names)}.json").write_bytes(bytes(1024)), files)
 
 
 def print_bounds(runs: dict, sec: dict, ratio) -> None:
