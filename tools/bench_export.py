@@ -8,7 +8,9 @@ plus a batch of 16 mixes vs 16 single builds, and fusion throughput (bank bytes 
 int4-quantized per second, as a shipping-only export does it) vs a numpy copy of the same bytes
 (both through a fresh memory map, as a build reads the bank, and both through one whose pages are
 already mapped). The bounds lines say what the bank pass alone allows: its time, and the ratios a
-build or batch that did nothing else would reach. Every path runs in its own fresh process and is
+build or batch that did nothing else would reach; the per-customer line, the CPU time of the file
+work that a batch and every single build do per customer (hashing, writing), in one extra metered
+run. Every path runs in its own fresh process and is
 timed after one warm-up there, so import and start-up costs are excluded from every side. The model is trained for one step
 (timing does not depend on the weights). Last line: `speedup_vs_optimum: <ratio>`.
 
@@ -35,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import replace
@@ -135,6 +138,7 @@ def report(root: Path, rounds: int, repeat: int) -> None:
           f"mapped {f['fuse_mapped_gbps']:.2f} vs {f['copy_mapped_gbps']:.2f} GB/s "
           f"({100 * f['fuse_mapped_gbps'] / f['copy_mapped_gbps']:.0f}%)")
     print_bounds(runs, sec, ratio)
+    print_per_customer(runs["batch"])
     print(f"file system: creating a small file took {create_before:.3f} ms before the jobs, {create_after:.3f} ms after "
           "(each specialist is 11 files; on an ext4 without a journal, for a few minutes after many files were deleted, "
           "creating one takes several times longer, and the batch's ratio falls with it)")
@@ -167,6 +171,16 @@ def print_bounds(runs: dict, sec: dict, ratio) -> None:
           f"16 singles (ours: {ratio('singles', 'batch'):.1f}x); beyond its bank pass the batch spends "
           f"{sec['batch'] - f['pass_16']:.3f} s, {1e3 * (sec['batch'] - f['pass_16']) / 16:.1f} ms per customer (files, "
           f"hashes, the tensors the kernel does not cover)")
+
+
+def print_per_customer(batches: list) -> None:
+    """The batch's per-customer file work (CPU time of a metered run, median over rounds): single builds pay it too."""
+    med = lambda key: statistics.median(r["per_customer"][key] for r in batches)  # noqa: E731
+    parts = {k: statistics.median(r["per_customer"]["ms"][k] for r in batches) for k in METERED}
+    print("batch, per customer, CPU time of an extra metered run: " + ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items())
+          + f"; {sum(parts.values()):.1f} ms in all, which each single build pays as well (SHA-256 runs at "
+          f"{med('sha256_gbps'):.2f} GB/s on this CPU; the data-file writes ran at {med('write_gbps'):.2f} GB/s into "
+          "the page cache)")
 
 
 def run_job(job: str, root: Path, repeat: int) -> dict:
@@ -229,11 +243,55 @@ def run_job(job: str, root: Path, repeat: int) -> dict:
     for part in split.values():
         part.clear()
     seconds = timed(fn, repeat if job != "singles" else 1)
+    extra = {"per_customer": per_customer_cpu(fn, len(mixes))} if job == "batch" else {}
     m = bank.info.run.model
     size = sum(f.stat().st_size for f in scratch.glob("ours-0/onnx/model.onnx*"))
     info = (f"{m.d_model}d x {m.n_layers} layers, vocab {m.vocab_size}, {bank.info.run.soup.n_experts} experts, "
             f"bank {bank.weights.stat().st_size / 1e6:.1f} MB; int4 specialist {size / 1e6:.2f} MB")
-    return {"seconds": seconds, "info": info, **{k: statistics.median(v) for k, v in split.items() if v}}
+    return {"seconds": seconds, "info": info, **extra, **{k: statistics.median(v) for k, v in split.items() if v}}
+
+
+# the per-customer file work of an export: (module, class or None, function)
+METERED = {"hashing": ("soup_export.datafile", "HashedDataFile", "_hash"),
+           "data-file writes": ("soup_export.datafile", "HashedDataFile", "_write"),
+           "other files": ("soup_export.emit", None, "_write_small_files"),
+           "manifest": ("soup_export.build", None, "write_manifest")}
+
+
+def per_customer_cpu(run, customers: int) -> dict:
+    """One more (untimed) run of `run` with the CPU time of the per-customer file work metered, in
+    whichever thread it runs: {"ms": {part: ms per customer}, "write_gbps": the data-file bytes
+    written per second of their writes' CPU time, "sha256_gbps": SHA-256's own speed on this CPU}."""
+    import hashlib
+    import importlib
+
+    spent, lock, saved, written = dict.fromkeys(METERED, 0.0), threading.Lock(), {}, [0]
+
+    def metered(part: str, fn):
+        def call(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    spent[part] += time.thread_time() - start
+                    written[0] += args[2].nbytes if part == "data-file writes" else 0  # _write(self, offset, view)
+        return call
+
+    for part, (module, cls, attr) in METERED.items():
+        owner = importlib.import_module(module)
+        owner = getattr(owner, cls) if cls else owner
+        saved[part] = (owner, attr, getattr(owner, attr))
+        setattr(owner, attr, metered(part, saved[part][2]))
+    try:
+        run()
+    finally:
+        for owner, attr, fn in saved.values():
+            setattr(owner, attr, fn)
+    data = bytes(64 << 20)
+    sha_gbps = len(data) / timed(lambda: hashlib.sha256(data).digest(), 3) / 1e9
+    return {"ms": {part: 1e3 * s / customers for part, s in spent.items()}, "sha256_gbps": sha_gbps,
+            "write_gbps": written[0] / spent["data-file writes"] / 1e9}
 
 
 def fusion_job(bank, one: list, many: list, repeat: int) -> dict:
