@@ -119,11 +119,9 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 def expected_shapes(model: ModelConfig, soup_cfg: SoupConfig, n_domains: int) -> dict[str, tuple[int, ...]]:
     """Every tensor a soup of these (frozen, hashable) configs holds, by building it on the meta
     device; cached, as many exports in one process open checkpoints of the same configs."""
-    from soup_train.model.soup import SoupModel
+    from soup_train.model.soup import meta_soup
 
-    with torch.device("meta"):
-        soup = SoupModel(model, soup_cfg, n_domains)
-    return {name: tuple(p.shape) for name, p in soup.named_parameters()}
+    return {name: tuple(p.shape) for name, p in meta_soup(model, soup_cfg, n_domains).named_parameters()}
 
 
 def check_complete(ckpt: Path, info: CheckpointInfo, stored: dict[str, tuple[int, ...]]) -> None:
@@ -286,26 +284,57 @@ def hf_side_files(model: ModelConfig, tokenizer: Path, dtype: str) -> dict[str, 
     The tokenizer files are made directly (tokenizer.json as it is, its config generated) rather
     than by loading and re-saving a transformers tokenizer: same files, a fraction of the time.
     """
-    from transformers import GenerationConfig, LlamaConfig
-
     from soup_train.data.tokenizer import EOS
 
     tokenizer_bytes = Path(tokenizer).read_bytes()
     eos = next(t["id"] for t in added_tokens(tokenizer_bytes.decode()) if t["content"] == EOS)
-    cfg = LlamaConfig(**model.to_hf(), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-                      torch_dtype=dtype, architectures=["LlamaForCausalLM"])
-    gen = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False,
-                           max_length=model.max_seq_len)
     special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     token = {"content": EOS, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
     tok_cfg = {**special, "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                "model_input_names": ["input_ids", "attention_mask"], "model_max_length": model.max_seq_len,
                "added_tokens_decoder": {str(eos): token}}
-    return {"config.json": cfg.to_json_string().encode(),  # what to_json_file writes
-            "generation_config.json": gen.to_json_string().encode(),
+    return {**hf_config_files(model, eos, dtype),
             "tokenizer.json": tokenizer_bytes,
             "tokenizer_config.json": json_bytes(tok_cfg),
             "special_tokens_map.json": json_bytes(special)}
+
+
+def hf_config_files(model: ModelConfig, eos: int, dtype: str) -> dict[str, bytes]:
+    """config.json and generation_config.json as transformers writes them (its LlamaConfig and
+    GenerationConfig), cached in the user cache by their inputs and transformers' version: importing
+    transformers took 2.6-3.4 s of every export command that needed nothing else from it."""
+    from importlib import metadata
+
+    inputs = json.loads(json.dumps({"model": model.to_hf(), "eos": eos, "dtype": dtype,
+                                    "transformers": metadata.version("transformers")}))
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+    cache = user_cache("hf-configs") / f"{key}.json"
+    try:
+        saved = json.loads(cache.read_text())
+        if saved["inputs"] == inputs:
+            return {name: text.encode() for name, text in saved["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or unreadable: made again
+        pass
+    files = _hf_config_files(model, eos, dtype)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"inputs": inputs, "files": {k: v.decode() for k, v in files.items()}}) + "\n")
+        tmp.replace(cache)
+    except OSError:  # no writable cache: made every time
+        pass
+    return files
+
+
+def _hf_config_files(model: ModelConfig, eos: int, dtype: str) -> dict[str, bytes]:
+    from transformers import GenerationConfig, LlamaConfig
+
+    cfg = LlamaConfig(**model.to_hf(), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                      torch_dtype=dtype, architectures=["LlamaForCausalLM"])
+    gen = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False,
+                           max_length=model.max_seq_len)
+    return {"config.json": cfg.to_json_string().encode(),  # what to_json_file writes
+            "generation_config.json": gen.to_json_string().encode()}
 
 
 _ADDED_TOKENS = re.compile(r'"added_tokens"\s*:\s*\[')

@@ -63,6 +63,46 @@ def test_resolved_directory_is_a_plain_hf_llama_equal_to_the_soup(debug_ckpt, tm
     assert spec["checkpoint"]["model_sha256"] == bank.sha256 and len(spec["alpha"]) == 4
 
 
+def test_hf_config_files_are_transformers_own_cached_by_their_inputs(monkeypatch, tmp_path):
+    from importlib import metadata
+
+    from soup_export import resolve
+    from soup_train.config import ModelConfig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model, real, calls = ModelConfig(vocab_size=300), resolve._hf_config_files, []
+    made = real(model, 7, "float32")
+    monkeypatch.setattr(resolve, "_hf_config_files", lambda *args: calls.append(args) or real(*args))
+    assert resolve.hf_config_files(model, 7, "float32") == made and len(calls) == 1  # made, and cached
+    (cached,) = (tmp_path / "soup" / "hf-configs").glob("*.json")
+    assert resolve.hf_config_files(model, 7, "float32") == made and len(calls) == 1  # from the cache
+    assert resolve.hf_config_files(model, 8, "float32") != made and len(calls) == 2  # other inputs: made
+    cached.write_text("{")  # unreadable: made again, and the cache rewritten
+    assert resolve.hf_config_files(model, 7, "float32") == made and len(calls) == 3
+    assert json.loads(cached.read_text())["files"]["config.json"] == made["config.json"].decode()
+    monkeypatch.setattr(metadata, "version", lambda name: "0.0.0-other")  # another transformers: made
+    assert resolve.hf_config_files(model, 7, "float32") == made and len(calls) == 4
+
+
+def test_opening_a_checkpoint_imports_neither_transformers_nor_dynamo(debug_ckpt, tmp_path):
+    """An export's start-up: the checkpoint's shapes checked on the meta device without torch._dynamo
+    (its import took 1-1.5 s) and, once cached, the HF configs made without transformers (2.6-3.4 s)."""
+    import os
+    import sys
+
+    from procs import run_command
+
+    code = ("import sys; from pathlib import Path; from soup_export.resolve import Bank, hf_side_files; "
+            f"bank = Bank.open(Path({str(debug_ckpt)!r})); "
+            "hf_side_files(bank.info.run.model, bank.path / 'tokenizer.json', 'float32'); "
+            "print(' '.join(m for m in ('transformers', 'torch._dynamo') if m in sys.modules) or 'neither')")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    first, second = (run_command([sys.executable, "-c", code], env) for _ in range(2))
+    assert first.returncode == second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    assert first.stdout.split()[-1] == "transformers"  # the first makes the configs with transformers
+    assert second.stdout.split()[-1] == "neither"
+
+
 def test_batch_resolve_matches_single_resolves_and_repeats_exactly(debug_ckpt, tmp_path):
     """A batch fuses all mixes with one matrix product per block: each mix equals its single resolve
     (which is `combine` itself) to fp32 rounding, and the same batch writes the same bytes again."""

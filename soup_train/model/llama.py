@@ -102,8 +102,11 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
-        self.register_buffer("inv_freq", 1.0 / (cfg.rope_theta ** exponents), persistent=False)
+        # computed on the CPU (as transformers does) and moved to the default device: on the meta device
+        # (a model built for its shapes), the first arithmetic of a process imports torch._dynamo (1-1.5 s)
+        exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu").float() / cfg.head_dim
+        inv_freq = (1.0 / (cfg.rope_theta ** exponents)).to(torch.get_default_device())
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)

@@ -136,10 +136,31 @@ class SoupModel(nn.Module):
         return dense
 
 
+class _NoRandomInit(torch.overrides.TorchFunctionMode):
+    """Random initialisation left out (the tensor returned as it is). On the meta device, torch's
+    `normal_` (nn.Embedding's own initialisation) is a Python kernel whose first call imports
+    torch._dynamo: 1-1.5 s of every process that built a model for its shapes (every export
+    command), for values that a meta tensor never holds."""
+
+    SKIPPED = frozenset({nn.init.normal_, nn.init.trunc_normal_, nn.init.uniform_, torch.Tensor.normal_,
+                         torch.Tensor.uniform_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def meta_soup(model_cfg: ModelConfig, soup_cfg: SoupConfig, n_domains: int) -> "SoupModel":
+    """A soup on the meta device, its tensors' shapes and nothing else (nothing allocated or initialised)."""
+    with torch.device("meta"), _NoRandomInit():
+        return SoupModel(model_cfg, soup_cfg, n_domains)
+
+
 def count_parameters(model_cfg: ModelConfig, soup_cfg: SoupConfig, n_domains: int) -> dict[str, int]:
     """Parameter counts without allocating: instantiated model, shared, bank, coefficient MLP."""
-    with torch.device("meta"):
-        soup = SoupModel(model_cfg, soup_cfg, n_domains)
+    soup = meta_soup(model_cfg, soup_cfg, n_domains)
     total = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return {"instantiated": total(soup.shared), "shared": total(soup.shared),
             "experts": total(soup.experts), "coef_mlp": total(soup.coef), "total": total(soup)}
