@@ -169,24 +169,30 @@ def cached_sha256(path: Path) -> str:
     size and mtime_ns: checkpoints are written once, and hashing a large bank on every export
     would cost more than the export itself. The checkpoint directory is never written to."""
     stat = path.stat()
-    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    root = user_cache("sha256")
-    cache = root / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json")
+    cache = user_cache("sha256") / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json")
+    return cached_json(cache, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, lambda: file_sha256(path),
+                       lambda digest: isinstance(digest, str) and len(digest) == 64)
+
+
+def cached_json(cache: Path, key: dict, make, valid=lambda value: True):
+    """The JSON value saved in `cache` for this `key` (JSON types only), or `make()`, saved there for
+    next time (written to a temporary name and renamed; an unwritable cache is skipped, and an
+    unreadable or invalid entry is made again)."""
     try:
         saved = json.loads(cache.read_text())
-        if {k: saved.get(k) for k in key} == key and len(saved.get("sha256", "")) == 64:
-            return saved["sha256"]
-    except (OSError, ValueError):
+        if saved["key"] == key and valid(saved["value"]):
+            return saved["value"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable
         pass
-    digest = file_sha256(path)
+    value = make()
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        tmp.write_text(json.dumps({**key, "sha256": digest}) + "\n")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "value": value}) + "\n")
         tmp.replace(cache)
-    except OSError:  # a read-only checkpoint: hash every time
+    except OSError:  # no writable cache: made every time
         pass
-    return digest
+    return value
 
 
 def user_cache(name: str) -> Path:
@@ -307,23 +313,11 @@ def hf_config_files(model: ModelConfig, eos: int, dtype: str) -> dict[str, bytes
 
     inputs = json.loads(json.dumps({"model": model.to_hf(), "eos": eos, "dtype": dtype,
                                     "transformers": metadata.version("transformers")}))
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
-    cache = user_cache("hf-configs") / f"{key}.json"
-    try:
-        saved = json.loads(cache.read_text())
-        if saved["inputs"] == inputs:
-            return {name: text.encode() for name, text in saved["files"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or unreadable: made again
-        pass
-    files = _hf_config_files(model, eos, dtype)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"inputs": inputs, "files": {k: v.decode() for k, v in files.items()}}) + "\n")
-        tmp.replace(cache)
-    except OSError:  # no writable cache: made every time
-        pass
-    return files
+    name = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+    files = cached_json(user_cache("hf-configs") / f"{name}.json", inputs,
+                        lambda: {k: v.decode() for k, v in _hf_config_files(model, eos, dtype).items()},
+                        lambda value: isinstance(value, dict) and all(isinstance(v, str) for v in value.values()))
+    return {k: v.encode() for k, v in files.items()}
 
 
 def _hf_config_files(model: ModelConfig, eos: int, dtype: str) -> dict[str, bytes]:

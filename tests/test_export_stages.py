@@ -79,7 +79,7 @@ def test_hf_config_files_are_transformers_own_cached_by_their_inputs(monkeypatch
     assert resolve.hf_config_files(model, 8, "float32") != made and len(calls) == 2  # other inputs: made
     cached.write_text("{")  # unreadable: made again, and the cache rewritten
     assert resolve.hf_config_files(model, 7, "float32") == made and len(calls) == 3
-    assert json.loads(cached.read_text())["files"]["config.json"] == made["config.json"].decode()
+    assert json.loads(cached.read_text())["value"]["config.json"] == made["config.json"].decode()
     monkeypatch.setattr(metadata, "version", lambda name: "0.0.0-other")  # another transformers: made
     assert resolve.hf_config_files(model, 7, "float32") == made and len(calls) == 4
 
