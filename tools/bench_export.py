@@ -10,7 +10,7 @@ int4-quantized per second, as a shipping-only export does it) vs a numpy copy of
 already mapped). The bounds lines say what the bank pass alone allows: its time, and the ratios a
 build or batch that did nothing else would reach; the per-customer line, the CPU time of the file
 work that a batch and every single build do per customer (hashing, writing), in one extra metered
-run. Every path runs in its own fresh process and is
+run; in a full run, the commands line, one `soup-export batch` vs 16 `soup-export build` processes (start-up included). Every path runs in its own fresh process and is
 timed after one warm-up there, so import and start-up costs are excluded from every side. The model is trained for one step
 (timing does not depend on the weights). Last line: `speedup_vs_optimum: <ratio>`.
 
@@ -89,7 +89,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
         make_checkpoint(root, args.quick, args.experts or (16 if args.quick else 32))
-        report(root, rounds, repeat)
+        report(root, rounds, repeat, commands=not args.quick)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -106,15 +106,17 @@ def job_in_subprocess(job: str, root: Path, repeat: int) -> dict:
 JOBS = ("ours", "optimum", "genai", "batch", "singles")
 
 
-def report(root: Path, rounds: int, repeat: int) -> None:
+def report(root: Path, rounds: int, repeat: int, commands: bool = False) -> None:
     """Every job once per round, back to back, so each ratio compares runs made minutes apart at most;
-    a ratio is the median over rounds of its per-round value, a time the median of its rounds."""
+    a ratio is the median over rounds of its per-round value, a time the median of its rounds. With
+    `commands`, the batch and the singles once more as soup-export commands (start-up included)."""
     runs = {name: [] for name in (*JOBS, "fusion")}
     create_before = file_creation_ms(root / "probe-before")
     for _ in range(rounds):
         for name in JOBS:
             runs[name].append(job_in_subprocess(name, root, repeat))  # median of `repeat` in the process (singles: 1)
     runs["fusion"].append(job_in_subprocess("fusion", root, 3))
+    cli = job_in_subprocess("commands", root, 1) if commands else None
     create_after = file_creation_ms(root / "probe-after")
     sec = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items() if name != "fusion"}
 
@@ -139,6 +141,10 @@ def report(root: Path, rounds: int, repeat: int) -> None:
           f"({100 * f['fuse_mapped_gbps'] / f['copy_mapped_gbps']:.0f}%)")
     print_bounds(runs, sec, ratio)
     print_per_customer(runs["batch"])
+    if cli:
+        print(f"as commands, each in its own process (imports and start-up included): 16 `soup-export build` "
+              f"{cli['singles']:.2f} s ({cli['singles'] / 16:.2f} s each), one `soup-export batch` of the 16 mixes "
+              f"{cli['batch']:.2f} s: {cli['singles'] / cli['batch']:.1f}x")
     print(f"file system: creating a small file took {create_before:.3f} ms before the jobs, {create_after:.3f} ms after "
           "(each specialist is 11 files; on an ext4 without a journal, for a few minutes after many files were deleted, "
           "creating one takes several times longer, and the batch's ratio falls with it)")
@@ -236,6 +242,8 @@ def run_job(job: str, root: Path, repeat: int) -> dict:
                       name=f"c{i:02d}") for i in range(16)]
     if job == "fusion":
         return fusion_job(bank, [bank.alpha(mix.h)], [bank.alpha(m.h) for m in mixes], max(repeat, 3))
+    if job == "commands":
+        return commands_job(ckpt, mixes, scratch)
     fn = {"ours": ours, "optimum": optimum_path, "genai": genai_path,
           "batch": lambda: batch(ckpt, mixes, fresh("batch"), spec, progress=False),
           "singles": lambda: [build(ckpt, m, fresh("single"), spec) for m in mixes]}[job]
@@ -249,6 +257,28 @@ def run_job(job: str, root: Path, repeat: int) -> dict:
     info = (f"{m.d_model}d x {m.n_layers} layers, vocab {m.vocab_size}, {bank.info.run.soup.n_experts} experts, "
             f"bank {bank.weights.stat().st_size / 1e6:.1f} MB; int4 specialist {size / 1e6:.2f} MB")
     return {"seconds": seconds, "info": info, **extra, **{k: statistics.median(v) for k, v in split.items() if v}}
+
+
+def commands_job(ckpt: Path, mixes: list, scratch: Path) -> dict:
+    """The wall time of one `soup-export batch` of the mixes and of one `soup-export build` per mix,
+    each command a process of its own, as a user's script would run them (one warm-up batch first:
+    the compiled kernel and the user caches exist, as they do after a user's first export)."""
+    exe = Path(sys.executable).with_name("soup-export")
+    common = ["--quant", "int4", "--no-parity", "--no-hf"]
+    spec = scratch / "mixes.json"
+    spec.write_text(json.dumps({"customers": {m.name: dict(zip(m.domains, m.weights)) for m in mixes}}))
+
+    def command(*argv: str) -> float:
+        start = time.perf_counter()
+        subprocess.run([str(exe), *argv, *common], check=True, capture_output=True)
+        return time.perf_counter() - start
+
+    batch = lambda: command("batch", str(ckpt), str(spec), "--out", str(scratch / f"batch-{time.monotonic_ns()}"))  # noqa: E731
+    batch()  # warm-up
+    seconds = batch()
+    singles = sum(command("build", str(ckpt), "--mix", ",".join(f"{d}={w!r}" for d, w in zip(m.domains, m.weights)),
+                          "--name", m.name, "--out", str(scratch / f"single-{m.name}")) for m in mixes)
+    return {"batch": seconds, "singles": singles}
 
 
 # the per-customer file work of an export: (module, class or None, function)
