@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soup_export.errors import BudgetError
+from soup_export.files import human
 from soup_export.graph import DATA_FILE, Arch
 from soup_export.quantize import TIERS, make_plan
 
@@ -27,13 +28,6 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise BudgetError(f"size {text!r} must be positive")
     return size
-
-
-def human(n: int) -> str:
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def _load_mix(ckpt: Path, name: str, mix_text: str | None, mix_file: Path | None
 
 
 def _summary(m: dict) -> str:
-    from soup_export.budget import human
+    from soup_export.files import human
 
     size = m["size"]
     lines = [f"{m['mix']['name']}: tier {m['tier']}, {human(size['actual'])} (predicted {human(size['predicted'])}"
@@ -236,6 +236,7 @@ def quantize(src, quant, qparam, max_size, out, force):
 def _write_tier(src: Path, out: Path, quant: str, qparam, max_size, force: bool) -> None:
     from soup_export import budget
     from soup_export.build import staged_output
+    from soup_export.files import human
     from soup_export.onnx_dir import dense_weights, graph_bytes, read_arch, write_onnx_dir
     from soup_export.quantize import make_plan
 
@@ -247,8 +248,8 @@ def _write_tier(src: Path, out: Path, quant: str, qparam, max_size, force: bool)
     with staged_output(out, force) as tmp:
         write_onnx_dir(tmp, model, g, weights, src)
         size = budget.verify(tmp, preds[tier].total, spec.max_size)
-    click.echo(f"wrote {out}: tier {tier}, {budget.human(size['actual'])}"
-               + (f", headroom {budget.human(size['headroom'])}" if spec.max_size else ""))
+    click.echo(f"wrote {out}: tier {tier}, {human(size['actual'])}"
+               + (f", headroom {human(size['headroom'])}" if spec.max_size else ""))
 
 
 @main.command()

@@ -60,7 +60,7 @@ def compare(exports: list[Path], ckpt: Path, data: Path, windows: int = 32, leng
 
 
 def format_rows(rows: list[dict]) -> str:
-    from soup_export.budget import human
+    from soup_export.files import human
 
     lines = ["| customer | mix (from) | tier | bytes | dPPL vs fp32 | specialist loss | generic loss | gain |",
              "|---|---|---|---:|---:|---:|---:|---:|"]

@@ -12,7 +12,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from soup_export.resolve import file_sha256
+from soup_export.files import file_sha256, read_json
 
 FORMAT = "soup-export-v1"
 MANIFEST = "manifest.json"
@@ -59,8 +59,6 @@ def read_manifest(root: Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise ExportInputError(f"{root} has no {MANIFEST}; pass a directory written by `soup-export build`")
-    from soup_export.onnx_dir import read_json
-
     data = read_json(path)
     if data.get("format") != FORMAT:
         raise ExportInputError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")

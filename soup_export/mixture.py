@@ -36,7 +36,8 @@ from soup_export.errors import BudgetError, ExportInputError, ParityError
 from soup_export.graph import Arch
 from soup_export.manifest import write_manifest
 from soup_export.onnx_dir import dense_weights, write_onnx_dir
-from soup_export.resolve import file_sha256, write_hf_side_files
+from soup_export.files import file_sha256
+from soup_export.resolve import write_hf_side_files
 from soup_train.config import ModelConfig
 from soup_train.errors import DataError
 from soup_train.smalltalk.run import SmallTalkRun

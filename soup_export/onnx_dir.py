@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from soup_export.errors import ExportInputError
+from soup_export.files import read_json
 from soup_export.graph import DATA_FILE, Arch, DecoderGraph, encode
 from soup_export.quantize import Plan
 from soup_export.resolve import SPEC_FILE, json_bytes, write_files
@@ -34,17 +35,6 @@ def read_arch(directory: Path) -> tuple[Arch, dict]:
     if config.get("model_type") != "llama":
         raise ExportInputError(f"{path}: model_type {config.get('model_type')!r}, expected 'llama'")
     return Arch.from_hf(config), config
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from a file the user pointed at, with a clear error when it is not one."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportInputError(f"{path} is not readable JSON ({exc}); the directory is corrupt: rebuild it") from None
-    if not isinstance(data, dict):
-        raise ExportInputError(f"{path} holds {type(data).__name__}, expected a JSON object; rebuild it")
-    return data
 
 
 def graph_bytes(arch: Arch, plan: Plan) -> tuple[bytes, DecoderGraph]:

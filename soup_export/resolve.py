@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from soup_export.errors import ExportInputError
+from soup_export.files import file_sha256, read_json
 from soup_export.mix import Mix
 from soup_export.stream import SafetensorsWriter
 from soup_train.checkpoint import CheckpointInfo, read_info, resolve_checkpoint
@@ -207,12 +208,6 @@ def user_cache(name: str) -> Path:
     return Path(base) / "soup" / name
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read through one small reused buffer (hashlib.file_digest)."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def resolve(ckpt: Path, mix: Mix, out: Path, dtype: str = "float32", progress: bool = False) -> Path:
     """Write the HF Llama directory of Theta(h) into `out` (which must not exist)."""
     return resolve_batch(ckpt, [mix], [out], dtype, progress)[0]
@@ -354,6 +349,4 @@ def read_spec(hf_dir: Path) -> dict:
     if not path.is_file():
         raise ExportInputError(f"{hf_dir} is not a resolved specialist (no {SPEC_FILE}); "
                                "create one with `soup-export resolve CKPT --mix ... --out DIR`")
-    from soup_export.onnx_dir import read_json
-
     return read_json(path)

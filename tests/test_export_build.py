@@ -59,7 +59,7 @@ def test_build_under_a_budget_picks_int4_and_passes_parity(built, debug_ckpt):
     p = m["parity"]
     assert p["a_soup_vs_dense"]["max_abs_logit_diff"] <= 1e-5 and p["b_torch_vs_onnx"]["decode_max_abs_diff"] <= 1e-4
     assert p["c_quantized_vs_fp32"]["dppl"] <= 0.05 and p["d_greedy"]["identical"]
-    from soup_export.resolve import file_sha256
+    from soup_export.files import file_sha256
 
     assert m["checkpoint"]["model_sha256"] == file_sha256(debug_ckpt / "checkpoints" / "step_0000080" / "model.safetensors")
     for rel, entry in m["files"].items():
@@ -77,6 +77,22 @@ def test_inspect_and_check_read_an_export(built, debug_ckpt, debug_data):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["tier"] == "int4" and report["c_quantized_vs_fp32"]["dppl"] <= 0.05
+
+
+def test_inspect_reads_a_manifest_without_torch_or_onnx(built):
+    """`inspect` only reads JSON: a fresh process prints the summary without importing torch or onnx
+    (their imports took 1.2 s of its 1.3 s)."""
+    import sys
+
+    from procs import run_command
+
+    code = ("import sys; from soup_export.cli import main\n"
+            f"try:\n    main(['inspect', {str(built[0])!r}])\n"
+            "except SystemExit:\n    pass\n"
+            "print(' '.join(m for m in ('torch', 'onnx') if m in sys.modules) or 'neither')")
+    result = run_command([sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "acme: tier int4" in result.stdout and result.stdout.split()[-1] == "neither", result.stdout
 
 
 def test_onnx_directory_runs_in_optimum_and_onnxruntime_genai_with_torchs_greedy_tokens(built):
