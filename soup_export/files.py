@@ -1,6 +1,7 @@
 """File helpers shared by the export stages, importable without torch or onnx (so that
-`soup-export inspect` reads a manifest in a tenth of a second, not after importing both): a JSON
-object from a file a user pointed at, a file's SHA-256, and a byte count for people."""
+`soup-export inspect` reads a specialist's or a batch's manifest in a tenth of a second, not after
+importing both): a JSON object from a file a user pointed at, a file's SHA-256, and a byte count
+for people."""
 from __future__ import annotations
 
 import hashlib

@@ -33,10 +33,10 @@ from safetensors.torch import save_file
 from soup_export import budget as budget_mod
 from soup_export.build import ExportSpec, _graph, check_output_path, dense_parity, staged_output
 from soup_export.errors import BudgetError, ExportInputError, ParityError
+from soup_export.files import file_sha256, human
 from soup_export.graph import Arch
 from soup_export.manifest import write_manifest
 from soup_export.onnx_dir import dense_weights, write_onnx_dir
-from soup_export.files import file_sha256
 from soup_export.resolve import write_hf_side_files
 from soup_train.config import ModelConfig
 from soup_train.errors import DataError
@@ -176,8 +176,8 @@ def export_mixture(run_path: Path, out: Path, spec: ExportSpec = ExportSpec(), f
                 for m in tqdm(models, desc="export", unit="model", disable=not progress)]
         total = sum(r["bytes"] for r in rows)
         if spec.max_size is not None and total > spec.max_size:
-            raise BudgetError(f"the written mixture is {budget_mod.human(total)}, over the "
-                              f"{budget_mod.human(spec.max_size)} budget; this is a bug in the size prediction")
+            raise BudgetError(f"the written mixture is {human(total)}, over the "
+                              f"{human(spec.max_size)} budget; this is a bug in the size prediction")
         routing = _routing_parity(tmp, run, evaluation) if evaluation is not None else {"skipped": True}
         record = {"kind": KIND, "run": run.path.name, "experts": run.experts, "prefix_len": run.prefix_len,
                   "domains": run.domains, "tier": tier, "spec": spec.to_dict(), "models": rows,

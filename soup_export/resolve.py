@@ -18,10 +18,11 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ from soup_train.config import ModelConfig, SoupConfig
 from soup_train.errors import CheckpointError
 from soup_train.model.soup import CoefficientMLP
 from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine_many, expert_keys
+
+T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SPEC_FILE = "soup_spec.json"
@@ -175,7 +178,7 @@ def cached_sha256(path: Path) -> str:
                        lambda digest: isinstance(digest, str) and len(digest) == 64)
 
 
-def cached_json(cache: Path, key: dict, make, valid=lambda value: True):
+def cached_json(cache: Path, key: dict, make: Callable[[], T], valid: Callable[[object], bool] = lambda value: True) -> T:
     """The JSON value saved in `cache` for this `key` (JSON types only), or `make()`, saved there for
     next time (written to a temporary name and renamed; an unwritable cache is skipped, and an
     unreadable or invalid entry is made again)."""

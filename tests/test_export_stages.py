@@ -63,6 +63,35 @@ def test_resolved_directory_is_a_plain_hf_llama_equal_to_the_soup(debug_ckpt, tm
     assert spec["checkpoint"]["model_sha256"] == bank.sha256 and len(spec["alpha"]) == 4
 
 
+def test_checkpoint_sha256_is_cached_by_size_and_mtime(monkeypatch, tmp_path):
+    """cached_sha256 hashes a file once per (size, mtime): a hit reads no bytes, a rewritten file is
+    hashed again, and an entry that is not a 64-character digest (or of the old {size, mtime_ns,
+    sha256} layout) is a miss that gets rewritten."""
+    import os
+
+    from soup_export import resolve
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    weights, calls, real = tmp_path / "model.safetensors", [], resolve.file_sha256
+    monkeypatch.setattr(resolve, "file_sha256", lambda path: calls.append(path) or real(path))
+    weights.write_bytes(b"bank")
+    digest = hashlib.sha256(b"bank").hexdigest()
+    assert resolve.cached_sha256(weights) == digest and len(calls) == 1
+    assert resolve.cached_sha256(weights) == digest and len(calls) == 1  # from the cache
+    (cached,) = (tmp_path / "cache" / "soup" / "sha256").glob("*.json")
+    weights.write_bytes(b"other bank")  # another size and mtime: hashed again
+    assert resolve.cached_sha256(weights) == hashlib.sha256(b"other bank").hexdigest() and len(calls) == 2
+    stat = weights.stat()
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    for entry in ({"key": key, "value": "abc"}, {**key, "sha256": digest}):  # not a digest; the old layout
+        cached.write_text(json.dumps(entry))
+        before = len(calls)
+        assert resolve.cached_sha256(weights) == hashlib.sha256(b"other bank").hexdigest()
+        assert len(calls) == before + 1 and json.loads(cached.read_text())["value"] == resolve.cached_sha256(weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes: hashed again
+    assert resolve.cached_sha256(weights) == hashlib.sha256(b"other bank").hexdigest() and len(calls) == before + 2
+
+
 def test_hf_config_files_are_transformers_own_cached_by_their_inputs(monkeypatch, tmp_path):
     from importlib import metadata
 
