@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 
 import click
@@ -64,7 +65,7 @@ def _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_forma
 
 def _load_mix(ckpt: Path, name: str, mix_text: str | None, mix_file: Path | None, from_texts: tuple[Path, ...]):
     from soup_export.errors import MixError
-    from soup_export.mix import mix_from_mapping, mix_from_texts, read_mix_file, parse_mix, validate
+    from soup_export.mix import errors_in, mix_from_mapping, mix_from_texts, parse_mix, read_mix_file, validate
     from soup_export.resolve import Bank
 
     given = [x for x in (mix_text, mix_file, from_texts) if x]
@@ -75,7 +76,9 @@ def _load_mix(ckpt: Path, name: str, mix_text: str | None, mix_file: Path | None
     if mix_text:
         return validate(parse_mix(mix_text), domains, "weights", name)
     if mix_file:
-        return mix_from_mapping(read_mix_file(mix_file), domains, f"file:{mix_file.name}", name)
+        data = read_mix_file(mix_file)
+        with errors_in(str(mix_file)):
+            return mix_from_mapping(data, domains, f"file:{mix_file.name}", name)
     return mix_from_texts(bank.path, list(from_texts), domains, bank.info.view, name)
 
 
@@ -163,11 +166,14 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
 @export_options
 def batch(ckpt, mixes, out, mixes_per_pass, quant, qparam, max_size, no_parity, eval_texts, data, no_hf, force,
           ort_format):
-    """Many customers in one pass over the bank (YAML/JSON: {customers: {NAME: {domain: w} | {texts: [...]}}}).
+    """Many customers in one pass over the bank.
+
+    MIXES (YAML or JSON) maps each customer NAME to {domain: weight, ...}, {mix: {...}} or
+    {texts: [PATH, ...]} (paths relative to the file), under `customers:` or at the top level.
 
     \b
     Example:
-      soup-export batch runs/demo customers.yaml --out out/batch --quant int4
+      soup-export batch runs/demo examples/customers.yaml --out out/batch --quant int4
     """
     from soup_export.batchfile import read_batch
     from soup_export.build import batch as run_batch
@@ -334,32 +340,54 @@ def mixture(run, out, quant, qparam, max_size, no_parity, no_hf, force):
 @main.command()
 @click.argument("export_dir", type=_path)
 def inspect(export_dir):
-    """Summarise an export (or a batch) directory: mix, tier, sizes, parity.
+    """Summarise an export directory: mix, tier, sizes, parity; for a batch, or any directory of
+    exports, each of them.
 
     \b
     Example:
       soup-export inspect out/acme
+      soup-export inspect out/batch
     """
-    from soup_export.manifest import read_manifest
+    from soup_export.manifest import MANIFEST, read_manifest
 
-    if (export_dir / "batch.json").is_file():
-        for sub in sorted(p for p in export_dir.iterdir() if (p / "manifest.json").is_file()):
-            click.echo(_summary(read_manifest(sub)))
+    subs = sorted(p for p in export_dir.iterdir() if (p / MANIFEST).is_file()) if export_dir.is_dir() else []
+    if subs and ((export_dir / "batch.json").is_file() or not (export_dir / MANIFEST).is_file()):
+        for sub in subs:
+            click.echo(_describe(read_manifest(sub), detail=False))
         return
-    m = read_manifest(export_dir)
+    click.echo(_describe(read_manifest(export_dir), detail=True))
+
+
+def _describe(m: dict, detail: bool) -> str:
+    """A manifest's summary: a specialist's (with its checkpoint and files if `detail`), a SmallTalk
+    mixture's or member's."""
     if m.get("kind", "").startswith("smalltalk-"):
         from soup_export.mixture import summary
 
-        click.echo(summary(m) if "models" in m else
-                   f"{m['kind']} {m['index']} of {m['source']['run']}: tier {m['tier']}, {m['size']['actual']} bytes")
-        return
-    click.echo(_summary(m))
-    click.echo(f"  checkpoint: {m['checkpoint']['name']} step {m['checkpoint']['step']} "
-               f"sha256 {m['checkpoint']['model_sha256'][:16]}...")
-    click.echo(f"  files: {len(m['files'])}, versions: onnxruntime {m['versions']['onnxruntime']}, "
-               f"torch {m['versions']['torch']}")
+        return (summary(m) if "models" in m else
+                f"{m['kind']} {m['index']} of {m['source']['run']}: tier {m['tier']}, {m['size']['actual']} bytes")
+    lines = [_summary(m)]
+    if detail:
+        lines.append(f"  checkpoint: {m['checkpoint']['name']} step {m['checkpoint']['step']} "
+                     f"sha256 {m['checkpoint']['model_sha256'][:16]}...")
+        lines.append(f"  files: {len(m['files'])}, versions: onnxruntime {m['versions']['onnxruntime']}, "
+                     f"torch {m['versions']['torch']}")
+    return "\n".join(lines)
+
+
+def run() -> None:
+    """The `soup-export` command: `main`, with SIGTERM (a scheduler's or `kill`'s request to stop)
+    raised as SystemExit, so that an export's staged output is removed as on any other failure
+    (by default the process would die at once and leave `.NAME.tmp` beside the target)."""
+    signal.signal(signal.SIGTERM, _stop)
+    main()
+
+
+def _stop(signum, frame) -> None:
+    click.echo(f"soup-export: stopped by signal {signum}; nothing was written to the output", err=True)
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
     logging.getLogger(__name__)
-    main()
+    run()

@@ -58,7 +58,8 @@ def read_manifest(root: Path) -> dict:
 
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise ExportInputError(f"{root} has no {MANIFEST}; pass a directory written by `soup-export build`")
+        raise ExportInputError(f"{root} has no {MANIFEST}; pass a directory written by `soup-export build` "
+                               "(or one customer's directory of a `soup-export batch`)")
     data = read_json(path)
     if data.get("format") != FORMAT:
         raise ExportInputError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")

@@ -8,6 +8,7 @@ normalisation).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from soup_export.errors import MixError
+from soup_train.errors import SoupError
 
 SUM_TOL = 1e-6
 
@@ -60,28 +62,79 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def read_mix_file(path: Path) -> object:
-    """The parsed content of a JSON or YAML file."""
+    """The parsed content of a JSON or YAML file. A key given twice in one mapping is an error (both
+    parsers would keep the last silently: a customer or a weight dropped without a word)."""
     if not path.is_file():
         raise MixError(f"mix file {path} does not exist; pass a JSON or YAML file like {{\"austen\": 0.7}}")
     try:
+        text = path.read_text()
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            return yaml.safe_load(path.read_text())
-        return json.loads(path.read_text())
+            return _load_yaml(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise MixError(f"mix file {path}: {exc}; give each key once") from None
     except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
-        raise MixError(f"cannot parse mix file {path}: {exc}") from None
+        raise MixError(f"cannot parse mix file {path}: {_one_line(exc)}; fix the file") from None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"key {key!r} is given twice in one mapping")
+        out[key] = value
+    return out
+
+
+def _load_yaml(text: str) -> object:
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} is given twice in one mapping (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+
+
+def _one_line(exc: Exception) -> str:
+    """A parser's error in one line: YAML's problem and where it is, JSON's message as it is."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
+
+
+@contextlib.contextmanager
+def errors_in(where: str):
+    """User errors raised inside are raised again (same class) with `where` first, e.g.
+    `customers.yaml: customer 'acme': unknown domain(s) ...`."""
+    try:
+        yield
+    except SoupError as exc:
+        raise type(exc)(f"{where}: {exc.message}") from None
 
 
 def mix_from_mapping(data: object, domains: list[str], source: str, name: str = "specialist") -> Mix:
+    """{domain: weight} or {"mix": {domain: weight}} from a file; `source` is recorded in the Mix
+    (callers say where the mapping came from in errors, with `errors_in`)."""
     if isinstance(data, dict) and isinstance(data.get("mix"), dict):
         data = data["mix"]
     if not isinstance(data, dict):
-        raise MixError(f"{source}: expected a mapping of domain to weight, got {type(data).__name__}")
+        raise MixError(f"expected a mapping of domain to weight, got {type(data).__name__}")
     given = {}
     for k, v in data.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise MixError(f"{source}: weight of {k!r} is {v!r}, not a number")
+            raise MixError(f"weight of {k!r} is {v!r}, not a number")
         given[str(k)] = float(v)
     return validate(given, domains, source, name)
 

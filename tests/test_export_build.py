@@ -73,10 +73,40 @@ def test_inspect_and_check_read_an_export(built, debug_ckpt, debug_data):
     out, _, _ = built
     result = run("inspect", out)
     assert result.exit_code == 0 and "acme: tier int4" in result.output
+    result = run("inspect", out.parent)  # a directory of exports: each summarised
+    assert result.exit_code == 0 and "acme: tier int4" in result.output and "checkpoint:" not in result.output
     result = run("check", out, "--ckpt", debug_ckpt, "--data", debug_data)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["tier"] == "int4" and report["c_quantized_vs_fp32"]["dppl"] <= 0.05
+
+
+def test_sigterm_during_an_export_leaves_nothing_behind(debug_ckpt, tmp_path):
+    """A scheduler's SIGTERM while `soup-export build` runs: exit 143 with a message, and neither the
+    output nor its staging directory is left (the default action would kill the process mid-write)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "acme"
+    staging = tmp_path / ".acme.tmp"
+    exe = Path(sys.executable).with_name("soup-export")
+    proc = subprocess.Popen([str(exe), "build", str(debug_ckpt), "--mix", "licences=1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not staging.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert staging.exists(), "the export never started staging its output"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by signal" in err and "Traceback" not in err, err[-2000:]
+    assert not out.exists() and not staging.exists()
 
 
 def test_inspect_reads_a_manifest_without_torch_or_onnx(built):

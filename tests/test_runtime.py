@@ -157,6 +157,8 @@ def test_integrity_check_refuses_tampered_truncated_or_unverifiable_models(expor
     with pytest.raises(RunError, match="no manifest.json"):
         Specialist(copy)
     assert Specialist(exports / "fp32").verified >= 5
+    with pytest.raises(RunError, match=r"no model.onnx or model.ort under .*exports: pass one, e.g. .*"):
+        Specialist(exports)  # the directory that holds the exports, not one of them
 
 
 @pytest.mark.parametrize("args, message", [

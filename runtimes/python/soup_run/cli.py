@@ -1,10 +1,10 @@
 """`soup-run`: generate, score and chat with an exported specialist (argparse: no extra dependency).
 
 Examples:
-    soup-run generate exports/acme --prompt "It is a truth universally acknowledged"
-    soup-run generate exports/acme --prompt "Once" --prompt "In the beginning" --temperature 0.8 --top-p 0.9 --seed 1
-    soup-run score exports/acme my_texts/*.txt
-    soup-run chat exports/acme
+    soup-run generate exports/demo/acme --prompt "It is a truth universally acknowledged"
+    soup-run generate exports/demo/acme --prompt "Once" --prompt "In the beginning" --temperature 0.8 --top-p 0.9 --seed 1
+    soup-run score exports/demo/acme my_texts/*.txt
+    soup-run chat exports/demo/acme
     soup-run generate exports/smalltalk --prompt "In the beginning"   # a SmallTalk mixture: routes first
 """
 from __future__ import annotations
@@ -41,17 +41,17 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="soup-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = root.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text, streamed as it is produced",
-                       epilog='Example: soup-run generate exports/acme --prompt "It is a truth"')
+                       epilog='Example: soup-run generate exports/demo/acme --prompt "It is a truth"')
     _model_args(g)
     _sampling_args(g)
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     g.add_argument("--prompt-file", type=Path, help="one prompt per line")
-    s = sub.add_parser("score", help="per-file perplexity", epilog="Example: soup-run score exports/acme notes/*.txt")
+    s = sub.add_parser("score", help="per-file perplexity", epilog="Example: soup-run score exports/demo/acme notes/*.txt")
     _model_args(s)
     s.add_argument("files", nargs="+", type=Path)
     s.add_argument("--json", action="store_true")
     c = sub.add_parser("chat", help="interactive loop keeping the KV cache across turns",
-                       epilog="Example: soup-run chat exports/acme   (/reset, /quit)")
+                       epilog="Example: soup-run chat exports/demo/acme   (/reset, /quit)")
     _model_args(c)
     _sampling_args(c)
     return root

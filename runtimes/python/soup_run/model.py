@@ -60,10 +60,21 @@ class Contract:
 def model_dir_of(path: Path) -> Path:
     """The directory holding model.onnx / model.ort: the export's onnx/ or the path itself."""
     path = Path(path)
+    found = _model_dir(path)
+    if found is not None:
+        return found
+    customers = sorted(p.name for p in path.iterdir() if _model_dir(p)) if path.is_dir() else []
+    hint = f" (this holds {len(customers)} exports: pass one, e.g. {path / customers[0]})" if customers else ""
+    raise RunError(f"no model.onnx or model.ort under {path}; pass the directory written by `soup-export build`{hint}")
+
+
+def _model_dir(path: Path) -> Path | None:
+    """The export's onnx/ or the path itself, whichever holds model.onnx / model.ort, else None."""
+    path = Path(path)
     for candidate in (path / "onnx", path):
         if (candidate / "model.onnx").is_file() or (candidate / "model.ort").is_file():
             return candidate
-    raise RunError(f"no model.onnx or model.ort under {path}; pass the directory written by `soup-export build`")
+    return None
 
 
 class Specialist:
