@@ -82,6 +82,20 @@ def _load_mix(ckpt: Path, name: str, mix_text: str | None, mix_file: Path | None
     return mix_from_texts(bank.path, list(from_texts), domains, bank.info.view, name)
 
 
+def _parity_line(p: dict) -> str:
+    """The parity stages' figures in one line: (a) and (b) max |d logits|, (c) dPPL, KL, top-1, (d)."""
+    parts = []
+    if "a_soup_vs_dense" in p:
+        parts.append(f"(a) {p['a_soup_vs_dense']['max_abs_logit_diff']:.2g}")
+    b = p["b_torch_vs_onnx"]
+    parts.append(f"(b) {max(b['prefill_max_abs_diff'], b['decode_max_abs_diff']):.2g}")
+    if "c_quantized_vs_fp32" in p:
+        c = p["c_quantized_vs_fp32"]
+        parts.append(f"(c) dPPL {100 * c['dppl']:+.2f}% KL {c['mean_kl']:.4f} top-1 {c['top1_agreement']:.3f}")
+    parts.append(f"(d) greedy {p['d_greedy']['tokens']} tokens identical")
+    return "  ".join(parts)
+
+
 def _summary(m: dict) -> str:
     from soup_export.files import human
 
@@ -90,15 +104,8 @@ def _summary(m: dict) -> str:
              + (f", budget {human(size['budget'])}, headroom {human(size['headroom'])})" if size["budget"] else ")"),
              "  mix: " + ", ".join(f"{d}={w:.3f}" for d, w in m["mix"]["weights"].items() if w > 0)
              + (" (normalised)" if m["mix"]["normalised"] else "")]
-    p = m["parity"]
-    if not p.get("skipped"):
-        line = (f"  parity: (a) {p['a_soup_vs_dense']['max_abs_logit_diff']:.2g}  (b) "
-                f"{max(p['b_torch_vs_onnx']['prefill_max_abs_diff'], p['b_torch_vs_onnx']['decode_max_abs_diff']):.2g}")
-        if "c_quantized_vs_fp32" in p:
-            c = p["c_quantized_vs_fp32"]
-            line += f"  (c) dPPL {100 * c['dppl']:+.2f}% KL {c['mean_kl']:.4f} top-1 {c['top1_agreement']:.3f}"
-        line += f"  (d) greedy {p['d_greedy']['tokens']} tokens identical"
-        lines.append(line)
+    if not m["parity"].get("skipped"):
+        lines.append("  parity: " + _parity_line(m["parity"]))
     if "ort_format" in m:
         o = m["ort_format"]
         usable = ", ".join(f"{k} {v}" for k, v in o["usability"].items() if k != "may_use_mobile_accelerators")
@@ -263,16 +270,24 @@ def _write_tier(src: Path, out: Path, quant: str, qparam, max_size, force: bool)
 @click.option("--ckpt", type=_path, help="Checkpoint for stage (a) (default: skip it).")
 @click.option("--data", type=_path, help="Data directory for held-out text.")
 @click.option("--eval-texts", multiple=True, type=_path, help="The customer's own texts for stage (c).")
-def check(export_dir, ckpt, data, eval_texts):
-    """Run the parity stages on an export directory (its hf/ and onnx/) and print the report.
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+def check(export_dir, ckpt, data, eval_texts, as_json):
+    """Run the parity stages on an export directory (its hf/ and onnx/) and print their figures
+    (every stage is a hard error: a failure exits non-zero with its numbers).
 
     \b
     Example:
       soup-export check out/acme --ckpt runs/demo
+      soup-export check out/acme --ckpt runs/demo --json > report.json
     """
     from soup_export.checkrun import check_export
 
-    click.echo(json.dumps(check_export(export_dir, ckpt, data, eval_texts), indent=2))
+    report = check_export(export_dir, ckpt, data, eval_texts)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{export_dir}: tier {report['tier']}, every parity stage passed")
+    click.echo("  parity: " + _parity_line(report))
 
 
 @main.command()

@@ -76,6 +76,9 @@ def test_inspect_and_check_read_an_export(built, debug_ckpt, debug_data):
     result = run("inspect", out.parent)  # a directory of exports: each summarised
     assert result.exit_code == 0 and "acme: tier int4" in result.output and "checkpoint:" not in result.output
     result = run("check", out, "--ckpt", debug_ckpt, "--data", debug_data)
+    assert result.exit_code == 0 and "tier int4, every parity stage passed" in result.output, result.output
+    assert "(a) " in result.output and "(c) dPPL" in result.output and "(d) greedy" in result.output
+    result = run("check", out, "--ckpt", debug_ckpt, "--data", debug_data, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["tier"] == "int4" and report["c_quantized_vs_fp32"]["dppl"] <= 0.05
