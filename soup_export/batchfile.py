@@ -25,9 +25,12 @@ def read_batch(ckpt: Path, path: Path) -> list[Mix]:
         raise MixError(f"{path}: expected customers, a mapping of NAME to {{domain: weight}}, {{mix: {{...}}}} or "
                        "{texts: [...]}, under `customers:` or at the top level (see examples/customers.yaml)")
     bank = Bank.open(ckpt)
-    mixes = []
+    mixes, seen = [], set()
     for name, entry in customers.items():
         name = str(name)
+        if name in seen:  # e.g. YAML's 1 and '1'
+            raise MixError(f"{path}: customer name {name!r} is given twice; give each customer once")
+        seen.add(name)
         if not NAME_RE.fullmatch(name) or name == "batch.json":
             raise MixError(f"{path}: customer name {name!r} must be letters, digits, '.', '_' or '-' "
                            "(and not batch.json)")

@@ -85,6 +85,8 @@ def staged_output(out: Path, force: bool):
             target.rename(old)
         tmp.rename(target)
     finally:
+        if old.exists() and not target.exists():  # stopped between the two renames: the old output back
+            old.rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 

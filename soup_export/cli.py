@@ -365,7 +365,8 @@ def inspect(export_dir):
     """
     from soup_export.manifest import MANIFEST, read_manifest
 
-    subs = sorted(p for p in export_dir.iterdir() if (p / MANIFEST).is_file()) if export_dir.is_dir() else []
+    subs = sorted(p for p in export_dir.iterdir()  # not staging directories (.NAME.tmp, .NAME.old)
+                  if not p.name.startswith(".") and (p / MANIFEST).is_file()) if export_dir.is_dir() else []
     if subs and ((export_dir / "batch.json").is_file() or not (export_dir / MANIFEST).is_file()):
         for sub in subs:
             click.echo(_describe(read_manifest(sub), detail=False))
@@ -390,17 +391,27 @@ def _describe(m: dict, detail: bool) -> str:
     return "\n".join(lines)
 
 
+class _Stopped(SystemExit):
+    """SIGTERM, raised in the main thread: the export's own clean-up runs as on any failure."""
+
+
 def run() -> None:
     """The `soup-export` command: `main`, with SIGTERM (a scheduler's or `kill`'s request to stop)
-    raised as SystemExit, so that an export's staged output is removed as on any other failure
-    (by default the process would die at once and leave `.NAME.tmp` beside the target)."""
+    raised as SystemExit, so that an export's staged output is removed and a replaced one kept, as
+    on any other failure (by default the process would die at once and leave `.NAME.tmp` beside
+    the target)."""
     signal.signal(signal.SIGTERM, _stop)
-    main()
+    try:
+        main()
+    except _Stopped:
+        click.echo("soup-export: stopped by signal SIGTERM; no partial output was left (an output it was "
+                   "replacing is kept)", err=True)
+        raise
 
 
 def _stop(signum, frame) -> None:
-    click.echo(f"soup-export: stopped by signal {signum}; nothing was written to the output", err=True)
-    raise SystemExit(128 + signum)
+    signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+    raise _Stopped(128 + signum)
 
 
 if __name__ == "__main__":

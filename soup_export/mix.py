@@ -54,6 +54,8 @@ def parse_mix(text: str) -> dict[str, float]:
         name, sep, value = item.partition("=")
         if not sep:
             raise MixError(f"mix item {item!r} is not DOMAIN=WEIGHT (e.g. --mix austen=0.7,python-code=0.3)")
+        if name.strip() in given:
+            raise MixError(f"domain {name.strip()!r} is given twice in --mix {text!r}; give each domain once")
         try:
             given[name.strip()] = float(value)
         except ValueError:
@@ -97,6 +99,8 @@ def _load_yaml(text: str) -> object:
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged keys may be overridden
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 if key in seen:
                     raise _DuplicateKey(f"key {key!r} is given twice in one mapping (line {key_node.start_mark.line + 1})")
@@ -135,6 +139,8 @@ def mix_from_mapping(data: object, domains: list[str], source: str, name: str = 
     for k, v in data.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise MixError(f"weight of {k!r} is {v!r}, not a number")
+        if str(k) in given:  # e.g. YAML's 1 and '1'
+            raise MixError(f"domain {str(k)!r} is given twice; give each domain once")
         given[str(k)] = float(v)
     return validate(given, domains, source, name)
 

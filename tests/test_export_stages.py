@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -59,6 +60,13 @@ def test_mix_files_refuse_a_key_given_twice_and_report_parse_errors_on_one_line(
             read_mix_file(tmp_path / name)
     (tmp_path / "ok.yaml").write_text("customers:\n  a: {licences: 1}\n  b: {licences: 1}\n")
     assert list(read_mix_file(tmp_path / "ok.yaml")["customers"]) == ["a", "b"]
+    (tmp_path / "merge.yaml").write_text("base: &base {licences: 1, python-code: 1}\n"
+                                         "customers:\n  a: {<<: *base, licences: 3}\n")  # a merged key overridden: legal
+    assert read_mix_file(tmp_path / "merge.yaml")["customers"]["a"] == {"licences": 3, "python-code": 1}
+    with pytest.raises(MixError, match="domain 'licences' is given twice"):
+        parse_mix("licences=1,licences=2")
+    with pytest.raises(MixError, match="domain '1' is given twice"):
+        mix_from_mapping({1: 1.0, "1": 2.0}, DOMAINS, "file:x.yaml")
     (tmp_path / "bad.yaml").write_text("customers:\n  a: {licences: 1\n  b: [\n")
     with pytest.raises(MixError, match=r"cannot parse mix file .*bad.yaml: .* at line 3, column \d+; fix the file") as err:
         read_mix_file(tmp_path / "bad.yaml")
@@ -75,6 +83,32 @@ def test_an_error_in_a_batch_file_names_the_customer(debug_ckpt, tmp_path):
         (tmp_path / "customers.yaml").write_text(f"customers:\n  a: {{licences: 1}}\n  b: {entry}\n")
         with pytest.raises(error, match=re.escape(f"customers.yaml: customer 'b': ") + ".*" + re.escape(message)):
             read_batch(debug_ckpt, tmp_path / "customers.yaml")
+    (tmp_path / "customers.yaml").write_text("customers:\n  1: {licences: 1}\n  '1': {licences: 2}\n")
+    with pytest.raises(MixError, match="customer name '1' is given twice"):  # equal once made names
+        read_batch(debug_ckpt, tmp_path / "customers.yaml")
+
+
+def test_staged_output_keeps_the_output_it_replaces_when_stopped_between_its_renames(tmp_path, monkeypatch):
+    """The swap renames the old output aside, then the new one in: a stop between the two (SIGTERM is
+    raised as SystemExit) must leave the old output in place, not delete both."""
+    from soup_export.build import staged_output
+
+    out = tmp_path / "acme"
+    out.mkdir()
+    (out / "manifest.json").write_text("shipped")
+    real = Path.rename
+
+    def rename(self, target):
+        if self.name == ".acme.tmp":  # the stop arrives just before the new output is renamed in
+            raise SystemExit(143)
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(SystemExit):
+        with staged_output(out, force=True) as tmp:
+            (tmp / "manifest.json").write_text("new")
+    assert (out / "manifest.json").read_text() == "shipped"
+    assert not (tmp_path / ".acme.tmp").exists() and not (tmp_path / ".acme.old").exists()
 
 # ----------------------------------------------------------------------------- resolve
 def test_resolved_directory_is_a_plain_hf_llama_equal_to_the_soup(debug_ckpt, tmp_path):

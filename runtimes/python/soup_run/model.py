@@ -63,7 +63,8 @@ def model_dir_of(path: Path) -> Path:
     found = _model_dir(path)
     if found is not None:
         return found
-    customers = sorted(p.name for p in path.iterdir() if _model_dir(p)) if path.is_dir() else []
+    customers = sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and _model_dir(p)) \
+        if path.is_dir() else []
     hint = f" (this holds {len(customers)} exports: pass one, e.g. {path / customers[0]})" if customers else ""
     raise RunError(f"no model.onnx or model.ort under {path}; pass the directory written by `soup-export build`{hint}")
 
