@@ -21,6 +21,7 @@ import numpy as np
 
 from soup_export import budget as budget_mod
 from soup_export import parity as P
+from soup_export import stopping
 from soup_export.errors import ExportInputError, MixError, OutputExistsError, ParityError
 from soup_export.evaltext import from_data, from_texts, random_tokens, resolve_data_dir
 from soup_export.manifest import write_manifest
@@ -81,6 +82,7 @@ def staged_output(out: Path, force: bool):
     tmp.mkdir()
     try:
         yield tmp
+        stopping.check()  # a stop asked for (even one whose exception was lost): nothing committed
         if target.exists():
             target.rename(old)
         tmp.rename(target)
@@ -141,6 +143,7 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
     extras = extras or [{} for _ in mixes]
     for mix, root, extra, hashed in tqdm(list(zip(mixes, roots, extras, known)), desc="check", unit="mix",
                                          disable=not progress or not spec.parity):
+        stopping.check()
         t0 = time.perf_counter()
         size = budget_mod.verify(root / "onnx", preds[tier].total, spec.max_size)
         mobile = write_ort_format(root / "onnx") if spec.ort_format else None

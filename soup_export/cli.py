@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 from pathlib import Path
 
 import click
 
+from soup_export import stopping
 from soup_train.cli import _setup_logging
 
 _path = click.Path(path_type=Path)
@@ -391,27 +391,18 @@ def _describe(m: dict, detail: bool) -> str:
     return "\n".join(lines)
 
 
-class _Stopped(SystemExit):
-    """SIGTERM, raised in the main thread: the export's own clean-up runs as on any failure."""
-
-
 def run() -> None:
     """The `soup-export` command: `main`, with SIGTERM (a scheduler's or `kill`'s request to stop)
-    raised as SystemExit, so that an export's staged output is removed and a replaced one kept, as
-    on any other failure (by default the process would die at once and leave `.NAME.tmp` beside
-    the target)."""
-    signal.signal(signal.SIGTERM, _stop)
+    raised as SystemExit (see `stopping`), so that an export's staged output is removed and a
+    replaced one kept, as on any other failure (by default the process would die at once and leave
+    `.NAME.tmp` beside the target)."""
+    stopping.install()
     try:
         main()
-    except _Stopped:
+    except stopping.Stopped:
         click.echo("soup-export: stopped by signal SIGTERM; no partial output was left (an output it was "
                    "replacing is kept)", err=True)
         raise
-
-
-def _stop(signum, frame) -> None:
-    signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
-    raise _Stopped(128 + signum)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ write the fused tensor to its HF `model.safetensors` (when asked) and its encode
 `model.onnx.data` at the offset the graph already names. `model.onnx` is the same bytes for every
 mix. No intermediate file is written and read back; peak memory is one bank tensor plus one
 fused tensor per mix (on the kernel path, the int4 outputs of up to five tensors: one being
-fused, four waiting for the writer; the norms, copied out of the workspace, are a few KB).
+fused, four waiting for the writer; the norms, copied out of the workspace, are a few KB), and
+each mix's 1 MB write buffer (`datafile.CHUNK`).
 """
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from soup_export import native
-from soup_export.datafile import HashedDataFile
+from soup_export import native, stopping
+from soup_export.datafile import HashedDataFile, write_file
 from soup_export.graph import DATA_FILE, DecoderGraph, _encode_one, rotary_table
 from soup_export.mix import Mix
 from soup_export.onnx_dir import MODEL_FILE, runtime_configs
-from soup_export.resolve import SPEC_FILE, Bank, hf_side_files, spec_bytes, write_files
+from soup_export.resolve import SPEC_FILE, Bank, hf_side_files, spec_bytes
 from soup_export.stream import SafetensorsWriter
 from soup_train.model.soup_math import combine_many
 
@@ -96,14 +97,16 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
 
 def _write_small_files(lane, roots, common, configs, spec_files, model_bytes, write_hf_weights) -> None:
     """A lane's customers' directories and the files written from memory: the HF side files and
-    spec (in `hf/` too when HF weights are written), `model.onnx`, the runtime configs."""
+    spec (in `hf/` too when HF weights are written), `model.onnx`, the runtime configs (the large
+    ones, tokenizer.json and model.onnx, with direct I/O, as the data files)."""
     for m, _ in lane:
-        onnx = roots[m] / "onnx"
-        onnx.mkdir(parents=True, exist_ok=True)
-        write_files(onnx, {**common, SPEC_FILE: spec_files[m], MODEL_FILE: model_bytes, **configs})
+        subs = {"onnx": {**common, SPEC_FILE: spec_files[m], MODEL_FILE: model_bytes, **configs}}
         if write_hf_weights:
-            (roots[m] / "hf").mkdir(parents=True, exist_ok=True)
-            write_files(roots[m] / "hf", {**common, SPEC_FILE: spec_files[m]})
+            subs["hf"] = {**common, SPEC_FILE: spec_files[m]}
+        for sub, files in subs.items():
+            (roots[m] / sub).mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                write_file(roots[m] / sub / name, data)
 
 
 def _finish(lane, size: int) -> None:
@@ -239,6 +242,7 @@ def _write_weights(bank, g, alphas, hf_writers, writer: "_Writer", files, progre
     # single build, so parity (a) compares the very weights a single build would ship (a batch's
     # other orders of summation moved the demo's logits by up to 1.05e-5, past the 1e-5 bound).
     for w in fused_weights(bank, g, alphas, exact=bool(hf_writers), progress=progress):
+        stopping.check()
         for hf, tensor in zip(hf_writers, w.fused if w.fused is not None else ()):
             hf.write(w.name, tensor)
         if w.fresh:

@@ -110,6 +110,35 @@ def test_staged_output_keeps_the_output_it_replaces_when_stopped_between_its_ren
     assert (out / "manifest.json").read_text() == "shipped"
     assert not (tmp_path / ".acme.tmp").exists() and not (tmp_path / ".acme.old").exists()
 
+
+
+def test_a_stop_whose_exception_was_lost_still_stops_before_the_output_is_committed(tmp_path, monkeypatch):
+    """SIGTERM's exception can be swallowed where it is raised (inside a compiled module's import):
+    the recorded request is raised again before the staged output replaces the old one, and
+    between the tensors of a bank pass."""
+    from soup_export import emit, stopping
+    from soup_export.build import staged_output
+
+    out = tmp_path / "acme"
+    out.mkdir()
+    (out / "manifest.json").write_text("shipped")
+    with pytest.raises(stopping.Stopped) as stopped:
+        with staged_output(out, force=True) as tmp:
+            (tmp / "manifest.json").write_text("new")
+            monkeypatch.setattr(stopping, "_requested", 15)  # as if SIGTERM's SystemExit had been lost
+    assert stopped.value.code == 143
+    assert (out / "manifest.json").read_text() == "shipped"
+    assert not (tmp_path / ".acme.tmp").exists() and not (tmp_path / ".acme.old").exists()
+    weights = iter([emit.Weight("w", [], None, None, True)] * 3)
+    monkeypatch.setattr(emit, "fused_weights", lambda *args, **kwargs: weights)
+    with pytest.raises(stopping.Stopped):
+        emit._write_weights(None, None, [], [], None, [], False)
+    assert len(list(weights)) == 2  # stopped at the first tensor
+    monkeypatch.setattr(stopping, "_requested", None)
+    with staged_output(out, force=True) as tmp:  # no stop asked for: committed
+        (tmp / "manifest.json").write_text("new")
+    assert (out / "manifest.json").read_text() == "new"
+
 # ----------------------------------------------------------------------------- resolve
 def test_resolved_directory_is_a_plain_hf_llama_equal_to_the_soup(debug_ckpt, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -523,54 +552,173 @@ def test_added_tokens_are_read_without_parsing_the_whole_tokenizer(debug_ckpt):
     assert added_tokens(json.dumps({"model": {"vocab": {"added_tokens": 1}}})) == []
 
 
-def test_a_data_file_hashed_while_written_has_the_files_sha256(tmp_path):
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_data_file_hashed_while_written_has_the_files_sha256(tmp_path, direct):
     """Holes between tensors are zeros in the file and in the hash, the file ends where finish()
-    says; a write behind the previous one drops the hash, and the manifest then reads the file;
-    a known hash whose size no longer matches the file is not used."""
+    says (also before the end of a direct write's padding); a write behind the previous one drops
+    the hash, and the manifest then reads the file; a known hash whose size no longer matches the
+    file is not used."""
     from soup_export.datafile import HashedDataFile
     from soup_export.manifest import file_table
 
-    fh = HashedDataFile(tmp_path / "a.data")
+    fh = HashedDataFile(tmp_path / "a.data", direct=direct)
     fh.write_at(0, np.arange(5, dtype=np.float32))
     fh.write_at(64, b"xyz")
     fh.write_at(200_000, np.ones((3, 4), np.uint8))  # a hole longer than the zero buffer
     digest = fh.finish(300_000)
     assert (tmp_path / "a.data").stat().st_size == 300_000 and digest == sha(tmp_path / "a.data")
-    back = HashedDataFile(tmp_path / "b.data")
+    short = HashedDataFile(tmp_path / "c.data", direct=direct)
+    short.write_at(10, b"abc")
+    assert short.finish(20) == hashlib.sha256(bytes(10) + b"abc" + bytes(7)).hexdigest()
+    assert (tmp_path / "c.data").read_bytes() == bytes(10) + b"abc" + bytes(7)
+    back = HashedDataFile(tmp_path / "b.data", direct=direct)
     back.write_at(64, b"xyz")
     back.write_at(0, b"ab")
     assert back.finish(67) is None
+    assert (tmp_path / "b.data").read_bytes() == b"ab" + bytes(62) + b"xyz"
     table = file_table(tmp_path, {"a.data": ("0" * 64, 300_000), "b.data": ("0" * 64, 1)})
     assert table["a.data"]["sha256"] == "0" * 64  # trusted: the size matches
     assert table["b.data"] == {"sha256": sha(tmp_path / "b.data"), "bytes": 67}  # size differs: read
 
 
-def test_a_data_file_gathers_small_writes_and_keeps_every_byte_in_place(tmp_path, monkeypatch):
-    """Small writes are gathered (holes as zeros) into few system calls; writes larger than the
-    buffer go straight to the file: the bytes, the file's length and its SHA-256 are those of the
-    same writes made one by one."""
-    import hashlib
+def _takes_direct_io(directory: Path) -> bool:
+    """Whether this directory's file system takes an aligned O_DIRECT write."""
+    import errno
+    import os
+
+    from soup_export.datafile import ALIGN
+
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    raw = np.zeros(2 * ALIGN, np.uint8)
+    block = raw[-raw.ctypes.data % ALIGN:][:ALIGN]
+    try:
+        fd = os.open(directory / "probe.direct", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    try:
+        return os.pwrite(fd, memoryview(block), 0) == ALIGN
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(directory / "probe.direct")
+
+
+def _data_file_writes(seed: int = 3):
+    """(offset, bytes) writes of many sizes with alignment holes, and the file they make."""
+    rng = np.random.default_rng(seed)
+    writes, offset = [], 0
+    for size in [100, 3000, 70_000, 9000, 17, 1024, 8191, 8, 20_000, 5]:
+        writes.append((offset, rng.integers(0, 256, size, dtype=np.uint8)))
+        offset += size + int(rng.integers(0, 100))
+    expected = bytearray(offset + 50)
+    for at, data in writes:
+        expected[at:at + data.size] = data.tobytes()
+    return writes, bytes(expected)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_data_file_stages_its_writes_in_whole_chunks(tmp_path, monkeypatch, direct):
+    """Every write goes through the chunk buffer: few system calls, each (with direct I/O) at an
+    offset and of a length that are multiples of ALIGN, from an aligned address; the bytes, the
+    file's length and its SHA-256 are those of the same writes made one by one."""
     import os
 
     from soup_export import datafile
 
-    rng = np.random.default_rng(3)
-    writes, offset = [], 0
-    for size in [100, 3000, 70_000, datafile.BUFFER + 5, 17, 1024, datafile.BUFFER - 1, 8, 200_000, 5]:
-        writes.append((offset, rng.integers(0, 256, size, dtype=np.uint8)))
-        offset += size + int(rng.integers(0, 100))  # alignment holes
-    expected = bytearray(offset + 50)
-    for at, data in writes:
-        expected[at:at + data.size] = data.tobytes()
-    calls, real = [], os.pwrite
-    monkeypatch.setattr(datafile.os, "pwrite", lambda fd, b, at: calls.append(at) or real(fd, b, at))
-    fh = datafile.HashedDataFile(tmp_path / "d.data")
+    monkeypatch.setattr(datafile, "CHUNK", 16384)
+    writes, expected = _data_file_writes()
+    calls, real, opened = [], os.pwrite, {}
+    monkeypatch.setattr(datafile.os, "pwrite", lambda fd, b, at: calls.append((at, memoryview(b))) or real(fd, b, at))
+    real_open = os.open
+
+    def spy_open(path, flags, mode=0o777):
+        opened["flags"] = flags
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(datafile.os, "open", spy_open)
+    fh = datafile.HashedDataFile(tmp_path / "d.data", direct=direct)
     for at, data in writes:
         fh.write_at(at, data)
     digest = fh.finish(len(expected))
-    assert (tmp_path / "d.data").read_bytes() == bytes(expected)
+    assert (tmp_path / "d.data").read_bytes() == expected
     assert digest == hashlib.sha256(expected).hexdigest()
-    assert len(calls) <= 7 < len(writes)  # the small ones went out together
+    assert len(calls) == -(-len(expected) // 16384) < len(writes)  # whole chunks, the last one partial
+    assert bool(opened["flags"] & getattr(os, "O_DIRECT", 0)) == (direct and hasattr(os, "O_DIRECT"))
+    assert fh.direct == (direct and _takes_direct_io(tmp_path))  # kept to the end where the file system has it
+    if fh.direct:
+        assert all(at % datafile.ALIGN == 0 and view.nbytes % datafile.ALIGN == 0
+                   and np.frombuffer(view, np.uint8).ctypes.data % datafile.ALIGN == 0 for at, view in calls)
+
+
+def test_a_data_file_falls_back_to_ordinary_writes_where_direct_io_is_refused(tmp_path, monkeypatch):
+    """A file system that refuses O_DIRECT when the file is opened, or only at its first write (both
+    EINVAL), gets ordinary writes with the same bytes and hash; SOUP_DIRECT_IO=0 turns it off."""
+    import errno
+    import os
+
+    from soup_export import datafile
+
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this system")
+    writes, expected = _data_file_writes(4)
+    real_open, real_pwrite, refused = os.open, os.pwrite, []
+
+    def refuse_open(path, flags, mode=0o777):
+        if flags & os.O_DIRECT:
+            refused.append("open")
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    def refuse_write(fd, data, at):
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append("write")
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, at)
+
+    for name, fake in (("open", refuse_open), ("pwrite", refuse_write)):
+        with monkeypatch.context() as m:
+            m.setattr(datafile.os, name, fake)
+            fh = datafile.HashedDataFile(tmp_path / f"{name}.data", direct=True)
+            for at, data in writes:
+                fh.write_at(at, data)
+            assert fh.finish(len(expected)) == hashlib.sha256(expected).hexdigest()
+        assert (tmp_path / f"{name}.data").read_bytes() == expected and not fh.direct
+    assert refused == ["open", "write"]  # each refused once, then ordinary writes
+    monkeypatch.setenv("SOUP_DIRECT_IO", "0")
+    assert not datafile.direct_io() and not datafile.HashedDataFile(tmp_path / "x").direct
+    monkeypatch.setenv("SOUP_DIRECT_IO", "1")
+    assert datafile.direct_io()
+
+
+def test_files_written_from_memory_go_direct_when_large(tmp_path, monkeypatch):
+    """write_file: a file of DIRECT_MIN bytes or more is written as a data file is (O_DIRECT where
+    the system has it), a smaller one as usual; both hold exactly the bytes given."""
+    import os
+
+    from soup_export import datafile
+
+    opened, real_open = [], os.open
+
+    def spy_open(path, flags, mode=0o777):
+        opened.append((Path(path).name, bool(flags & getattr(os, "O_DIRECT", 0))))
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(datafile.os, "open", spy_open)
+    big, small = os.urandom(datafile.DIRECT_MIN + 4097), b'{"a": 1}\n'
+    datafile.write_file(tmp_path / "big.json", big)
+    datafile.write_file(tmp_path / "small.json", small)
+    assert (tmp_path / "big.json").read_bytes() == big and (tmp_path / "small.json").read_bytes() == small
+    assert opened == [("big.json", hasattr(os, "O_DIRECT"))]  # the small one by Path.write_bytes
+    monkeypatch.setenv("SOUP_DIRECT_IO", "0")
+    opened.clear()
+    datafile.write_file(tmp_path / "big2.json", big)
+    assert (tmp_path / "big2.json").read_bytes() == big and opened == []
 
 
 def test_the_bank_pass_fuses_small_tensors_on_one_torch_thread_and_restores_the_count(debug_ckpt, monkeypatch):
