@@ -395,13 +395,18 @@ def run() -> None:
     """The `soup-export` command: `main`, with SIGTERM (a scheduler's or `kill`'s request to stop)
     raised as SystemExit (see `stopping`), so that an export's staged output is removed and a
     replaced one kept, as on any other failure (by default the process would die at once and leave
-    `.NAME.tmp` beside the target)."""
-    stopping.install()
+    `.NAME.tmp` beside the target). A command that a stop's lost exception let finish exits 143 too."""
     try:
-        main()
+        with stopping.sigterm_stops():
+            try:
+                main()
+            except SystemExit as exc:
+                if not isinstance(exc, stopping.Stopped) and stopping.requested():  # main's own exit, a stop asked for
+                    raise stopping.Stopped(143) from None
+                raise
     except stopping.Stopped:
-        click.echo("soup-export: stopped by signal SIGTERM; no partial output was left (an output it was "
-                   "replacing is kept)", err=True)
+        click.echo("soup-export: stopped by signal SIGTERM; nothing half-written was left (an output being "
+                   "replaced is kept unless the new one was already in place)", err=True)
         raise
 
 

@@ -59,7 +59,7 @@ def write_file(path: Path, data: bytes) -> None:
 class HashedDataFile:
     def __init__(self, path: Path, direct: bool | None = None, hashed: bool = True) -> None:
         self.path = Path(path)
-        self.direct = direct_io() if direct is None else direct
+        self.direct = (direct_io() if direct is None else direct) and hasattr(os, "O_DIRECT")
         self.fd: int | None = None  # opened at the first write (by the thread that writes it, once its directory exists)
         self.hash: hashlib._Hash | None = hashlib.sha256() if hashed else None
         self.pos = 0  # where the previous write ended
@@ -77,17 +77,21 @@ class HashedDataFile:
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
             if self.direct:
                 try:
-                    self.fd = os.open(self.path, flags | os.O_DIRECT, 0o644)
+                    self.fd = os.open(self.path, flags | os.O_DIRECT, 0o666)
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:  # EINVAL: this file system has no direct I/O
                         raise
                     self.direct = False
             if self.fd is None:
-                self.fd = os.open(self.path, flags, 0o644)
+                self.fd = os.open(self.path, flags, 0o666)
         return self.fd
 
     def write_at(self, offset: int, data: np.ndarray | bytes) -> None:
+        if self.closed:
+            raise ValueError(f"{self.path} was closed")
         view = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
+        if not view.nbytes:  # nothing to write (the file's end is set by finish)
+            return
         if not self.staging or offset < self.pos:  # behind the previous write: no running hash from here on
             self._stop_staging()
             self._write(offset, view)
@@ -113,9 +117,9 @@ class HashedDataFile:
             self.staged += k
             done += k
             if self.staged == CHUNK:
-                self.flush()
+                self._flush()
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         """Hash and write the staged bytes (with direct I/O, zeros up to a multiple of ALIGN after
         them, which later writes or `finish`'s truncation replace)."""
         if not self.staged:
@@ -132,7 +136,7 @@ class HashedDataFile:
 
     def _stop_staging(self) -> None:
         if self.staging:
-            self.flush()
+            self._flush()
             self.staging, self.hash = False, None
             self._buffered()
 
@@ -161,7 +165,7 @@ class HashedDataFile:
     def finish(self, size: int) -> str | None:
         """End the file at `size` bytes and close it; its SHA-256 (hex), or None if not known (also
         kept as `digest`)."""
-        self.flush()
+        self._flush()
         os.ftruncate(self._open(), size)
         self.close()
         if self.hash is None or size < self.pos:

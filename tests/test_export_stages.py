@@ -139,6 +139,63 @@ def test_a_stop_whose_exception_was_lost_still_stops_before_the_output_is_commit
         (tmp / "manifest.json").write_text("new")
     assert (out / "manifest.json").read_text() == "new"
 
+def test_sigterm_is_recorded_cleared_afterwards_and_turns_a_finished_command_into_143(monkeypatch):
+    """The handler records the stop as it raises it (check() raises it again); sigterm_stops raises a
+    stop whose exception the body lost, and clears it and restores the old handler at its end, so a
+    later export in the process is not stopped; run() exits 143 when main() finished with a stop asked for."""
+    import signal
+    import sys
+
+    from soup_export import cli, stopping
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(stopping.Stopped) as stopped:
+        with stopping.sigterm_stops():
+            assert signal.getsignal(signal.SIGTERM) is stopping._stop
+            with pytest.raises(stopping.Stopped):
+                stopping._stop(signal.SIGTERM, None)
+            assert stopping.requested() and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+            with pytest.raises(stopping.Stopped):
+                stopping.check()
+            # the body goes on, as when the exception was lost: raised at the end
+    assert stopped.value.code == 143
+    assert not stopping.requested() and signal.getsignal(signal.SIGTERM) == before
+    stopping.check()  # cleared: nothing raised
+    with stopping.sigterm_stops():
+        pass  # no stop asked for: nothing raised
+
+    def main_that_finishes():
+        stopping._requested = signal.SIGTERM  # a SIGTERM whose exception was lost inside the command
+        sys.exit(0)
+
+    monkeypatch.setattr(cli, "main", main_that_finishes)
+    with pytest.raises(stopping.Stopped) as stopped:
+        cli.run()
+    assert stopped.value.code == 143 and not stopping.requested()
+
+
+def test_an_export_stops_between_its_customers(debug_ckpt, tmp_path, monkeypatch):
+    """A stop asked for once the bank pass is over is raised before the first customer's checks and
+    manifest."""
+    from soup_export import build as B
+    from soup_export import stopping
+
+    real = B.emit
+
+    def emit_then_stop(*args, **kwargs):
+        known = real(*args, **kwargs)
+        monkeypatch.setattr(stopping, "_requested", 15)
+        return known
+
+    monkeypatch.setattr(B, "emit", emit_then_stop)
+    roots = [tmp_path / "a", tmp_path / "b"]
+    bank = Bank.open(debug_ckpt)
+    mixes = [validate({bank.info.domains[0]: 1.0}, bank.info.domains, name=n) for n in ("a", "b")]
+    with pytest.raises(stopping.Stopped):
+        B.export(bank, mixes, roots, B.ExportSpec(quant="fp32", parity=False, keep_hf=False))
+    assert (tmp_path / "a" / "onnx" / "model.onnx.data").exists() and not list(tmp_path.rglob("manifest.json"))
+
+
 # ----------------------------------------------------------------------------- resolve
 def test_resolved_directory_is_a_plain_hf_llama_equal_to_the_soup(debug_ckpt, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -646,7 +703,8 @@ def test_a_data_file_stages_its_writes_in_whole_chunks(tmp_path, monkeypatch, di
     digest = fh.finish(len(expected))
     assert (tmp_path / "d.data").read_bytes() == expected
     assert digest == hashlib.sha256(expected).hexdigest()
-    assert len(calls) == -(-len(expected) // 16384) < len(writes)  # whole chunks, the last one partial
+    end = writes[-1][0] + writes[-1][1].size  # what finish() adds after it is the truncation's zeros
+    assert len(calls) == -(-end // 16384) < len(writes)  # whole chunks, the last one partial
     assert bool(opened["flags"] & getattr(os, "O_DIRECT", 0)) == (direct and hasattr(os, "O_DIRECT"))
     assert fh.direct == (direct and _takes_direct_io(tmp_path))  # kept to the end where the file system has it
     if fh.direct:
