@@ -401,8 +401,8 @@ def run() -> None:
             try:
                 main()
             except SystemExit as exc:
-                if not isinstance(exc, stopping.Stopped) and stopping.requested():  # main's own exit, a stop asked for
-                    raise stopping.Stopped(143) from None
+                if not isinstance(exc, stopping.Stopped):
+                    stopping.check()  # main's own exit, with a stop asked for (its exception lost): Stopped
                 raise
     except stopping.Stopped:
         click.echo("soup-export: stopped by signal SIGTERM; nothing half-written was left (an output being "

@@ -48,7 +48,7 @@ def write_file(path: Path, data: bytes) -> None:
     if len(data) < DIRECT_MIN or not direct_io():
         Path(path).write_bytes(data)
         return
-    fh = HashedDataFile(path, hashed=False)
+    fh = HashedDataFile(path, direct=True, hashed=False)
     try:
         fh.write_at(0, data)
         fh.finish(len(data))
