@@ -9,7 +9,7 @@ write the fused tensor to its HF `model.safetensors` (when asked) and its encode
 mix. No intermediate file is written and read back; peak memory is one bank tensor plus one
 fused tensor per mix (on the kernel path, the int4 outputs of up to five tensors: one being
 fused, four waiting for the writer; the norms, copied out of the workspace, are a few KB), and
-each mix's 1 MB write buffer (`datafile.CHUNK`).
+each mix's two 1 MB write buffers (`datafile.CHUNK`: one staged, one being written).
 """
 from __future__ import annotations
 

@@ -25,7 +25,10 @@ The source is written once for the CPU's vector width (AVX-512, AVX2, or 4-wide 
 register count: a batch's tile of mixes keeps its sums in registers (8 mixes x 32 columns with
 AVX-512, 6 x 16 with AVX2). Measured on an AMD EPYC (Zen 3, AVX2, no AVX-512), the tiles sized
 for AVX-512 had spilled every sum to the stack: a 16-customer pass over the benchmark's bank took
-2.8 s; sized for 16 registers it takes 0.13-0.30 s (the machine's speed drifts).
+2.8 s; sized for 16 registers it takes 0.13-0.30 s (the machine's speed drifts). An AVX-512
+build's batch tiles read the bank in place; other builds copy each chunk of it first (see
+IN_PLACE in the source: 93-94 ms against 112 ms per 16-mix pass on an AVX-512 Xeon; no
+difference there built for AVX2). `fuse_quantize(in_place=...)` picks either; the bytes are the same.
 """
 from __future__ import annotations
 
@@ -81,10 +84,10 @@ def _load():
             pass
         return None
     ptr, long = ctypes.c_void_p, ctypes.c_long
-    lib.fuse_q4.argtypes = [ptr, ptr, long, long, long, ptr, long, long, ptr, ptr]
+    lib.fuse_q4.argtypes = [ptr, ptr, long, long, long, ptr, long, long, ptr, ptr, ctypes.c_int]
     lib.quantize_q4.argtypes = [ptr, long, long, long, ptr, ptr]
-    lib.tile_width.argtypes = lib.chunk_size.argtypes = []
-    for fn in (lib.fuse_q4, lib.quantize_q4, lib.tile_width):
+    lib.tile_width.argtypes = lib.chunk_size.argtypes = lib.in_place_default.argtypes = []
+    for fn in (lib.fuse_q4, lib.quantize_q4, lib.tile_width, lib.in_place_default):
         fn.restype = ctypes.c_int
     lib.chunk_size.restype = long
     return lib
@@ -150,9 +153,17 @@ def quantizes(rep, shape: tuple[int, ...]) -> bool:
             and shape[1] % BLOCK == 0 and kernel() is not None)
 
 
-def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
+def reads_in_place() -> bool:
+    """Whether a batch's tiles read the bank where it is mapped, by default for this build (AVX-512),
+    rather than a copy of each chunk; both give the same bytes."""
+    return bool(kernel().in_place_default())
+
+
+def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, threads: int,
+                  in_place: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every mix's int4 storage of S + sum_j alphas[m, j] bank[j]: q (mixes, rows, cols / 32, 16)
-    and scales (mixes, rows, cols / 32). shared (rows, cols), bank (n, rows, cols), alphas (mixes, n)."""
+    and scales (mixes, rows, cols / 32). shared (rows, cols), bank (n, rows, cols), alphas (mixes, n).
+    `in_place`: how a batch's tiles read the bank (None: `reads_in_place()`)."""
     lib = kernel()
     rows, cols = shared.shape
     shared, bank = np.ascontiguousarray(shared, np.float32), np.ascontiguousarray(bank, np.float32)
@@ -161,7 +172,7 @@ def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, thre
     assert bank.shape == (n, rows, cols) and cols % BLOCK == 0, (bank.shape, shared.shape, alphas.shape)
     q, scales = _outputs(mixes, rows, cols)
     _check(lib.fuse_q4(shared.ctypes.data, bank.ctypes.data, n, rows, cols, alphas.ctypes.data, mixes, threads,
-                       q.ctypes.data, scales.ctypes.data))
+                       q.ctypes.data, scales.ctypes.data, -1 if in_place is None else int(in_place)))
     return q, scales
 
 

@@ -525,7 +525,8 @@ def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes, n, rows, col
     unevenly. "chunk" columns make a batch's pieces 4 rows of every expert whatever this CPU's L2
     (the chunk size), so 7 rows end in a shorter piece, and each piece prefetches the next.
     One mix takes the kernel's other path (expert after expert, over spans of 2048 values that
-    cross rows)."""
+    cross rows). A batch is checked both ways its tiles can read the bank: from copies of each
+    chunk, and in place (the default of AVX-512 builds)."""
     native = _native_kernel_or_skip()
     if cols == "chunk":
         cols = native.chunk_size() // (4 * n)
@@ -561,13 +562,14 @@ def _check_exact_fusion(native, mixes, n, rows, cols, threads):
     shared[4, :32], bank[:, 4, :32] = -0.0, -0.0  # negative zeros too
     shared[3, 32:64] = (np.arange(32) - 16) * 2.0 ** -5  # scale 1/16: levels at every half, ties both ways
     bank[:, 3, 32:64] = 0
-    q, scales = native.fuse_quantize(shared, bank, alphas, threads=threads)
     rep = Rep("nbits", bits=4, block=32)
-    for m in range(mixes):
-        fused = shared + np.tensordot(alphas[m], bank, axes=1)
-        ref = quantize_nbits(fused, rep)
-        assert np.array_equal(q[m], ref["q"]) and np.array_equal(scales[m], ref["scales"]), (mixes, m)
-    assert scales[0, 2, 0] == scales[0, 4, 0] == 1.0 and scales[0, 3, 1] == 2.0 ** -4
+    for in_place in (False, True):
+        q, scales = native.fuse_quantize(shared, bank, alphas, threads=threads, in_place=in_place)
+        for m in range(mixes):
+            fused = shared + np.tensordot(alphas[m], bank, axes=1)
+            ref = quantize_nbits(fused, rep)
+            assert np.array_equal(q[m], ref["q"]) and np.array_equal(scales[m], ref["scales"]), (mixes, m, in_place)
+        assert scales[0, 2, 0] == scales[0, 4, 0] == 1.0 and scales[0, 3, 1] == 2.0 ** -4
 
 
 @pytest.mark.parametrize("n,rows,cols", [(32, 200, 352), (3, 25, 4096)])
@@ -582,6 +584,10 @@ def test_native_kernel_gives_a_mix_the_same_bytes_alone_and_in_any_batch(n, rows
     bank = rng.normal(size=(n, rows, cols)).astype(np.float32)
     alphas = rng.normal(size=(13, n)).astype(np.float32)
     q, scales = native.fuse_quantize(shared, bank, alphas, threads=2)
+    copied = native.fuse_quantize(shared, bank, alphas, threads=3, in_place=False)
+    in_place = native.fuse_quantize(shared, bank, alphas, threads=3, in_place=True)
+    assert all(np.array_equal(a, b) for a, b in zip((*copied, *in_place), (q, scales, q, scales)))
+    assert native.reads_in_place() == (native.tile_width() == 8)  # the default: in place with AVX-512
     widest = native.tile_width()
     starts = list(range(0, 13, widest))  # 13 mixes: full tiles, then one narrower tile
     for m in sorted({i for s in starts for i in (s, min(s + widest, 13) - 1)}):  # each tile's first and last
@@ -679,37 +685,95 @@ def _data_file_writes(seed: int = 3):
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_a_data_file_stages_its_writes_in_whole_chunks(tmp_path, monkeypatch, direct):
-    """Every write goes through the chunk buffer: few system calls, each (with direct I/O) at an
-    offset and of a length that are multiples of ALIGN, from an aligned address; the bytes, the
-    file's length and its SHA-256 are those of the same writes made one by one."""
+    """Every write goes through the chunk buffer: few system calls, made by the I/O threads while
+    the next chunk is staged, each (with direct I/O) at an offset and of a length that are
+    multiples of ALIGN, from an aligned address, except the file's unaligned end, written without
+    O_DIRECT, so that the file needs no truncation; the bytes, the file's length and its SHA-256
+    are those of the same writes made one by one."""
+    import fcntl
     import os
+    import threading
 
     from soup_export import datafile
 
     monkeypatch.setattr(datafile, "CHUNK", 16384)
     writes, expected = _data_file_writes()
-    calls, real, opened = [], os.pwrite, {}
-    monkeypatch.setattr(datafile.os, "pwrite", lambda fd, b, at: calls.append((at, memoryview(b))) or real(fd, b, at))
-    real_open = os.open
+    calls, real, opened, truncated = [], os.pwrite, {}, []
+
+    def spy_write(fd, b, at):
+        calls.append((at, memoryview(b), bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)),
+                      threading.current_thread().name))
+        return real(fd, b, at)
+
+    monkeypatch.setattr(datafile.os, "pwrite", spy_write)
+    real_open, real_truncate = os.open, os.ftruncate
 
     def spy_open(path, flags, mode=0o777):
         opened["flags"] = flags
         return real_open(path, flags, mode)
 
     monkeypatch.setattr(datafile.os, "open", spy_open)
+    monkeypatch.setattr(datafile.os, "ftruncate", lambda fd, n: truncated.append(n) or real_truncate(fd, n))
     fh = datafile.HashedDataFile(tmp_path / "d.data", direct=direct)
     for at, data in writes:
         fh.write_at(at, data)
     digest = fh.finish(len(expected))
     assert (tmp_path / "d.data").read_bytes() == expected
     assert digest == hashlib.sha256(expected).hexdigest()
-    end = writes[-1][0] + writes[-1][1].size  # what finish() adds after it is the truncation's zeros
-    assert len(calls) == -(-end // 16384) < len(writes)  # whole chunks, the last one partial
     assert bool(opened["flags"] & getattr(os, "O_DIRECT", 0)) == (direct and hasattr(os, "O_DIRECT"))
-    assert fh.direct == (direct and _takes_direct_io(tmp_path))  # kept to the end where the file system has it
+    chunks = -(-len(expected) // 16384)  # the zeros after the last write (to finish's size) are staged too
+    tail = fh.direct and len(expected) % datafile.ALIGN != 0
+    assert len(calls) == chunks + tail < len(writes)  # whole chunks, the last one partial (and its end apart)
+    assert [at for at, *_ in calls] == sorted(at for at, *_ in calls) and not truncated
+    assert all(name.startswith("soup-export-io") for *_, name in calls[:chunks])  # the chunks: the I/O threads
     if fh.direct:
-        assert all(at % datafile.ALIGN == 0 and view.nbytes % datafile.ALIGN == 0
-                   and np.frombuffer(view, np.uint8).ctypes.data % datafile.ALIGN == 0 for at, view in calls)
+        *whole, (end, rest, end_direct, _) = calls
+        assert all(d and at % datafile.ALIGN == 0 and view.nbytes % datafile.ALIGN == 0
+                   and np.frombuffer(view, np.uint8).ctypes.data % datafile.ALIGN == 0 for at, view, d, _ in whole)
+        assert not end_direct and end + rest.nbytes == len(expected) and rest.nbytes < datafile.ALIGN
+    assert fh.direct == (direct and _takes_direct_io(tmp_path))  # kept to the end where the file system has it (its probe writes too)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_data_file_raises_a_failed_background_write_and_closes_only_after_it(tmp_path, monkeypatch, direct):
+    """A chunk's write runs in an I/O thread: its failure (a full disk) is raised by the writer's
+    next wait, at the latest by finish, never lost; and close (an export that failed elsewhere)
+    returns only once the chunk being written is done, so no write outlives its descriptor."""
+    import errno
+    import os
+    import threading
+    import time
+
+    from soup_export import datafile
+
+    monkeypatch.setattr(datafile, "CHUNK", 8192)
+    real, done = os.pwrite, []
+
+    def full_disk(fd, b, at):
+        if at >= 8192:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, b, at)
+
+    monkeypatch.setattr(datafile.os, "pwrite", full_disk)
+    fh = datafile.HashedDataFile(tmp_path / "full.data", direct=direct)
+    with pytest.raises(OSError, match="No space left"):
+        fh.write_at(0, np.ones(3 * 8192, np.uint8))  # the third chunk waits for the second's write
+        fh.finish(3 * 8192)
+    fh.close()
+    assert fh.fd is None
+
+    def slow(fd, b, at):
+        time.sleep(0.2)  # still writing when close() is called
+        n = real(fd, b, at)
+        done.append(threading.current_thread().name)
+        return n
+
+    monkeypatch.setattr(datafile.os, "pwrite", slow)
+    fh = datafile.HashedDataFile(tmp_path / "slow.data", direct=direct)
+    fh.write_at(0, np.ones(8192, np.uint8))  # one whole chunk: handed to an I/O thread at once
+    fh.close()
+    assert done and done[0].startswith("soup-export-io") and fh.fd is None
+    assert (tmp_path / "slow.data").read_bytes() == bytes([1]) * 8192
 
 
 def test_a_data_file_falls_back_to_ordinary_writes_where_direct_io_is_refused(tmp_path, monkeypatch):
