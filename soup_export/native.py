@@ -18,7 +18,7 @@ int4 tier and the mixed tier's body, the defaults); asymmetric storage and other
   the soup's forward, and quantized bit for bit as `quantize_nbits` would.
 - `fuse_quantize` fuses too, for the exports that write no HF weights (`--no-parity --no-hf`),
   single builds and batches alike: a batch's customers share each read of the bank, and one
-  customer's sums run expert after expert over long runs of the bank. A mix's int4 bytes are the
+  customer's sums run over four experts at a time, in runs of the bank. A mix's int4 bytes are the
   same in a single build and in any batch; they equal `combine`'s to fp32 rounding.
 
 The source is written once for the CPU's vector width (AVX-512, AVX2, or 4-wide SSE/NEON) and

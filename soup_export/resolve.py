@@ -88,15 +88,20 @@ class Bank:
         mlp.load_state_dict(state)
         return mlp.eval()
 
-    def tensors(self, names: list[str] | None = None,
-                progress: bool = False) -> Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, ...]]]:
+    def tensors(self, names: list[str] | None = None, progress: bool = False,
+                mapped: "MappedSafetensors | None" = None) -> Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, ...]]]:
         """Tensor-major: (dense name, shared tensor, its expert tensors) as fp32 views of the memory-mapped
-        checkpoint (no copy), one tensor at a time, in checkpoint order or the order of `names`."""
+        checkpoint (no copy), one tensor at a time, in checkpoint order or the order of `names`;
+        through `mapped` (a map of this bank's weights) or a new map."""
         rank = self.info.run.soup.expert_rank
-        tensors = MappedSafetensors(self.weights)
+        tensors = self.map() if mapped is None else mapped
         for name in tqdm(names or list(self.shapes), desc="fuse", unit="tensor", disable=not progress, leave=False):
             shared = _fp32(tensors[SHARED_PREFIX + name])
             yield name, shared, tuple(_fp32(tensors[k]) for k in expert_keys(name, shared.shape, rank))
+
+    def map(self) -> "MappedSafetensors":
+        """A new zero-copy map of the bank's weights (its header parsed once)."""
+        return MappedSafetensors(self.weights)
 
     def workspace(self, mixes: int, names: list[str] | None = None) -> torch.Tensor:
         """Memory for `mixes` fused copies of the largest of these tensors (see `fused`)."""
@@ -307,10 +312,10 @@ def hf_config_files(model: ModelConfig, eos: int, dtype: str) -> dict[str, bytes
     """config.json and generation_config.json as transformers writes them (its LlamaConfig and
     GenerationConfig), cached in the user cache by their inputs and transformers' version: importing
     transformers took 2.6-3.4 s of every export command that needed nothing else from it."""
-    from importlib import metadata
+    from soup_export.manifest import library_version
 
     inputs = json.loads(json.dumps({"model": model.to_hf(), "eos": eos, "dtype": dtype,
-                                    "transformers": metadata.version("transformers")}))
+                                    "transformers": library_version("transformers")}))
     name = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
     files = cached_json(user_cache("hf-configs") / f"{name}.json", inputs,
                         lambda: {k: v.decode() for k, v in _hf_config_files(model, eos, dtype).items()},

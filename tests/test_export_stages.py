@@ -246,9 +246,7 @@ def test_checkpoint_sha256_is_cached_by_size_and_mtime(monkeypatch, tmp_path):
 
 
 def test_hf_config_files_are_transformers_own_cached_by_their_inputs(monkeypatch, tmp_path):
-    from importlib import metadata
-
-    from soup_export import resolve
+    from soup_export import manifest, resolve
     from soup_train.config import ModelConfig
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -262,7 +260,7 @@ def test_hf_config_files_are_transformers_own_cached_by_their_inputs(monkeypatch
     cached.write_text("{")  # unreadable: made again, and the cache rewritten
     assert resolve.hf_config_files(model, 7, "float32") == made and len(calls) == 3
     assert json.loads(cached.read_text())["value"]["config.json"] == made["config.json"].decode()
-    monkeypatch.setattr(metadata, "version", lambda name: "0.0.0-other")  # another transformers: made
+    monkeypatch.setattr(manifest, "library_version", lambda name: "0.0.0-other")  # another transformers: made
     assert resolve.hf_config_files(model, 7, "float32") == made and len(calls) == 4
 
 
@@ -524,7 +522,7 @@ def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes, n, rows, col
     one on every build (tiles of 8 with AVX-512, 6 with AVX2); rows are split over threads
     unevenly. "chunk" columns make a batch's pieces 4 rows of every expert whatever this CPU's L2
     (the chunk size), so 7 rows end in a shorter piece, and each piece prefetches the next.
-    One mix takes the kernel's other path (expert after expert, over spans of 2048 values that
+    One mix takes the kernel's other path (four experts at a time, then the rest, over spans of 512 values that
     cross rows). A batch is checked both ways its tiles can read the bank: from copies of each
     chunk, and in place (the default of AVX-512 builds)."""
     native = _native_kernel_or_skip()
