@@ -25,10 +25,14 @@ The source is written once for the CPU's vector width (AVX-512, AVX2, or 4-wide 
 register count: a batch's tile of mixes keeps its sums in registers (8 mixes x 32 columns with
 AVX-512, 6 x 16 with AVX2). Measured on an AMD EPYC (Zen 3, AVX2, no AVX-512), the tiles sized
 for AVX-512 had spilled every sum to the stack: a 16-customer pass over the benchmark's bank took
-2.8 s; sized for 16 registers it takes 0.13-0.30 s (the machine's speed drifts). An AVX-512
-build's batch tiles read the bank in place; other builds copy each chunk of it first (see
-IN_PLACE in the source: 93-94 ms against 112 ms per 16-mix pass on an AVX-512 Xeon; no
-difference there built for AVX2). `fuse_quantize(in_place=...)` picks either; the bytes are the same.
+2.8 s; sized for 16 registers it takes 0.13-0.30 s (the machine's speed drifts).
+
+A batch's tiles read the bank either where it is mapped or from a copy of each chunk: the same
+bytes, but which is faster depends on the processor's prefetchers, not on its instruction set.
+A 16-mix pass over the benchmark's bank took 93-94 ms in place against 112 ms through the copies
+on an Intel Xeon with AVX-512, and 122-124 ms against 74-84 ms on an AMD EPYC Zen 5 with AVX-512.
+So `reads_in_place()` measures both once per machine, on the first batch, and keeps the answer
+beside the library (`SOUP_NATIVE_READS=copy|in-place` decides instead).
 """
 from __future__ import annotations
 
@@ -39,12 +43,15 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 
-from soup_export.resolve import user_cache
+from soup_export.resolve import cached_json, user_cache
+from soup_train.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,7 @@ def _load():
         return None
     try:
         lib = ctypes.CDLL(str(_build(cc, lib_path)))
+        lib.soup_path = lib_path
     except (OSError, subprocess.SubprocessError) as exc:
         detail = (getattr(exc, "stderr", b"") or b"").decode(errors="replace").strip().splitlines()[-3:]
         message = f"{exc}{': ' + ' '.join(detail) if detail else ''}"
@@ -86,8 +94,8 @@ def _load():
     ptr, long = ctypes.c_void_p, ctypes.c_long
     lib.fuse_q4.argtypes = [ptr, ptr, long, long, long, ptr, long, long, ptr, ptr, ctypes.c_int]
     lib.quantize_q4.argtypes = [ptr, long, long, long, ptr, ptr]
-    lib.tile_width.argtypes = lib.chunk_size.argtypes = lib.in_place_default.argtypes = []
-    for fn in (lib.fuse_q4, lib.quantize_q4, lib.tile_width, lib.in_place_default):
+    lib.tile_width.argtypes = lib.chunk_size.argtypes = []
+    for fn in (lib.fuse_q4, lib.quantize_q4, lib.tile_width):
         fn.restype = ctypes.c_int
     lib.chunk_size.restype = long
     return lib
@@ -153,17 +161,60 @@ def quantizes(rep, shape: tuple[int, ...]) -> bool:
             and shape[1] % BLOCK == 0 and kernel() is not None)
 
 
+READS_ENV = "SOUP_NATIVE_READS"
+READS = {"in-place": True, "copy": False}
+
+
 def reads_in_place() -> bool:
-    """Whether a batch's tiles read the bank where it is mapped, by default for this build (AVX-512),
-    rather than a copy of each chunk; both give the same bytes."""
-    return bool(kernel().in_place_default())
+    """Whether a batch's tiles read the bank where it is mapped (True) rather than a copy of each
+    chunk: $SOUP_NATIVE_READS if set, else what `calibrate_reads` measured on this machine (once,
+    kept in the user cache beside the built library). Both give the same bytes."""
+    forced = os.environ.get(READS_ENV, "")
+    if forced:
+        if forced not in READS:
+            raise ConfigError(f"{READS_ENV}={forced!r}: expected one of {', '.join(READS)}, or unset it "
+                              "to use the reads measured on this machine")
+        return READS[forced]
+    return _measured_reads()["in_place"]
+
+
+# the calibration's matrix: a bank of 128 MB, past the caches as an export's bank is (on the AMD
+# EPYC measured, 32-64 MB banks showed the same winner by a smaller margin), and a batch of 16
+CALIBRATION = {"experts": 32, "rows": 1024, "cols": 1024, "mixes": 16, "rounds": 5}
+
+
+@functools.lru_cache(maxsize=1)
+def _measured_reads() -> dict:
+    path = Path(kernel().soup_path)
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    key = {"library": path.name, "threads": threads, **CALIBRATION}
+    return cached_json(path.with_name(f"{path.stem}.reads.json"), key, lambda: calibrate_reads(threads),
+                       lambda v: isinstance(v, dict) and isinstance(v.get("in_place"), bool))
+
+
+def calibrate_reads(threads: int, experts: int = CALIBRATION["experts"], rows: int = CALIBRATION["rows"],
+                    cols: int = CALIBRATION["cols"], mixes: int = CALIBRATION["mixes"],
+                    rounds: int = CALIBRATION["rounds"]) -> dict:
+    """Time a batch's fusion both ways on a synthetic bank, alternately `rounds` times (the first
+    round a warm-up): {"in_place": whether in place was faster by the medians, "ms": both medians}.
+    About 0.2 s, once per machine."""
+    bank = np.full((experts, rows, cols), 0.5, np.float32)
+    shared, alphas = np.zeros((rows, cols), np.float32), np.full((mixes, experts), 1 / experts, np.float32)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for in_place in times:
+            start = time.perf_counter()
+            fuse_quantize(shared, bank, alphas, threads, in_place=in_place)
+            times[in_place].append(time.perf_counter() - start)
+    ms = {mode: 1e3 * statistics.median(times[READS[mode]][1:] or times[READS[mode]]) for mode in READS}
+    return {"in_place": ms["in-place"] < ms["copy"], "ms": ms}
 
 
 def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, threads: int,
                   in_place: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every mix's int4 storage of S + sum_j alphas[m, j] bank[j]: q (mixes, rows, cols / 32, 16)
     and scales (mixes, rows, cols / 32). shared (rows, cols), bank (n, rows, cols), alphas (mixes, n).
-    `in_place`: how a batch's tiles read the bank (None: `reads_in_place()`)."""
+    `in_place`: how a batch's tiles read the bank (None: `reads_in_place()`, asked only for a batch)."""
     lib = kernel()
     rows, cols = shared.shape
     shared, bank = np.ascontiguousarray(shared, np.float32), np.ascontiguousarray(bank, np.float32)
@@ -172,7 +223,7 @@ def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, thre
     assert bank.shape == (n, rows, cols) and cols % BLOCK == 0, (bank.shape, shared.shape, alphas.shape)
     q, scales = _outputs(mixes, rows, cols)
     _check(lib.fuse_q4(shared.ctypes.data, bank.ctypes.data, n, rows, cols, alphas.ctypes.data, mixes, threads,
-                       q.ctypes.data, scales.ctypes.data, -1 if in_place is None else int(in_place)))
+                       q.ctypes.data, scales.ctypes.data, int(reads_in_place() if in_place is None and mixes > 1 else bool(in_place))))
     return q, scales
 
 

@@ -8,8 +8,8 @@
 
    shared: (rows * cols) fp32; bank: (n, rows * cols) fp32; A: (M, n) fp32, the mixes' alphas;
    q: (M, rows, cols / 32, 16) bytes (low nibble first); scales: (M, rows, cols / 32) fp32;
-   in_place: several mixes' tiles read the bank in place (1) or a copy of each chunk (0), or the
-   build's default (-1, IN_PLACE).
+   in_place: several mixes' tiles read the bank in place (1) or a copy of each chunk (0): the same
+   bytes; which is faster depends on the processor (native.py measures it once per machine).
    cols % 32 == 0. Both share the rows out to `threads` POSIX threads (the caller's thread is one
    of them) in small pieces taken as threads become free: starting threads here costs
    microseconds, where a Python thread pool cost a millisecond a call.
@@ -32,16 +32,10 @@
 #include <string.h>
 #include <unistd.h>
 
-/* IN_PLACE: whether a batch's tiles read the bank where it is mapped by default, rather than a copy
-   of each chunk (a tile then reads each expert's 32 columns once per TILE mixes). Measured on an
-   Intel Xeon with AVX-512 (the benchmark's 16 mixes of 32 experts, 1.06 GB bank): 93-94 ms per
-   pass in place, 112 ms through the copies (whose prefetches stalled on the fill buffers); built
-   for AVX2 on the same CPU, 118 ms either way, so other builds keep the copies they were tuned with. */
 #if defined(__AVX512F__)
 #define W 16
 #define TILE 8
 #define TCOLS 32
-#define IN_PLACE 1
 #elif defined(__AVX__)
 #define W 8
 #define TILE 6
@@ -54,9 +48,6 @@
 #define W 4
 #define TILE 2
 #define TCOLS 16
-#endif
-#ifndef IN_PLACE
-#define IN_PLACE 0
 #endif
 #define G (TCOLS / W)  /* vectors per tile row */
 #define VB (32 / W)    /* vectors per block */
@@ -282,7 +273,9 @@ static void fuse_one(const Job *job, long r0, long r1) {
    copied into it first, and every mix's tile then reads them from cache; while it computes, the
    rows [n0, n1) of the thread's next chunk are prefetched, a few lines after each tile, so that
    its copy reads them from cache rather than from memory (a copy from memory had been a third of
-   a thread's time). Without, the tiles read the bank in place (see IN_PLACE). */
+   a thread's time). Without, the tiles read the bank in place, each expert's 32 columns once per
+   TILE mixes (faster on an Intel Xeon with AVX-512, whose prefetches of the copies stalled on
+   the fill buffers; twice as slow on an AMD EPYC Zen 5). */
 static void fuse_many(const Job *job, long r0, long r1, float *buf, long n0, long n1) {
     long n = job->n, rows = job->rows, cols = job->cols, M = job->M, P = rows * cols, nb = cols / 32;
     long rn = r1 - r0, stride = buf ? rn * cols + PAD : P;
@@ -386,7 +379,7 @@ int fuse_q4(const float *shared, const float *bank, long n, long rows, long cols
     if (rows < 1 || cols < 1) return rows < 0 || cols < 0 ? 1 : 0; /* an empty matrix: nothing to write */
     /* several mixes: a piece is a chunk of every expert's rows; one: 16 spans of every expert */
     long unit = M > 1 ? rows_per_piece(n * cols, chunk_floats()) : rows_per_piece(cols, 16 * SPAN);
-    Job job = {shared, bank, A, NULL, n, rows, cols, M, q, scales, in_place < 0 ? IN_PLACE : in_place != 0, unit, 0, 0};
+    Job job = {shared, bank, A, NULL, n, rows, cols, M, q, scales, in_place != 0, unit, 0, 0};
     return run_job(&job, threads);
 }
 
@@ -400,9 +393,6 @@ int quantize_q4(const float *w, long rows, long cols, long threads, uint8_t *q, 
 
 /* The bank floats a thread copies per chunk (for the tests, which shape their matrices by it). */
 long chunk_size(void) { return chunk_floats(); }
-
-/* Whether a batch's tiles read the bank in place unless told (fuse_q4's in_place < 0). */
-int in_place_default(void) { return IN_PLACE; }
 
 /* The most mixes the kernel fuses together (a batch's last ones take one tile of their own width). */
 int tile_width(void) { return TILE; }
