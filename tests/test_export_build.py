@@ -207,6 +207,47 @@ def test_batch_writes_the_graph_once_and_equals_single_builds(debug_ckpt, tmp_pa
     assert sha(tmp_path / "b1" / "acme" / "onnx" / "model.onnx.data") == sha(tmp_path / "single" / "onnx" / "model.onnx.data")
 
 
+def test_batch_customers_share_their_identical_files_as_hard_links(debug_ckpt, tmp_path, monkeypatch):
+    """A batch writes each file that is the same bytes for every customer (graph, tokenizer, configs)
+    once per writer lane and hard-links it into the lane's other customers (one lane here: one
+    copy); each customer's own files (weights, spec, manifest) are its own. Where links fail, every
+    file is written as usual, with the same bytes and hashes."""
+    from soup_export import emit
+    from soup_export.manifest import file_sha256
+
+    monkeypatch.setattr(emit, "MAX_LANES", 1)
+    mixes = {"acme": "licences: 0.7, python-code: 0.3", "globex": "python-docs: 1", "initech": "licences: 1"}
+    (tmp_path / "customers.yaml").write_text("".join(f"{k}: {{{v}}}\n" for k, v in mixes.items()))
+    shared = ["model.onnx", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
+              "generation_config.json", "genai_config.json", "export.json"]
+    own = ["onnx/model.onnx.data", "onnx/soup_spec.json", "hf/model.safetensors", "hf/soup_spec.json", "manifest.json"]
+
+    def export(out):
+        result = run("batch", debug_ckpt, tmp_path / "customers.yaml", "--out", out, "--quant", "int4", "--no-parity")
+        assert result.exit_code == 0, result.output
+        for name in mixes:  # every file as the manifest records it
+            for rel, entry in json.loads((out / name / "manifest.json").read_text())["files"].items():
+                assert file_sha256(out / name / rel) == entry["sha256"], (name, rel)
+        return out
+
+    linked = export(tmp_path / "linked")
+    for name in shared:
+        copies = [linked / c / "onnx" / name for c in mixes] + [linked / c / "hf" / name for c in mixes
+                                                                  if (linked / c / "hf" / name).exists()]
+        assert all(os.path.samefile(copies[0], c) for c in copies), name
+    for rel in own:
+        assert all(os.stat(linked / c / rel).st_nlink == 1 for c in mixes), rel
+
+    def refused(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(emit.os, "link", refused)
+    copied = export(tmp_path / "copied")
+    for name in shared:
+        assert all(os.stat(copied / c / "onnx" / name).st_nlink == 1 for c in mixes), name
+        assert len({sha(copied / c / "onnx" / name) for c in mixes} | {sha(linked / "acme" / "onnx" / name)}) == 1
+
+
 class _LateWriter:
     """emit's background writer at its latest: every submitted write runs only at the next wait()
     or at the end, after the export has moved on (so a write that reads anything but its own
