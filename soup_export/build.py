@@ -104,27 +104,33 @@ MIXES_PER_PASS = 32  # a pass holds one fused tensor per mix: memory grows with 
 
 
 def batch(ckpt: Path, mixes: list[Mix], out: Path, spec: ExportSpec = ExportSpec(), force: bool = False,
-          progress: bool = True, per_pass: int = MIXES_PER_PASS) -> list[dict]:
-    """Many mixes: tensor-major passes over the bank (up to `per_pass` mixes each), the graph emitted once."""
+          progress: bool = True, per_pass: int = MIXES_PER_PASS, link_shared: bool = False) -> list[dict]:
+    """Many mixes: tensor-major passes over the bank (up to `per_pass` mixes each), the graph emitted once;
+    with `link_shared`, the files alike for every customer are hard links (see `emit`)."""
     names = [m.name for m in mixes]
     if len(set(names)) != len(names):
         raise MixError(f"customer names must be unique, got {', '.join(sorted(n for n in set(names) if names.count(n) > 1))} twice")
     with staged_output(out, force) as tmp:
         bank = Bank.open(ckpt)
-        manifests = export(bank, mixes, [tmp / m.name for m in mixes], spec, progress, per_pass=per_pass)
+        manifests = export(bank, mixes, [tmp / m.name for m in mixes], spec, progress, per_pass=per_pass,
+                           link_shared=link_shared)
         summary = [{"name": m["mix"]["name"], "tier": m["tier"], "bytes": m["size"]["actual"],
                     "weights": m["mix"]["weights"]} for m in manifests]
         (tmp / "batch.json").write_text(json.dumps({"checkpoint": checkpoint_ref(bank), "spec": spec.to_dict(),
-                                                    "mixes_per_pass": per_pass, "customers": summary}, indent=2) + "\n")
+                                                    "mixes_per_pass": per_pass, "link_shared": link_shared,
+                                                    "customers": summary}, indent=2) + "\n")
         return manifests
 
 
 def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, progress: bool = False,
-           extras: list[dict] | None = None, per_pass: int = MIXES_PER_PASS) -> list[dict]:
+           extras: list[dict] | None = None, per_pass: int = MIXES_PER_PASS, link_shared: bool = False) -> list[dict]:
     """budget -> graph -> (resolve + quantize, one pass over the bank per `per_pass` mixes) -> size check
     -> parity -> manifest, per root."""
     from tqdm import tqdm
 
+    from soup_export.native import check_settings
+
+    check_settings()  # a wrong SOUP_NATIVE_READS fails now, not in the middle of a pass
     start = time.perf_counter()
     arch = Arch.from_hf(bank.info.run.model.to_hf())
     if spec.parity or spec.data or spec.eval_texts:  # bad --data / --eval-texts fail now, not after the export
@@ -137,7 +143,7 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
     known = []  # per root: the files hashed as they were written
     for lo in range(0, len(mixes), per_pass):
         known += emit(bank, mixes[lo:lo + per_pass], roots[lo:lo + per_pass], g, model_bytes,
-                      write_hf_weights=spec.keep_hf or spec.parity, progress=progress)
+                      write_hf_weights=spec.keep_hf or spec.parity, progress=progress, link_shared=link_shared)
     shared_seconds = (time.perf_counter() - start) / len(mixes)
     manifests = []
     extras = extras or [{} for _ in mixes]

@@ -170,9 +170,13 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
 @click.option("--out", required=True, type=_path, help="Batch directory to create (one sub-directory per customer).")
 @click.option("--mixes-per-pass", default=32, show_default=True, type=click.IntRange(min=1),
               help="Customers fused per pass over the bank; memory holds one fused tensor per customer of a pass.")
+@click.option("--link-shared", is_flag=True,
+              help="Hard-link the files that are the same for every customer (graph, tokenizer, configs) instead "
+                   "of writing a copy per customer: less disk and faster, but a tar of the whole batch then "
+                   "cannot extract one customer alone.")
 @export_options
-def batch(ckpt, mixes, out, mixes_per_pass, quant, qparam, max_size, no_parity, eval_texts, data, no_hf, force,
-          ort_format):
+def batch(ckpt, mixes, out, mixes_per_pass, link_shared, quant, qparam, max_size, no_parity, eval_texts, data, no_hf,
+          force, ort_format):
     """Many customers in one pass over the bank.
 
     MIXES (YAML or JSON) maps each customer NAME to {domain: weight, ...}, {mix: {...}} or
@@ -186,7 +190,8 @@ def batch(ckpt, mixes, out, mixes_per_pass, quant, qparam, max_size, no_parity, 
     from soup_export.build import batch as run_batch
 
     spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format)
-    manifests = run_batch(ckpt, read_batch(ckpt, mixes), out, spec, force, per_pass=mixes_per_pass)
+    manifests = run_batch(ckpt, read_batch(ckpt, mixes), out, spec, force, per_pass=mixes_per_pass,
+                          link_shared=link_shared)
     for m in manifests:
         click.echo(_summary(m))
     click.echo(f"wrote {out} ({len(manifests)} specialists)")

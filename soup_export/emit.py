@@ -8,8 +8,10 @@ write the fused tensor to its HF `model.safetensors` (when asked) and its encode
 `model.onnx.data` at the offset the graph already names. `model.onnx` is the same bytes for every
 mix. No intermediate file is written and read back; peak memory is one bank tensor plus one
 fused tensor per mix (on the kernel path, the int4 outputs of up to five tensors: one being
-fused, four waiting for the writer; the norms, copied out of the workspace, are a few KB), and
-each mix's two 1 MB write buffers (`datafile.CHUNK`: one staged, one being written).
+fused, four waiting for the writer), every norm's vector for every mix (fused before the pass and
+kept until written: a few KB each), and each mix's two 1 MB write buffers (`datafile.CHUNK`: one
+staged, one being written). A machine's first shipping-only int4 batch also times the kernel's
+two ways of reading the bank, on 128 MB of its own (`native.reads_in_place`).
 """
 from __future__ import annotations
 
@@ -47,10 +49,12 @@ def weight_order(g: DecoderGraph) -> list[str]:
 
 
 def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model_bytes: bytes,
-         write_hf_weights: bool, progress: bool = False) -> list[dict[str, tuple[str, int]]]:
+         write_hf_weights: bool, progress: bool = False, link_shared: bool = False) -> list[dict[str, tuple[str, int]]]:
     """Write `root/onnx` for every mix, and `root/hf` (a complete HF directory) if `write_hf_weights`.
     The roots are staged directories (renamed into place once the whole export succeeded), so every
-    file is written under its final name.
+    file is written under its final name. With `link_shared`, the files that are the same bytes for
+    every customer are written once per writer lane and hard-linked into its other customers'
+    directories (and hf/ to onnx/).
     Returns, per root, the SHA-256 and bytes of the files whose hash is already known
     ({relative path: (sha256, bytes)}: the files written from memory, the same for every customer
     but the spec, hashed once; each data file, hashed as it was written)."""
@@ -67,11 +71,15 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
     spec_files = [spec_bytes(bank, mix, alpha, "float32") for mix, alpha in zip(mixes, alphas)]
     files = [(m, HashedDataFile(root / "onnx" / DATA_FILE)) for m, root in enumerate(roots)]  # staged: final names
     hf_writers = []
+    if not write_hf_weights and len(mixes) > 1 and any(native.quantizes(s.rep, tuple(bank.shapes[s.weight]))
+                                                       for s in g.stored if s.weight in bank.shapes):
+        native.reads_in_place(torch.get_num_threads())  # measured now (once per machine) if never, not during the pass
     try:
         with _Writer(files, lanes=min(torch.get_num_threads(), MAX_LANES)) as writer:
             # every customer's directories and small files, made by the writer's lanes while the first
             # tensors are fused (on this machine's disk, creating files took 1-3 ms per customer)
-            writer.submit(_write_small_files, roots, common, configs, spec_files, model_bytes, write_hf_weights)
+            writer.submit(_write_small_files, roots, common, configs, spec_files, model_bytes, write_hf_weights,
+                          link_shared)
             specs = [(name, torch.float32, bank.shapes[name]) for name in order]
             for root in roots if write_hf_weights else ():
                 (root / "hf").mkdir(parents=True, exist_ok=True)
@@ -97,12 +105,13 @@ def emit(bank: Bank, mixes: list[Mix], roots: list[Path], g: DecoderGraph, model
     return known
 
 
-def _write_small_files(lane, roots, common, configs, spec_files, model_bytes, write_hf_weights) -> None:
+def _write_small_files(lane, roots, common, configs, spec_files, model_bytes, write_hf_weights,
+                       link_shared: bool = False) -> None:
     """A lane's customers' directories and the files written from memory: the HF side files and
     spec (in `hf/` too when HF weights are written), `model.onnx`, the runtime configs (the large
-    ones, tokenizer.json and model.onnx, with direct I/O, as the data files). The files that are
-    the same bytes for every customer are written once per lane and hard-linked into its other
-    customers' directories (see `_link`)."""
+    ones, tokenizer.json and model.onnx, with direct I/O, as the data files). With `link_shared`,
+    the files that are the same bytes for every customer are written once per lane and hard-linked
+    into its other customers' directories (see `_link`)."""
     shared = {**common, MODEL_FILE: model_bytes, **configs}
     written: dict[str, Path] = {}  # name -> the lane's copy of that file (common's are alike in hf/ and onnx/)
     for m, _ in lane:
@@ -112,7 +121,7 @@ def _write_small_files(lane, roots, common, configs, spec_files, model_bytes, wr
             write_file(roots[m] / sub / SPEC_FILE, spec_files[m])
             for name, data in files.items():
                 path = roots[m] / sub / name
-                if name not in written or not _link(written[name], path):
+                if not link_shared or name not in written or not _link(written[name], path):
                     write_file(path, data)
                     written.setdefault(name, path)
 
@@ -197,10 +206,10 @@ class Weight(NamedTuple):
 def fused_weights(bank, g: DecoderGraph, alphas, exact: bool, progress: bool = False) -> Iterator[Weight]:
     """The bank pass of an export: every stored weight in the graph's storage order. With `exact`
     every mix is fused by `combine` itself; otherwise int4 matrices go through the compiled kernel
-    where it applies. A torch fusion lives in a reused workspace, valid until the next weight; the
-    small ones (fewer than SMALL values per mix: the norms' vectors), which the kernel never
-    takes, are all fused first, before any large tensor, and kept until their turn (see
-    `_small_fusions`)."""
+    where it applies. A torch fusion lives in a reused workspace, valid until the next weight, but
+    the small vectors (fewer than SMALL values per mix: the norms'), which the kernel never takes,
+    are all fused first, before any large tensor, and kept until their turn (see `_small_fusions`);
+    other small fusions are copied out of the workspace."""
     import torch
 
     by_weight: dict[str, list] = {}
@@ -233,14 +242,14 @@ def fused_weights(bank, g: DecoderGraph, alphas, exact: bool, progress: bool = F
 
 
 def _small_fusions(bank, mapped, by_weight: dict, alphas, workspace, exact: bool) -> dict:
-    """{name: (mixes, *shape) fused copy} of the small weights that no kernel takes (the norms'
-    vectors), fused one after another on one torch thread before the pass. Fused between two
+    """{name: (mixes, size) fused copy} of the small vectors (the norms'; no kernel takes them),
+    fused one after another on one torch thread before the pass (kept until their turn: a few KB
+    per mix; small matrices are fused in their turn, as they could be the whole model). Fused between two
     kernel calls, each had taken about 0.2 ms (the bank's pages and the caches cold after a
     matrix's pass), 3.7 ms of an 80 ms single build; together, a few tenths of a millisecond.
     The same `combine_many` calls, so the same bytes."""
-    names = [name for name, parts in by_weight.items() if not name.startswith("@")
-             and math.prod(bank.shapes[name]) < SMALL
-             and (exact or not all(native.quantizes(s.rep, tuple(bank.shapes[name])) for s, _ in parts))]
+    names = [name for name in by_weight if not name.startswith("@") and len(bank.shapes[name]) == 1
+             and math.prod(bank.shapes[name]) < SMALL]
     if not names:
         return {}
     with _one_torch_thread(True):

@@ -31,8 +31,8 @@ A batch's tiles read the bank either where it is mapped or from a copy of each c
 bytes, but which is faster depends on the processor's prefetchers, not on its instruction set.
 A 16-mix pass over the benchmark's bank took 93-94 ms in place against 112 ms through the copies
 on an Intel Xeon with AVX-512, and 122-124 ms against 74-84 ms on an AMD EPYC Zen 5 with AVX-512.
-So `reads_in_place()` measures both once per machine, on the first batch, and keeps the answer
-beside the library (`SOUP_NATIVE_READS=copy|in-place` decides instead).
+So `reads_in_place()` measures both once per machine, before the first batch's pass, and keeps
+the answer beside the library (`SOUP_NATIVE_READS=copy|in-place` decides instead).
 """
 from __future__ import annotations
 
@@ -165,17 +165,25 @@ READS_ENV = "SOUP_NATIVE_READS"
 READS = {"in-place": True, "copy": False}
 
 
-def reads_in_place() -> bool:
-    """Whether a batch's tiles read the bank where it is mapped (True) rather than a copy of each
-    chunk: $SOUP_NATIVE_READS if set, else what `calibrate_reads` measured on this machine (once,
-    kept in the user cache beside the built library). Both give the same bytes."""
+def check_settings() -> None:
+    """Raise a ConfigError for a wrong $SOUP_NATIVE_READS (checked at the start of every export,
+    whether or not a batch's kernel will read it)."""
+    forced = os.environ.get(READS_ENV, "")
+    if forced and forced not in READS:
+        raise ConfigError(f"{READS_ENV}={forced!r}: expected one of {', '.join(READS)}, or unset it "
+                          "to use the reads measured on this machine")
+
+
+def reads_in_place(threads: int) -> bool:
+    """Whether a batch's tiles, on `threads` threads, read the bank where it is mapped (True) rather
+    than a copy of each chunk: $SOUP_NATIVE_READS if set, else what `calibrate_reads` measured on
+    this machine with as many threads (once, kept in the user cache beside the built library; an
+    unwritable cache is measured again once per process). Both give the same bytes."""
+    check_settings()
     forced = os.environ.get(READS_ENV, "")
     if forced:
-        if forced not in READS:
-            raise ConfigError(f"{READS_ENV}={forced!r}: expected one of {', '.join(READS)}, or unset it "
-                              "to use the reads measured on this machine")
         return READS[forced]
-    return _measured_reads()["in_place"]
+    return kernel() is not None and _measured_reads(threads)["in_place"]
 
 
 # the calibration's matrix: a bank of 128 MB, past the caches as an export's bank is (on the AMD
@@ -183,10 +191,9 @@ def reads_in_place() -> bool:
 CALIBRATION = {"experts": 32, "rows": 1024, "cols": 1024, "mixes": 16, "rounds": 5}
 
 
-@functools.lru_cache(maxsize=1)
-def _measured_reads() -> dict:
+@functools.lru_cache(maxsize=None)
+def _measured_reads(threads: int) -> dict:
     path = Path(kernel().soup_path)
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     key = {"library": path.name, "threads": threads, **CALIBRATION}
     return cached_json(path.with_name(f"{path.stem}.reads.json"), key, lambda: calibrate_reads(threads),
                        lambda v: isinstance(v, dict) and isinstance(v.get("in_place"), bool))
@@ -197,7 +204,7 @@ def calibrate_reads(threads: int, experts: int = CALIBRATION["experts"], rows: i
                     rounds: int = CALIBRATION["rounds"]) -> dict:
     """Time a batch's fusion both ways on a synthetic bank, alternately `rounds` times (the first
     round a warm-up): {"in_place": whether in place was faster by the medians, "ms": both medians}.
-    About 0.2 s, once per machine."""
+    About 0.3 s (and 128 MB), once per machine and thread count."""
     bank = np.full((experts, rows, cols), 0.5, np.float32)
     shared, alphas = np.zeros((rows, cols), np.float32), np.full((mixes, experts), 1 / experts, np.float32)
     times: dict[bool, list[float]] = {True: [], False: []}
@@ -214,7 +221,7 @@ def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, thre
                   in_place: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every mix's int4 storage of S + sum_j alphas[m, j] bank[j]: q (mixes, rows, cols / 32, 16)
     and scales (mixes, rows, cols / 32). shared (rows, cols), bank (n, rows, cols), alphas (mixes, n).
-    `in_place`: how a batch's tiles read the bank (None: `reads_in_place()`, asked only for a batch)."""
+    `in_place`: how a batch's tiles read the bank (None: `reads_in_place(threads)`, asked only for a batch)."""
     lib = kernel()
     rows, cols = shared.shape
     shared, bank = np.ascontiguousarray(shared, np.float32), np.ascontiguousarray(bank, np.float32)
@@ -223,7 +230,8 @@ def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, thre
     assert bank.shape == (n, rows, cols) and cols % BLOCK == 0, (bank.shape, shared.shape, alphas.shape)
     q, scales = _outputs(mixes, rows, cols)
     _check(lib.fuse_q4(shared.ctypes.data, bank.ctypes.data, n, rows, cols, alphas.ctypes.data, mixes, threads,
-                       q.ctypes.data, scales.ctypes.data, int(reads_in_place() if in_place is None and mixes > 1 else bool(in_place))))
+                       q.ctypes.data, scales.ctypes.data,
+                       int(reads_in_place(threads) if in_place is None and mixes > 1 else bool(in_place))))
     return q, scales
 
 

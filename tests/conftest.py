@@ -9,6 +9,9 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# a batch's kernel reads as told: the reads measured under the suite's load would be kept in the user
+# cache for real exports (both ways are tested explicitly, and the measurement with its own cache)
+os.environ.setdefault("SOUP_NATIVE_READS", "copy")
 
 
 @pytest.fixture(scope="session")

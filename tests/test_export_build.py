@@ -208,10 +208,10 @@ def test_batch_writes_the_graph_once_and_equals_single_builds(debug_ckpt, tmp_pa
 
 
 def test_batch_customers_share_their_identical_files_as_hard_links(debug_ckpt, tmp_path, monkeypatch):
-    """A batch writes each file that is the same bytes for every customer (graph, tokenizer, configs)
-    once per writer lane and hard-links it into the lane's other customers (one lane here: one
-    copy); each customer's own files (weights, spec, manifest) are its own. Where links fail, every
-    file is written as usual, with the same bytes and hashes."""
+    """With --link-shared, a batch writes each file that is the same bytes for every customer
+    (graph, tokenizer, configs) once per writer lane and hard-links it into the lane's other
+    customers (one lane here: one copy); each customer's own files (weights, spec, manifest) are its
+    own. Without the flag, or where links fail, every file is written, with the same bytes and hashes."""
     from soup_export import emit
     from soup_export.manifest import file_sha256
 
@@ -222,15 +222,17 @@ def test_batch_customers_share_their_identical_files_as_hard_links(debug_ckpt, t
               "generation_config.json", "genai_config.json", "export.json"]
     own = ["onnx/model.onnx.data", "onnx/soup_spec.json", "hf/model.safetensors", "hf/soup_spec.json", "manifest.json"]
 
-    def export(out):
-        result = run("batch", debug_ckpt, tmp_path / "customers.yaml", "--out", out, "--quant", "int4", "--no-parity")
+    def export(out, *flags):
+        result = run("batch", debug_ckpt, tmp_path / "customers.yaml", "--out", out, "--quant", "int4", "--no-parity",
+                     *flags)
         assert result.exit_code == 0, result.output
+        assert json.loads((out / "batch.json").read_text())["link_shared"] == bool(flags)
         for name in mixes:  # every file as the manifest records it
             for rel, entry in json.loads((out / name / "manifest.json").read_text())["files"].items():
                 assert file_sha256(out / name / rel) == entry["sha256"], (name, rel)
         return out
 
-    linked = export(tmp_path / "linked")
+    linked = export(tmp_path / "linked", "--link-shared")
     for name in shared:
         copies = [linked / c / "onnx" / name for c in mixes] + [linked / c / "hf" / name for c in mixes
                                                                   if (linked / c / "hf" / name).exists()]
@@ -241,11 +243,14 @@ def test_batch_customers_share_their_identical_files_as_hard_links(debug_ckpt, t
     def refused(src, dst):
         raise OSError(1, "Operation not permitted")
 
+    plain = export(tmp_path / "plain")
     monkeypatch.setattr(emit.os, "link", refused)
-    copied = export(tmp_path / "copied")
-    for name in shared:
-        assert all(os.stat(copied / c / "onnx" / name).st_nlink == 1 for c in mixes), name
-        assert len({sha(copied / c / "onnx" / name) for c in mixes} | {sha(linked / "acme" / "onnx" / name)}) == 1
+    refused_links = export(tmp_path / "refused", "--link-shared")
+    for copied in (plain, refused_links):
+        for name in shared:
+            assert all(os.stat(copied / c / sub / name).st_nlink == 1 for c in mixes for sub in ("onnx", "hf")
+                       if (copied / c / sub / name).exists()), name
+            assert len({sha(copied / c / "onnx" / name) for c in mixes} | {sha(linked / "acme" / "onnx" / name)}) == 1
 
 
 class _LateWriter:
@@ -415,6 +420,17 @@ def test_user_mistakes_exit_non_zero_with_one_line_and_write_nothing(debug_ckpt,
     assert result.exit_code != 0 and message in result.output, result.output
     assert "Traceback" not in result.output and not isinstance(result.exception, (KeyError, TypeError, AttributeError))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_wrong_native_reads_setting_fails_any_export_at_once(debug_ckpt, tmp_path, monkeypatch):
+    """SOUP_NATIVE_READS is read only by a shipping-only int4 batch's kernel, but a wrong value fails
+    every export before anything is written, as a one-line error."""
+    monkeypatch.setenv("SOUP_NATIVE_READS", "sideways")
+    (tmp_path / "m.yaml").write_text("acme: {licences: 1}\n")
+    for args in (["build", debug_ckpt, "--mix", "licences=1"], ["batch", debug_ckpt, tmp_path / "m.yaml"]):
+        result = run(*args, "--quant", "fp32", "--no-parity", "--out", tmp_path / "out")
+        assert result.exit_code != 0 and "SOUP_NATIVE_READS='sideways': expected one of in-place, copy" in result.output
+        assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
 def test_missing_corrupt_checkpoint_and_existing_output_are_refused(debug_ckpt, tmp_path):

@@ -524,7 +524,7 @@ def test_native_kernel_quantizes_exactly_like_the_torch_path(mixes, n, rows, col
     (the chunk size), so 7 rows end in a shorter piece, and each piece prefetches the next.
     One mix takes the kernel's other path (four experts at a time, then the rest, over spans of 512 values that
     cross rows). A batch is checked both ways its tiles can read the bank: from copies of each
-    chunk, and in place (the default of AVX-512 builds)."""
+    chunk, and in place (which of the two a batch uses is measured per machine)."""
     native = _native_kernel_or_skip()
     if cols == "chunk":
         cols = native.chunk_size() // (4 * n)
@@ -572,8 +572,9 @@ def _check_exact_fusion(native, mixes, n, rows, cols, threads):
 
 def test_batch_reads_are_measured_once_per_machine_kept_and_can_be_forced(monkeypatch, tmp_path):
     """How a batch's tiles read the bank (in place or through copies: the same bytes, see the test
-    above) is timed once, kept beside the library, timed again only if that entry is unreadable,
-    and SOUP_NATIVE_READS decides instead when set (a wrong value is a user error)."""
+    below) is timed once per thread count, kept beside the library, timed again only if that entry
+    is unreadable or for another thread count, and SOUP_NATIVE_READS decides instead when set (a
+    wrong value is a user error). The kernel is called with the answer, for a batch only."""
     from soup_train.errors import ConfigError
 
     native = _native_kernel_or_skip()
@@ -581,34 +582,53 @@ def test_batch_reads_are_measured_once_per_machine_kept_and_can_be_forced(monkey
     assert set(measured["ms"]) == {"in-place", "copy"} and all(t > 0 for t in measured["ms"].values())
     assert measured["in_place"] == (measured["ms"]["in-place"] < measured["ms"]["copy"])
     monkeypatch.delenv("SOUP_NATIVE_READS", raising=False)
-    monkeypatch.setattr(native.kernel(), "soup_path", tmp_path / "native_q4-test.so")
-    calls = []
+    lib, calls, modes = native.kernel(), [], []
+    monkeypatch.setattr(lib, "soup_path", tmp_path / "native_q4-test.so")
     monkeypatch.setattr(native, "calibrate_reads", lambda threads: calls.append(threads) or
-                        {"in_place": True, "ms": {"in-place": 1.0, "copy": 2.0}})
+                        {"in_place": threads == 2, "ms": {"in-place": 1.0, "copy": 2.0}})
+
+    class Spy:  # the kernel, recording the reads each fuse_q4 call was given
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def fuse_q4(self, *args):
+            modes.append(args[-1])
+            return lib.fuse_q4(*args)
+
+    monkeypatch.setattr(native, "kernel", Spy)
     native._measured_reads.cache_clear()
+    shared, bank, alphas = np.ones((2, 32), np.float32), np.ones((3, 2, 32), np.float32), np.ones((4, 3), np.float32)
     try:
-        assert native.reads_in_place() is True and len(calls) == 1  # measured, and kept
+        assert native.reads_in_place(2) is True and calls == [2]  # measured, and kept
         (kept,) = tmp_path.glob("*.reads.json")
         native._measured_reads.cache_clear()  # another process: read back, not measured
-        assert native.reads_in_place() is True and len(calls) == 1
+        assert native.reads_in_place(2) is True and calls == [2]
+        assert native.reads_in_place(1) is False and calls == [2, 1]  # another thread count: its own timing
+        native.fuse_quantize(shared, bank, alphas, 2)
+        native.fuse_quantize(shared, bank, alphas, 1)
+        native.fuse_quantize(shared, bank, alphas[:1], 2)  # one mix: no tiles, nothing asked
+        assert modes == [1, 0, 0]
         kept.write_text("{")
         native._measured_reads.cache_clear()
-        assert native.reads_in_place() is True and len(calls) == 2  # unreadable: measured again
+        assert native.reads_in_place(2) is True and calls == [2, 1, 2]  # unreadable: measured again
         monkeypatch.setenv("SOUP_NATIVE_READS", "copy")
-        assert native.reads_in_place() is False and len(calls) == 2
+        native.fuse_quantize(shared, bank, alphas, 2)
+        assert native.reads_in_place(2) is False and modes[-1] == 0 and calls == [2, 1, 2]
         monkeypatch.setenv("SOUP_NATIVE_READS", "direct")
-        with pytest.raises(ConfigError, match="SOUP_NATIVE_READS='direct': expected one of in-place, copy"):
-            native.reads_in_place()
+        for ask in (native.check_settings, lambda: native.reads_in_place(2)):
+            with pytest.raises(ConfigError, match="SOUP_NATIVE_READS='direct': expected one of in-place, copy"):
+                ask()
     finally:
         native._measured_reads.cache_clear()
 
 
-@pytest.mark.parametrize("n,rows,cols", [(32, 200, 352), (3, 25, 4096)])
+@pytest.mark.parametrize("n,rows,cols", [(32, 200, 352), (7, 30, 160), (3, 25, 4096)])
 def test_native_kernel_gives_a_mix_the_same_bytes_alone_and_in_any_batch(n, rows, cols):
-    """A shipping-only single build fuses its one mix expert after expert; a batch fuses tiles of
-    up to 8 mixes (6 with AVX2). Each mix's sum must be the same chain of multiply-adds either way, so that a
-    customer's bytes do not depend on the batch it is exported in: checked on values whose sums
-    do round, for a mix at every tile position and over uneven thread splits."""
+    """A shipping-only single build fuses its one mix four experts at a time (then the rest: 32, 7
+    and 3 experts take either loop or both); a batch fuses tiles of up to 8 mixes (6 with AVX2).
+    Each mix's sum must be the same chain of multiply-adds either way, so that a customer's bytes
+    do not depend on the batch it is exported in: checked on values whose sums do round, for a mix
+    at every tile position and over uneven thread splits."""
     native = _native_kernel_or_skip()
     rng = np.random.default_rng(n * rows)
     shared = rng.normal(size=(rows, cols)).astype(np.float32)
