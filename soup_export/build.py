@@ -104,7 +104,7 @@ MIXES_PER_PASS = 32  # a pass holds one fused tensor per mix: memory grows with 
 
 
 def batch(ckpt: Path, mixes: list[Mix], out: Path, spec: ExportSpec = ExportSpec(), force: bool = False,
-          progress: bool = True, per_pass: int = MIXES_PER_PASS, link_shared: bool = False) -> list[dict]:
+          progress: bool = True, per_pass: int = MIXES_PER_PASS, link_shared: bool = True) -> list[dict]:
     """Many mixes: tensor-major passes over the bank (up to `per_pass` mixes each), the graph emitted once;
     with `link_shared`, the files alike for every customer are hard links (see `emit`)."""
     names = [m.name for m in mixes]

@@ -170,10 +170,11 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
 @click.option("--out", required=True, type=_path, help="Batch directory to create (one sub-directory per customer).")
 @click.option("--mixes-per-pass", default=32, show_default=True, type=click.IntRange(min=1),
               help="Customers fused per pass over the bank; memory holds one fused tensor per customer of a pass.")
-@click.option("--link-shared", is_flag=True,
-              help="Hard-link the files that are the same for every customer (graph, tokenizer, configs) instead "
-                   "of writing a copy per customer: less disk and faster, but a tar of the whole batch then "
-                   "cannot extract one customer alone.")
+@click.option("--link-shared/--copy-shared", default=True, show_default=True,
+              help="Write the files that are the same for every customer (graph, tokenizer, configs) once and "
+                   "hard-link them into each customer's directory, or write a copy per customer. Copies are "
+                   "independent files: a tar of the whole batch can then extract one customer alone, and a file "
+                   "edited in place changes for its customer only.")
 @export_options
 def batch(ckpt, mixes, out, mixes_per_pass, link_shared, quant, qparam, max_size, no_parity, eval_texts, data, no_hf,
           force, ort_format):

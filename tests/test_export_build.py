@@ -208,10 +208,10 @@ def test_batch_writes_the_graph_once_and_equals_single_builds(debug_ckpt, tmp_pa
 
 
 def test_batch_customers_share_their_identical_files_as_hard_links(debug_ckpt, tmp_path, monkeypatch):
-    """With --link-shared, a batch writes each file that is the same bytes for every customer
-    (graph, tokenizer, configs) once per writer lane and hard-links it into the lane's other
-    customers (one lane here: one copy); each customer's own files (weights, spec, manifest) are its
-    own. Without the flag, or where links fail, every file is written, with the same bytes and hashes."""
+    """A batch writes each file that is the same bytes for every customer (graph, tokenizer,
+    configs) once per writer lane and hard-links it into the lane's other customers (one lane
+    here: one copy); each customer's own files (weights, spec, manifest) are its own. With
+    --copy-shared, or where links fail, every file is written, with the same bytes and hashes."""
     from soup_export import emit
     from soup_export.manifest import file_sha256
 
@@ -226,13 +226,13 @@ def test_batch_customers_share_their_identical_files_as_hard_links(debug_ckpt, t
         result = run("batch", debug_ckpt, tmp_path / "customers.yaml", "--out", out, "--quant", "int4", "--no-parity",
                      *flags)
         assert result.exit_code == 0, result.output
-        assert json.loads((out / "batch.json").read_text())["link_shared"] == bool(flags)
+        assert json.loads((out / "batch.json").read_text())["link_shared"] == (flags != ("--copy-shared",))
         for name in mixes:  # every file as the manifest records it
             for rel, entry in json.loads((out / name / "manifest.json").read_text())["files"].items():
                 assert file_sha256(out / name / rel) == entry["sha256"], (name, rel)
         return out
 
-    linked = export(tmp_path / "linked", "--link-shared")
+    linked = export(tmp_path / "linked")
     for name in shared:
         copies = [linked / c / "onnx" / name for c in mixes] + [linked / c / "hf" / name for c in mixes
                                                                   if (linked / c / "hf" / name).exists()]
@@ -243,9 +243,9 @@ def test_batch_customers_share_their_identical_files_as_hard_links(debug_ckpt, t
     def refused(src, dst):
         raise OSError(1, "Operation not permitted")
 
-    plain = export(tmp_path / "plain")
+    plain = export(tmp_path / "plain", "--copy-shared")
     monkeypatch.setattr(emit.os, "link", refused)
-    refused_links = export(tmp_path / "refused", "--link-shared")
+    refused_links = export(tmp_path / "refused")
     for copied in (plain, refused_links):
         for name in shared:
             assert all(os.stat(copied / c / sub / name).st_nlink == 1 for c in mixes for sub in ("onnx", "hf")

@@ -4,8 +4,8 @@
 2. optimum: our resolve, then optimum-onnx's `main_export` (text-generation-with-past) of the HF
             directory and onnxruntime's MatMulNBitsQuantizer (int4, block 32, symmetric, level 4)
 3. genai:   our resolve, then onnxruntime-genai's model builder (int4, cpu)
-plus a batch of 16 mixes vs 16 single builds (and the same batch with `--link-shared`, for its
-effect; the ratio is the default batch's), and fusion throughput (bank bytes read, fused and
+plus a batch of 16 mixes vs 16 single builds (and the same batch with `--copy-shared`, whose
+customers' shared files are copies rather than hard links), and fusion throughput (bank bytes read, fused and
 int4-quantized per second, as a shipping-only export does it) vs a numpy copy of the same bytes
 (both through a fresh memory map, as a build reads the bank, and both through one whose pages are
 already mapped). The bounds lines say what the bank pass alone allows: its time, and the ratios a
@@ -106,7 +106,7 @@ def job_in_subprocess(job: str, root: Path, repeat: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-JOBS = ("ours", "optimum", "genai", "batch", "singles", "linked")  # linked: the batch with --link-shared
+JOBS = ("ours", "optimum", "genai", "batch", "singles", "copied")  # copied: the batch with --copy-shared
 
 
 def report(root: Path, rounds: int, repeat: int, commands: bool = False) -> None:
@@ -136,7 +136,7 @@ def report(root: Path, rounds: int, repeat: int, commands: bool = False) -> None
         print(f"| {label} | {sec[key]:.3f} | {ratio(key, 'ours'):.1f}x |")
     print(f"| batch of 16 mixes | {sec['batch']:.3f} | |")
     print(f"| 16 single builds | {sec['singles']:.3f} | batch {ratio('singles', 'batch'):.1f}x faster |")
-    print(f"| batch of 16 mixes, --link-shared | {sec['linked']:.3f} | {ratio('singles', 'linked'):.1f}x faster than singles |")
+    print(f"| batch of 16 mixes, --copy-shared | {sec['copied']:.3f} | {ratio('singles', 'copied'):.1f}x faster than singles |")
     f = runs["fusion"][0]
     how = "fused and int4-quantized by the compiled kernel" if f["kernel"] else "fused by torch (no compiled kernel)"
     print(f"fusion: {f['fuse_gbps']:.2f} GB/s of bank read and {how}, vs numpy copy {f['copy_gbps']:.2f} GB/s, both "
@@ -267,7 +267,7 @@ def run_job(job: str, root: Path, repeat: int) -> dict:
         return commands_job(ckpt, mixes, scratch)
     fn = {"ours": ours, "optimum": optimum_path, "genai": genai_path,
           "batch": lambda: batch(ckpt, mixes, fresh("batch"), spec, progress=False),
-          "linked": lambda: batch(ckpt, mixes, fresh("linked"), spec, progress=False, link_shared=True),
+          "copied": lambda: batch(ckpt, mixes, fresh("copied"), spec, progress=False, link_shared=False),
           "singles": lambda: [build(ckpt, m, fresh("single"), spec) for m in mixes]}[job]
     fn()  # warm-up: imports, first-call caches
     for part in split.values():
