@@ -165,13 +165,14 @@ READS_ENV = "SOUP_NATIVE_READS"
 READS = {"in-place": True, "copy": False}
 
 
-def check_settings() -> None:
-    """Raise a ConfigError for a wrong $SOUP_NATIVE_READS (checked at the start of every export,
-    whether or not a batch's kernel will read it)."""
+def check_settings() -> bool | None:
+    """The reads $SOUP_NATIVE_READS forces (True: in place), None if unset; a ConfigError for a
+    wrong value (checked at the start of every export, whether or not a batch's kernel reads it)."""
     forced = os.environ.get(READS_ENV, "")
     if forced and forced not in READS:
         raise ConfigError(f"{READS_ENV}={forced!r}: expected one of {', '.join(READS)}, or unset it "
                           "to use the reads measured on this machine")
+    return READS[forced] if forced else None
 
 
 def reads_in_place(threads: int) -> bool:
@@ -179,10 +180,9 @@ def reads_in_place(threads: int) -> bool:
     than a copy of each chunk: $SOUP_NATIVE_READS if set, else what `calibrate_reads` measured on
     this machine with as many threads (once, kept in the user cache beside the built library; an
     unwritable cache is measured again once per process). Both give the same bytes."""
-    check_settings()
-    forced = os.environ.get(READS_ENV, "")
-    if forced:
-        return READS[forced]
+    forced = check_settings()
+    if forced is not None:
+        return forced
     return kernel() is not None and _measured_reads(threads)["in_place"]
 
 
