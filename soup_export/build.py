@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ import numpy as np
 from soup_export import budget as budget_mod
 from soup_export import parity as P
 from soup_export import stopping
-from soup_export.errors import ExportInputError, MixError, OutputExistsError, ParityError
+from soup_export.errors import ExportInputError, MixError, OutputExistsError, OutputWriteError, ParityError
 from soup_export.evaltext import from_data, from_texts, random_tokens, resolve_data_dir
 from soup_export.manifest import write_manifest
 from soup_export.mix import Mix
@@ -49,11 +50,13 @@ class ExportSpec:
     data: str | None = None  # data directory for held-out text (default: the checkpoint's, if present)
     eval_texts: tuple[str, ...] = ()  # the customer's own texts for parity (c)
     ort_format: bool = False  # also write model.ort for onnxruntime mobile, with its usability report
+    verify_checkpoint: bool = False  # hash the bank and compare with the SHA-256 recorded when it was written
 
     def to_dict(self) -> dict:
         return {"quant": self.quant, "quant_params": dict(self.quant_params), "max_size": self.max_size,
                 "parity": self.parity, "parity_config": self.parity_cfg.to_dict(), "keep_hf": self.keep_hf,
-                "eval_texts": [Path(t).name for t in self.eval_texts], "ort_format": self.ort_format}
+                "eval_texts": [Path(t).name for t in self.eval_texts], "ort_format": self.ort_format,
+                "verify_checkpoint": self.verify_checkpoint}
 
 
 def check_output_path(out: Path, force: bool) -> Path:
@@ -67,6 +70,10 @@ def check_output_path(out: Path, force: bool) -> Path:
         raise OutputExistsError(f"--out {out} exists and is a file; choose a directory name")
     if target.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it or choose another --out")
+    parent = next(p for p in target.parents if p.exists())  # where the staging directory will be made
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputWriteError(f"--out {out}: {parent} is not writable by this user; choose another --out "
+                               "or fix its permissions")
     return target
 
 
@@ -97,27 +104,30 @@ def build(ckpt: Path, mix: Mix, out: Path, spec: ExportSpec = ExportSpec(), forc
           extra: dict | None = None) -> dict:
     """Every stage for one mix; returns the manifest (`extra` fields are added to it, e.g. the mix search)."""
     with staged_output(out, force) as tmp:
-        return export(Bank.open(ckpt), [mix], [tmp], spec, extras=[extra or {}])[0]
+        return export(Bank.open(ckpt, spec.verify_checkpoint), [mix], [tmp], spec, extras=[extra or {}])[0]
 
 
 MIXES_PER_PASS = 32  # a pass holds one fused tensor per mix: memory grows with it, bank reads shrink
 
 
 def batch(ckpt: Path, mixes: list[Mix], out: Path, spec: ExportSpec = ExportSpec(), force: bool = False,
-          progress: bool = True, per_pass: int = MIXES_PER_PASS, link_shared: bool = True) -> list[dict]:
+          progress: bool = True, per_pass: int = MIXES_PER_PASS, link_shared: bool = True,
+          shard: dict | None = None) -> list[dict]:
     """Many mixes: tensor-major passes over the bank (up to `per_pass` mixes each), the graph emitted once;
-    with `link_shared`, the files alike for every customer are hard links (see `emit`)."""
+    with `link_shared`, the files alike for every customer are hard links (see `emit`). `shard` (which
+    part of a customers file these mixes are, see `batchfile.Shard`) is recorded in batch.json."""
     names = [m.name for m in mixes]
     if len(set(names)) != len(names):
         raise MixError(f"customer names must be unique, got {', '.join(sorted(n for n in set(names) if names.count(n) > 1))} twice")
     with staged_output(out, force) as tmp:
-        bank = Bank.open(ckpt)
+        bank = Bank.open(ckpt, spec.verify_checkpoint)
         manifests = export(bank, mixes, [tmp / m.name for m in mixes], spec, progress, per_pass=per_pass,
                            link_shared=link_shared)
         summary = [{"name": m["mix"]["name"], "tier": m["tier"], "bytes": m["size"]["actual"],
                     "weights": m["mix"]["weights"]} for m in manifests]
         (tmp / "batch.json").write_text(json.dumps({"checkpoint": checkpoint_ref(bank), "spec": spec.to_dict(),
                                                     "mixes_per_pass": per_pass, "link_shared": link_shared,
+                                                    **({"shard": shard} if shard else {}),
                                                     "customers": summary}, indent=2) + "\n")
         return manifests
 
@@ -133,11 +143,13 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
     check_settings()  # a wrong SOUP_NATIVE_READS fails now, not in the middle of a pass
     start = time.perf_counter()
     arch = Arch.from_hf(bank.info.run.model.to_hf())
-    if spec.parity or spec.data or spec.eval_texts:  # bad --data / --eval-texts fail now, not after the export
-        for mix in mixes:
-            eval_data(bank, mix, bank.path / "tokenizer.json", spec, arch)
     params = dict(spec.quant_params)
     tier, preds = budget_mod.choose_tier(arch, spec.quant, spec.max_size, params or None)
+    if spec.parity or spec.data or spec.eval_texts:  # bad --data / --eval-texts fail now, not after the export
+        for mix in mixes:
+            _, source = eval_data(bank, mix, bank.path / "tokenizer.json", spec, arch)
+            if spec.parity:
+                check_held_out(source, tier)
     cache: dict = {}
     model_bytes, g = _graph(cache, arch, tier, params if spec.quant != "auto" else {})
     known = []  # per root: the files hashed as they were written
@@ -182,7 +194,7 @@ def run_parity(bank: Bank | None, mix: Mix, hf: Path, onnx_dir: Path, tier: str,
     windows, source = eval_data(bank, mix, hf / "tokenizer.json", spec, arch)
     report: dict = {"eval_source": source}
     if bank is not None:
-        report["a_soup_vs_dense"] = P.soup_vs_dense(bank.path, mix.h, hf, windows[:2, :32], spec.parity_cfg.soup_tol)
+        report["a_soup_vs_dense"] = P.soup_vs_dense(bank, mix.h, hf, windows[:2, :32], spec.parity_cfg.soup_tol)
     return {**report, **dense_parity(hf, onnx_dir, tier, windows, source, spec.parity_cfg, cache, scratch)}
 
 
@@ -201,9 +213,7 @@ def dense_parity(hf: Path, onnx_dir: Path, tier: str, windows: np.ndarray, sourc
     try:
         report["b_torch_vs_onnx"] = P.torch_vs_onnx(hf, fp32_dir, windows[:2, :16], cfg.onnx_tol)
         if tier != "fp32":
-            if source == "random tokens":
-                raise ParityError("parity (c) needs held-out text: pass --eval-texts FILES or --data DIR "
-                                  "(the prepared data directory), or --no-parity")
+            check_held_out(source, tier)
             report["c_quantized_vs_fp32"] = P.quantized_vs_fp32(fp32_dir, onnx_dir, tier, windows, cfg.max_dppl(tier))
         prompt = [int(t) for t in windows[0, :min(16, arch.max_pos // 2)]]
         report["d_greedy"] = P.greedy_match(hf, fp32_dir, prompt, cfg.greedy_tokens)
@@ -212,6 +222,14 @@ def dense_parity(hf: Path, onnx_dir: Path, tier: str, windows: np.ndarray, sourc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return report
+
+
+def check_held_out(source: str, tier: str) -> None:
+    """Parity (c) of a quantized tier judges perplexity, which means nothing on random tokens."""
+    if tier != "fp32" and source == "random tokens":
+        raise ParityError(f"parity (c) of the {tier} tier needs held-out text, and none was found (the checkpoint's "
+                          "data directory is not here): pass --eval-texts FILES or --data DIR (the prepared data "
+                          "directory), or --no-parity")
 
 
 def eval_data(bank: Bank | None, mix: Mix, tokenizer: Path, spec: ExportSpec, arch) -> tuple[np.ndarray, str]:

@@ -5,10 +5,12 @@
     quantize HF or fp32 ONNX -> a tier             check    parity stages on an export
     estimate texts -> domain weights               inspect  summarise a manifest
     compare  specialists vs the generic model on their customers' held-out text
+    batch-check  whether every customer of a (sharded) batch was written
     mixture  a SmallTalk run's routers and experts, under one budget
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
@@ -30,6 +32,9 @@ def mix_options(f):
 
 
 def export_options(f):
+    f = click.option("--verify-checkpoint", is_flag=True,
+                     help="Hash the checkpoint's weights (a full read) and compare with the SHA-256 recorded "
+                          "when they were written.")(f)
     f = click.option("--ort-format", is_flag=True, help="Also write model.ort for onnxruntime mobile.")(f)
     f = click.option("--force", is_flag=True, help="Replace --out if it exists.")(f)
     f = click.option("--no-hf", is_flag=True, help="Do not keep the resolved HF directory.")(f)
@@ -42,7 +47,7 @@ def export_options(f):
                         help="auto (highest precision that fits), fp32, fp16, int8, mixed or int4.")(f)
 
 
-def _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format=False):
+def _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format=False, verify_checkpoint=False):
     from soup_export.budget import parse_size
     from soup_export.build import ExportSpec
     from soup_export.errors import QuantError
@@ -60,7 +65,8 @@ def _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_forma
         raise QuantError("--qparam needs an explicit --quant (auto compares tiers at their defaults)")
     return ExportSpec(quant=quant, quant_params=tuple(params), max_size=parse_size(max_size) if max_size else None,
                       parity=not no_parity, keep_hf=not no_hf, data=str(data) if data else None,
-                      eval_texts=tuple(str(t) for t in eval_texts), ort_format=ort_format)
+                      eval_texts=tuple(str(t) for t in eval_texts), ort_format=ort_format,
+                      verify_checkpoint=verify_checkpoint)
 
 
 def _load_mix(ckpt: Path, name: str, mix_text: str | None, mix_file: Path | None, from_texts: tuple[Path, ...]):
@@ -82,7 +88,7 @@ def _load_mix(ckpt: Path, name: str, mix_text: str | None, mix_file: Path | None
     return mix_from_texts(bank.path, list(from_texts), domains, bank.info.view, name)
 
 
-def _parity_line(p: dict) -> str:
+def parity_line(p: dict) -> str:
     """The parity stages' figures in one line: (a) and (b) max |d logits|, (c) dPPL, KL, top-1, (d)."""
     parts = []
     if "a_soup_vs_dense" in p:
@@ -105,7 +111,7 @@ def _summary(m: dict) -> str:
              "  mix: " + ", ".join(f"{d}={w:.3f}" for d, w in m["mix"]["weights"].items() if w > 0)
              + (" (normalised)" if m["mix"]["normalised"] else "")]
     if not m["parity"].get("skipped"):
-        lines.append("  parity: " + _parity_line(m["parity"]))
+        lines.append("  parity: " + parity_line(m["parity"]))
     if "ort_format" in m:
         o = m["ort_format"]
         usable = ", ".join(f"{k} {v}" for k, v in o["usability"].items() if k != "may_use_mobile_accelerators")
@@ -135,7 +141,7 @@ def main(verbose: bool) -> None:
               help="Refine the mix by gradient steps on h to fit these texts (held-out part stops it); "
                    "starts from the given mix, or from these texts' histogram.")
 def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_size, no_parity, eval_texts, data,
-          no_hf, force, ort_format, optimize_texts):
+          no_hf, force, ort_format, verify_checkpoint, optimize_texts):
     """Every stage: mix, resolve, graph, quantize, budget, parity, manifest.
 
     \b
@@ -147,7 +153,7 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
     from soup_export.build import build as run_build
     from soup_export.build import check_output_path
 
-    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format)
+    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format, verify_checkpoint)
     check_output_path(out, force)  # before the mix search, the slow part
     if optimize_texts and not (mix_text or mix_file or from_texts):
         from_texts = optimize_texts  # start from the histogram estimate of the same texts
@@ -175,9 +181,11 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
                    "hard-link them into each customer's directory, or write a copy per customer. Copies are "
                    "independent files: a tar of the whole batch can then extract one customer alone, and a file "
                    "edited in place changes for its customer only.")
+@click.option("--shard", metavar="I/N", help="Export only part I of N of the customers (0 <= I < N; positions I, "
+              "I+N, ... of the file): N machines, each with its own --out, export the whole file.")
 @export_options
-def batch(ckpt, mixes, out, mixes_per_pass, link_shared, quant, qparam, max_size, no_parity, eval_texts, data, no_hf,
-          force, ort_format):
+def batch(ckpt, mixes, out, mixes_per_pass, link_shared, shard, quant, qparam, max_size, no_parity, eval_texts, data,
+          no_hf, force, ort_format, verify_checkpoint):
     """Many customers in one pass over the bank.
 
     MIXES (YAML or JSON) maps each customer NAME to {domain: weight, ...}, {mix: {...}} or
@@ -187,15 +195,43 @@ def batch(ckpt, mixes, out, mixes_per_pass, link_shared, quant, qparam, max_size
     Example:
       soup-export batch runs/demo examples/customers.yaml --out out/batch --quant int4
     """
-    from soup_export.batchfile import read_batch
+    from soup_export.batchfile import Shard, read_batch
     from soup_export.build import batch as run_batch
+    from soup_export.build import check_output_path
 
-    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format)
-    manifests = run_batch(ckpt, read_batch(ckpt, mixes), out, spec, force, per_pass=mixes_per_pass,
-                          link_shared=link_shared)
+    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format, verify_checkpoint)
+    part = Shard.parse(shard) if shard else Shard()
+    check_output_path(out, force)  # before the customers' texts are read
+    chosen = read_batch(ckpt, mixes, part)
+    if not chosen:
+        click.echo(f"shard {shard} of {mixes} has no customers (fewer customers than shards); nothing to do")
+        return
+    manifests = run_batch(ckpt, chosen, out, spec, force, per_pass=mixes_per_pass, link_shared=link_shared,
+                          shard=part.record(mixes) if shard else None)
     for m in manifests:
         click.echo(_summary(m))
-    click.echo(f"wrote {out} ({len(manifests)} specialists)")
+    click.echo(f"wrote {out} ({len(manifests)} specialists" + (f", shard {shard})" if shard else ")"))
+
+
+@main.command("batch-check")
+@click.argument("mixes", type=_path)
+@click.argument("dirs", nargs=-1, required=True, type=_path)
+def batch_check(mixes, dirs):
+    """Whether every customer of MIXES was written, across the batch directories DIRS (every shard's
+    --out): exits 1 and names the missing ones if any is not.
+
+    \b
+    Example:
+      soup-export batch-check customers.yaml exports/batch/shard-*
+    """
+    from soup_export.batchfile import batch_status
+
+    written, missing, unexpected = batch_status(mixes, list(dirs))
+    click.echo(f"{len(written)} of {len(written) + len(missing)} customers written in {len(dirs)} directories"
+               + (f"; {len(unexpected)} not in {mixes}: {', '.join(unexpected[:10])}" if unexpected else ""))
+    if missing:
+        raise click.ClickException(f"{len(missing)} missing: {', '.join(missing[:20])}"
+                                   + (" ..." if len(missing) > 20 else "") + "; run their shards again")
 
 
 @main.command()
@@ -277,7 +313,9 @@ def _write_tier(src: Path, out: Path, quant: str, qparam, max_size, force: bool)
 @click.option("--data", type=_path, help="Data directory for held-out text.")
 @click.option("--eval-texts", multiple=True, type=_path, help="The customer's own texts for stage (c).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
-def check(export_dir, ckpt, data, eval_texts, as_json):
+@click.option("--verify-checkpoint", is_flag=True,
+              help="Hash the checkpoint's weights and compare with the SHA-256 recorded when they were written.")
+def check(export_dir, ckpt, data, eval_texts, as_json, verify_checkpoint):
     """Run the parity stages on an export directory (its hf/ and onnx/) and print their figures
     (every stage is a hard error: a failure exits non-zero with its numbers).
 
@@ -288,12 +326,12 @@ def check(export_dir, ckpt, data, eval_texts, as_json):
     """
     from soup_export.checkrun import check_export
 
-    report = check_export(export_dir, ckpt, data, eval_texts)
+    report = check_export(export_dir, ckpt, data, eval_texts, verify_checkpoint)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"{export_dir}: tier {report['tier']}, every parity stage passed")
-    click.echo("  parity: " + _parity_line(report))
+    click.echo("  parity: " + parity_line(report))
 
 
 @main.command()
@@ -414,6 +452,17 @@ def run() -> None:
         click.echo("soup-export: stopped by signal SIGTERM; nothing half-written was left (an output being "
                    "replaced is kept unless the new one was already in place)", err=True)
         raise
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        todo = "free disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix its permissions"
+        click.echo(f"soup-export: {exc.strerror}{where}; {todo} or choose another --out (nothing half-written "
+                   "was left: the staged output was removed)", err=True)
+        raise SystemExit(1) from None
+
+
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from soup_export.graph import DATA_FILE, DecoderGraph, _encode_one, rotary_table
 from soup_export.mix import Mix
 from soup_export.onnx_dir import MODEL_FILE, runtime_configs
 from soup_export.resolve import SPEC_FILE, Bank, hf_side_files, spec_bytes
-from soup_export.stream import SafetensorsWriter
+from soup_train.stream import SafetensorsWriter
 from soup_train.model.soup_math import combine_many
 
 
@@ -230,7 +230,7 @@ def fused_weights(bank, g: DecoderGraph, alphas, exact: bool, progress: bool = F
         assert dense == name, (dense, name)
         if not exact and all(native.applies(s.rep, tuple(shared.shape), experts) for s, _ in parts):
             # every mix fused and quantized in one compiled pass: no fp32 fused tensor at all
-            q, scales = native.fuse_quantize(shared.numpy(), experts[0].numpy(), coefs, torch.get_num_threads())
+            q, scales = _kernel_fusion(shared, experts[0], coefs)
             yield Weight(name, parts, functools.partial(_native_parts, q, scales), None, True)
             continue
         small = shared.numel() < SMALL
@@ -239,6 +239,25 @@ def fused_weights(bank, g: DecoderGraph, alphas, exact: bool, progress: bool = F
         if small:
             fused = fused.clone()
         yield Weight(name, parts, _TorchEncoder(fused), fused, small)
+
+
+def _kernel_fusion(shared, bank, coefs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`native.fuse_quantize` of one matrix for every mix. A 16-bit bank goes through in blocks of
+    rows, each converted to fp32 for the kernel (quantization blocks lie along a row, so the bytes
+    are those of the whole matrix converted at once, without holding it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if bank.dtype == torch.float32:
+        return native.fuse_quantize(shared.numpy(), bank.numpy(), coefs, threads)
+    n, rows, cols = bank.shape
+    step = max(1, UPCAST_ROWS_VALUES // max(1, n * cols))
+    parts = [native.fuse_quantize(shared[r:r + step].numpy(), bank[:, r:r + step].float().numpy(), coefs, threads)
+             for r in range(0, rows, step)]
+    return np.concatenate([q for q, _ in parts], 1), np.concatenate([sc for _, sc in parts], 1)
+
+
+UPCAST_ROWS_VALUES = 1 << 23  # bank values converted at a time for the kernel (32 MB in fp32)
 
 
 def _small_fusions(bank, mapped, by_weight: dict, alphas, workspace, exact: bool) -> dict:

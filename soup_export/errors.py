@@ -12,6 +12,10 @@ class OutputExistsError(SoupError):
     """The output directory exists and --force was not given."""
 
 
+class OutputWriteError(SoupError):
+    """The output cannot be written: no permission, a read-only file system, or a full disk."""
+
+
 class QuantError(SoupError):
     """An unknown quantizer or an invalid quantizer parameter."""
 

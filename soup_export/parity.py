@@ -52,21 +52,21 @@ def _fail(stage: str, message: str) -> None:
     raise ParityError(f"parity ({stage}) failed: {message}")
 
 
-def soup_vs_dense(ckpt: Path, h: np.ndarray, hf_dir: Path, ids: np.ndarray, tol: float) -> dict:
-    """(a) The soup forward at h against the resolved HF model."""
+def soup_vs_dense(bank, h: np.ndarray, hf_dir: Path, ids: np.ndarray, tol: float) -> dict:
+    """(a) The soup's own forward at h (`Bank.soup_logits`: `combine` on the mapped bank, one layer
+    at a time, never the whole soup) against the resolved HF model in transformers."""
     from transformers import AutoModelForCausalLM
 
-    from soup_train.checkpoint import load_soup
-
     _quiet_transformers()
-    soup, _ = load_soup(ckpt)
-    dense = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, use_safetensors=True).eval()
     x = torch.as_tensor(ids, dtype=torch.long)
+    dense = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, use_safetensors=True).eval()
     with torch.no_grad():
-        diff = (soup(x, torch.as_tensor(h, dtype=torch.float32)) - dense(x).logits).abs().max().item()
+        reference = dense(x).logits
+    del dense  # the soup's layers come next: one model in memory at a time
+    diff = (bank.soup_logits(h, x) - reference).abs().max().item()
     if not diff <= tol:
         _fail("a", f"soup at h vs fused dense model: max|d logits| = {diff:.3g} > {tol:g}")
-    return {"max_abs_logit_diff": diff, "tolerance": tol, "tokens": int(x.numel())}
+    return {"max_abs_logit_diff": diff, "tolerance": tol, "tokens": int(x.numel()), "streamed": True}
 
 
 def torch_vs_onnx(hf_dir: Path, onnx_dir: Path, ids: np.ndarray, tol: float) -> dict:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import struct
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -32,14 +34,15 @@ from tqdm import tqdm
 from soup_export.errors import ExportInputError
 from soup_export.files import file_sha256, read_json
 from soup_export.mix import Mix
-from soup_export.stream import SafetensorsWriter
-from soup_train.checkpoint import CheckpointInfo, read_info, resolve_checkpoint
+from soup_train.stream import SafetensorsWriter
+from soup_train.checkpoint import CheckpointInfo, read_info, recorded_sha256, resolve_checkpoint
 from soup_train.config import ModelConfig, SoupConfig
 from soup_train.errors import CheckpointError
 from soup_train.model.soup import CoefficientMLP
-from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine_many, expert_keys
+from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine, combine_many, expert_keys
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SPEC_FILE = "soup_spec.json"
@@ -55,7 +58,10 @@ class Bank:
     shapes: dict[str, tuple[int, ...]]  # dense name -> shape, in checkpoint order
 
     @classmethod
-    def open(cls, path: Path) -> "Bank":
+    def open(cls, path: Path, verify: bool = False) -> "Bank":
+        """The checkpoint (or a run's latest) at `path`, its completeness checked (nothing read but
+        headers). Its SHA-256 is the one recorded when it was written; `verify` hashes the weights and
+        compares (a full read of the bank). A checkpoint with no record is hashed once (cached)."""
         ckpt = resolve_checkpoint(Path(path))
         info = read_info(ckpt)
         weights = ckpt / "model.safetensors"
@@ -68,7 +74,7 @@ class Bank:
         if not (ckpt / "tokenizer.json").is_file():
             raise CheckpointError(f"{ckpt} has no tokenizer.json; the checkpoint is incomplete: copy it again")
         shapes = {k[len(SHARED_PREFIX):]: s for k, s in stored.items() if k.startswith(SHARED_PREFIX)}
-        return cls(ckpt, info, cached_sha256(weights), shapes)
+        return cls(ckpt, info, weights_sha256(weights, verify), shapes)
 
     @property
     def weights(self) -> Path:
@@ -90,14 +96,41 @@ class Bank:
 
     def tensors(self, names: list[str] | None = None, progress: bool = False,
                 mapped: "MappedSafetensors | None" = None) -> Iterator[tuple[str, torch.Tensor, tuple[torch.Tensor, ...]]]:
-        """Tensor-major: (dense name, shared tensor, its expert tensors) as fp32 views of the memory-mapped
-        checkpoint (no copy), one tensor at a time, in checkpoint order or the order of `names`;
-        through `mapped` (a map of this bank's weights) or a new map."""
+        """Tensor-major: (dense name, shared tensor in fp32, its expert tensors as stored) as views of
+        the memory-mapped checkpoint (no copy; a 16-bit shared tensor is converted, one tensor), one
+        tensor at a time, in checkpoint order or the order of `names`; through `mapped` (a map of this
+        bank's weights) or a new map. A 16-bit bank stays 16-bit: `combine` converts it a block at a
+        time (a 128-expert embedding bank is 12.6 GB in fp32)."""
         rank = self.info.run.soup.expert_rank
         tensors = self.map() if mapped is None else mapped
         for name in tqdm(names or list(self.shapes), desc="fuse", unit="tensor", disable=not progress, leave=False):
             shared = _fp32(tensors[SHARED_PREFIX + name])
-            yield name, shared, tuple(_fp32(tensors[k]) for k in expert_keys(name, shared.shape, rank))
+            yield name, shared, tuple(tensors[k] for k in expert_keys(name, shared.shape, rank))
+
+    def soup_logits(self, h: np.ndarray, input_ids: torch.Tensor) -> torch.Tensor:
+        """The soup's own forward at h, logits (B, T, vocab), holding one layer of Theta(h) at a time:
+        each part of the model is instantiated from the mapped bank with `combine` (the function
+        training's `SoupModel.instantiate` uses) when it runs, and dropped after (the tied embedding
+        is kept for the head). Works for banks larger than memory; the result is `SoupModel.forward`'s."""
+        from soup_train.model.llama import forward_by_parts
+        from soup_train.model.soup import meta_soup
+
+        run = self.info.run
+        skeleton = meta_soup(run.model, run.soup, len(self.info.domains)).shared
+        alpha, mapped, kept = self.alpha(h), self.map(), {}
+
+        def weights(prefix: str) -> dict[str, torch.Tensor]:
+            if prefix == "lm_head" and run.model.tie_embeddings:
+                return kept.pop("weight")
+            names = [n for n in self.shapes if n.startswith(prefix + ".")]
+            part = {n[len(prefix) + 1:]: combine(shared, experts, alpha)
+                    for n, shared, experts in self.tensors(names, mapped=mapped)}
+            if prefix == "model.embed_tokens" and run.model.tie_embeddings:
+                kept["weight"] = part
+            return part
+
+        with torch.no_grad():
+            return forward_by_parts(skeleton, weights, input_ids)
 
     def map(self) -> "MappedSafetensors":
         """A new zero-copy map of the bank's weights (its header parsed once)."""
@@ -134,24 +167,33 @@ def expected_shapes(model: ModelConfig, soup_cfg: SoupConfig, n_domains: int) ->
 
 
 def check_complete(ckpt: Path, info: CheckpointInfo, stored: dict[str, tuple[int, ...]]) -> None:
-    """Every tensor the checkpoint's config implies is present with its shape (nothing allocated)."""
+    """Every tensor the checkpoint's config implies is present with its shape, and nothing else is
+    (nothing allocated)."""
     expected = expected_shapes(info.run.model, info.run.soup, len(info.domains))
     missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
     wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
-    if missing or wrong:
-        detail = (f"missing {missing[:3]}" if missing else "") + (f" shape mismatch {wrong[:3]}" if wrong else "")
+    if missing or wrong or extra:
+        detail = " ".join(f"{what} {names[:3]}" for what, names in
+                          (("missing", missing), ("unexpected", extra), ("shape mismatch", wrong)) if names)
         raise CheckpointError(f"{ckpt}/model.safetensors does not match its config.json ({detail.strip()}); "
                               "the checkpoint is corrupt or its config was edited")
 
 
 class MappedSafetensors:
-    """Zero-copy tensors of a safetensors file: views of one copy-on-write memory map.
+    """Zero-copy tensors of a safetensors file: views of one read-only memory map.
 
     `safe_open(...).get_tensor` copies every tensor out of the map; fusion reads each bank tensor
-    exactly once, so the copy would double the memory traffic of the whole export.
+    exactly once, so the copy would double the memory traffic of the whole export. The map is
+    shared and read-only: the kernel charges none of it against the process's memory (a private,
+    writable map of a bank larger than memory is refused), and the pages it reads are page cache
+    that the kernel drops under pressure. A view must never be written to (the process would get
+    SIGSEGV); fusion only reads them. bf16 and fp16 tensors are views too (reinterpreted from their
+    16-bit words), converted to fp32 by whoever fuses them, a block at a time.
     """
 
-    _NUMPY = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "U8": np.uint8, "I8": np.int8}
+    _NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32,
+              "U8": np.uint8, "I8": np.int8}
 
     def __init__(self, path: Path) -> None:
         with open(path, "rb") as fh:
@@ -161,16 +203,34 @@ class MappedSafetensors:
         self.base = 8 + n
         self.path = path
         # a plain ndarray over the map (which it keeps open): slicing np.memmap runs a Python hook per view
-        self.map = np.memmap(path, dtype=np.uint8, mode="c").view(np.ndarray)
+        self.map = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self.header[key]
-        if entry["dtype"] not in self._NUMPY:  # e.g. BF16: let safetensors convert it
+        if entry["dtype"] not in self._NUMPY:  # a dtype fusion never meets: let safetensors copy it
             with safe_open(str(self.path), framework="pt") as f:
                 return f.get_tensor(key)
         start, end = (self.base + o for o in entry["data_offsets"])
         array = self.map[start:end].view(self._NUMPY[entry["dtype"]]).reshape(entry["shape"])
-        return torch.from_numpy(array)
+        with warnings.catch_warnings():  # "not writable": by design, see the class docstring
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(array)
+        return tensor.view(torch.bfloat16) if entry["dtype"] == "BF16" else tensor
+
+
+def weights_sha256(weights: Path, verify: bool) -> str:
+    """The bank's SHA-256: recorded by the checkpoint's writer (checked against the file when `verify`),
+    else computed once and cached (`cached_sha256`: checkpoints written before the record)."""
+    recorded = recorded_sha256(weights)
+    if recorded is None:
+        return file_sha256(weights) if verify else cached_sha256(weights)
+    if verify:
+        actual = file_sha256(weights)
+        if actual != recorded:
+            raise CheckpointError(f"{weights} does not match the SHA-256 recorded when it was written "
+                                  f"({actual[:12]}... vs {recorded[:12]}...): the file is corrupt or was changed; "
+                                  "copy the checkpoint again")
+    return recorded
 
 
 def cached_sha256(path: Path) -> str:
@@ -179,7 +239,11 @@ def cached_sha256(path: Path) -> str:
     would cost more than the export itself. The checkpoint directory is never written to."""
     stat = path.stat()
     cache = user_cache("sha256") / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json")
-    return cached_json(cache, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, lambda: file_sha256(path),
+    def make() -> str:
+        log.info("%s has no recorded SHA-256 (written by an older soup-train): hashing it once", path)
+        return file_sha256(path)
+
+    return cached_json(cache, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, make,
                        lambda digest: isinstance(digest, str) and len(digest) == 64)
 
 

@@ -3,6 +3,7 @@
 Layout of `RUN/checkpoints/step_0000100/`:
     config.json              run config, domain names and view, natural frequencies, step
     model.safetensors        S (`shared.*`), experts (`experts.*`), coefficient MLP (`coef.*`)
+    checksums.json           model.safetensors' SHA-256 and size, computed while it was written
     tokenizer.json, domains/ the data's tokenizer, embedder and centroids (Algorithm 3)
     train_state/optimizer.safetensors   AdamW moments, keyed `{param}::{name}`
     train_state/state.json              step, param groups, every rank's sampler state
@@ -32,6 +33,7 @@ from soup_train.data.domains import copy_domain_files
 from soup_train.distributed import unwrap
 from soup_train.errors import CheckpointError, ConfigError, ResumeError
 from soup_train.model.soup import SoupModel
+from soup_train.stream import SafetensorsWriter
 
 FORMAT = "soup-checkpoint-v1"
 
@@ -102,7 +104,7 @@ def write_step(run_dir: Path, step: int, model_sd: dict, optim_sd: dict, state: 
     (tmp / "train_state").mkdir(parents=True)
     if side_files is not None:
         side_files(tmp)
-    save_file(model_sd, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+    write_weights(tmp / "model.safetensors", model_sd, {"format": FORMAT})
     tensors = {f"{p}::{name}": t.contiguous() for p, st in optim_sd["state"].items()
                for name, t in st.items() if isinstance(t, torch.Tensor)}
     save_file(tensors, str(tmp / "train_state" / "optimizer.safetensors"))
@@ -110,12 +112,62 @@ def write_step(run_dir: Path, step: int, model_sd: dict, optim_sd: dict, state: 
     (tmp / "train_state" / "state.json").write_text(json.dumps(record) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    _write_latest(run_dir, final.name)
+    write_latest(run_dir, final.name)
     _prune(run_dir, keep_last)
     return final
 
 
-def _write_latest(run_dir: Path, name: str) -> None:
+CHECKSUMS = "checksums.json"  # {file name: {"sha256": hex digest, "bytes": size}}, beside the files
+
+
+def write_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """A safetensors file written tensor by tensor (never a second copy of the state in memory) and
+    hashed on the way; its SHA-256 and size are recorded in CHECKSUMS beside it, so that export
+    never reads a bank once more only to hash it. Returns the digest."""
+    writer = SafetensorsWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata, hashed=True)
+    try:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        digest = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    record_checksum(path, digest)
+    return digest
+
+
+def record_checksum(path: Path, digest: str) -> None:
+    """Add `path`'s digest and size to the CHECKSUMS file of its directory (written to a temporary name
+    and renamed)."""
+    table = _checksums(path.parent)
+    table[path.name] = {"sha256": digest, "bytes": path.stat().st_size}
+    tmp = path.parent / f".{CHECKSUMS}.tmp"
+    tmp.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path.parent / CHECKSUMS)
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The SHA-256 recorded for `path` when it was written, if CHECKSUMS has it for a file of this size
+    (None otherwise: a checkpoint written before checksums were recorded, or a file that changed size)."""
+    entry = _checksums(path.parent).get(path.name)
+    if not isinstance(entry, dict) or entry.get("bytes") != path.stat().st_size:
+        return None
+    digest = entry.get("sha256")
+    return digest if isinstance(digest, str) and len(digest) == 64 else None
+
+
+def _checksums(directory: Path) -> dict:
+    try:
+        table = json.loads((directory / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{directory / CHECKSUMS} is unreadable ({exc}); the checkpoint is corrupt: "
+                              "copy it again, or delete that file to hash the weights instead") from None
+    return table if isinstance(table, dict) else {}
+
+
+def write_latest(run_dir: Path, name: str) -> None:
     latest = run_dir / "checkpoints" / "latest"
     tmp = latest.with_name(".latest.tmp")
     tmp.write_text(name + "\n")

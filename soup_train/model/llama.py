@@ -11,6 +11,8 @@ Design choices:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,12 @@ class RMSNorm(nn.Module):
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """RoPE's inverse frequencies (head_dim / 2,), computed on the CPU as transformers does."""
+    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu").float() / cfg.head_dim
+    return 1.0 / (cfg.rope_theta ** exponents)
 
 
 def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,9 +112,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # computed on the CPU (as transformers does) and moved to the default device: on the meta device
         # (a model built for its shapes), the first arithmetic of a process imports torch._dynamo (1-1.5 s)
-        exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu").float() / cfg.head_dim
-        inv_freq = (1.0 / (cfg.rope_theta ** exponents)).to(torch.get_default_device())
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).to(torch.get_default_device()), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -144,6 +150,25 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab)."""
         return self.lm_head(self.model(input_ids))
+
+
+def forward_by_parts(model: Llama, weights: Callable[[str], dict[str, torch.Tensor]],
+                     input_ids: torch.Tensor) -> torch.Tensor:
+    """`model(input_ids)` with each part's weights asked for when it runs: `weights(prefix)` gives
+    {local name: tensor} for "model.embed_tokens", "model.layers.{i}", "model.norm" and "lm_head".
+    The same modules and math as `Llama.forward` (`model` may live on the meta device: only its
+    structure is used), so a caller can hold one layer's weights at a time (export's parity check
+    of a soup larger than memory instantiates each layer from the bank in turn)."""
+    from torch.func import functional_call
+
+    decoder = model.model
+    cos, sin = rope_tables(rope_inv_freq(model.cfg).to(input_ids.device),
+                           torch.arange(input_ids.shape[1], device=input_ids.device))
+    x = functional_call(decoder.embed_tokens, weights("model.embed_tokens"), (input_ids,))
+    for i, layer in enumerate(decoder.layers):
+        x = functional_call(layer, weights(f"model.layers.{i}"), (x, cos, sin))
+    x = functional_call(decoder.norm, weights("model.norm"), (x,))
+    return functional_call(model.lm_head, weights("lm_head"), (x,))
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, per_row: bool = False) -> torch.Tensor:

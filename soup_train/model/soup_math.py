@@ -44,13 +44,37 @@ def combine(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alpha: torc
     """
     if len(experts) == 1:
         bank = experts[0]  # (n, *shape)
-        coef, flat_bank = alpha.to(bank.dtype)[None], bank.reshape(bank.shape[0], shared.numel())  # (1, n), (n, P)
+        flat_bank = bank.reshape(bank.shape[0], shared.numel())  # (n, P)
+        if bank.dtype != shared.dtype:  # a 16-bit bank (export): summed in the shared tensor's precision
+            return _upcast_combine(shared, flat_bank, alpha, out)
+        coef = alpha.to(bank.dtype)[None]  # (1, n)
         if out is None or out.dtype != shared.dtype:
             return shared + torch.mm(coef, flat_bank).view(shared.shape)
         torch.mm(coef, flat_bank, out=out.view(1, -1))
         return out.view(shared.shape).add_(shared)
     u, v = experts  # (n, out, r), (n, in, r)
+    if u.dtype != shared.dtype:
+        u, v = u.to(shared.dtype), v.to(shared.dtype)  # low-rank factors are small
     return shared + torch.einsum("j,jor,jir->oi", alpha.to(u.dtype), u, v)
+
+
+UPCAST_VALUES = 1 << 22  # bank values converted at a time (16 MB in fp32)
+
+
+def _upcast_combine(shared: torch.Tensor, flat_bank: torch.Tensor, alpha: torch.Tensor,
+                    out: torch.Tensor | None) -> torch.Tensor:
+    """`combine` of a bank stored in lower precision (bf16 or fp16: exported soups): each block of
+    columns is converted to the shared tensor's dtype and multiplied there, so the sum is the one of
+    the converted bank without ever holding it (a 128-expert embedding bank is 12.6 GB in fp32).
+    The same blocks every time: a bank fuses to the same bits in every export and check."""
+    n, total = flat_bank.shape
+    coef = alpha.to(shared.dtype)[None]  # (1, n)
+    flat = out.view(-1) if out is not None and out.dtype == shared.dtype else torch.empty(total, dtype=shared.dtype)
+    step = max(1, UPCAST_VALUES // max(n, 1))
+    for start in range(0, total, step):
+        stop = min(total, start + step)
+        torch.mm(coef, flat_bank[:, start:stop].to(shared.dtype), out=flat[start:stop].view(1, -1))
+    return flat.view(shared.shape).add_(shared)
 
 
 def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas: list[torch.Tensor],
@@ -83,12 +107,12 @@ def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas
         return rows
     if len(experts) != 1 or experts[0].shape[0] == 0:
         return torch.stack([combine(shared, experts, a) for a in alphas])
-    bank = experts[0].reshape(experts[0].shape[0], -1)  # (n, P)
-    coefs = torch.stack([a.to(bank.dtype) for a in alphas])  # (mixes, n)
+    bank = experts[0].reshape(experts[0].shape[0], -1)  # (n, P), possibly 16-bit: converted a block at a time
+    coefs = torch.stack([a.to(flat.dtype) for a in alphas])  # (mixes, n)
     out = torch.empty(len(alphas) * flat.numel(), dtype=flat.dtype) if out is None else out
     out = out.view(len(alphas), flat.numel())
-    for start, stop in column_blocks(flat.numel(), max(MIN_BLOCK, block_bytes // (bank.shape[0] * bank.element_size()))):
-        torch.addmm(flat[start:stop], coefs, bank[:, start:stop], out=out[:, start:stop])
+    for start, stop in column_blocks(flat.numel(), max(MIN_BLOCK, block_bytes // (bank.shape[0] * flat.element_size()))):
+        torch.addmm(flat[start:stop], coefs, bank[:, start:stop].to(flat.dtype), out=out[:, start:stop])
     return out.reshape(len(alphas), *shared.shape)
 
 

@@ -7,6 +7,7 @@ Written to a temporary name and renamed on `close()`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -19,10 +20,12 @@ ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
 
 
 class SafetensorsWriter:
-    """`SafetensorsWriter(path, [(name, dtype, shape), ...])`, then `write(name, tensor)` in that order."""
+    """`SafetensorsWriter(path, [(name, dtype, shape), ...])`, then `write(name, tensor)` in that order.
+    With `hashed`, the file's SHA-256 is computed as it is written (`close` returns it): a checkpoint
+    records it, and export never reads the whole bank again to hash it."""
 
     def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, hashed: bool = False) -> None:
         self.path, self.tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
         header: dict = {"__metadata__": metadata} if metadata else {}
         offset, self.order = 0, []
@@ -34,21 +37,40 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.file = open(self.tmp, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.hash = hashlib.sha256() if hashed else None
+        self._put(struct.pack("<Q", len(raw)) + raw)
         self.next = 0
 
+    def _put(self, data) -> None:
+        self.file.write(data)
+        if self.hash is not None:
+            self.hash.update(data)
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected, _, shape, _ = self.order[self.next]
+        assert tuple(tensor.shape) == shape, f"{name}: shape {tuple(tensor.shape)} != {shape}"
+        self.write_pieces(name, [tensor])
+
+    def write_pieces(self, name: str, pieces) -> None:
+        """Tensor `name` from consecutive pieces along its first dimension (for example one expert at
+        a time), so that a tensor larger than memory never has to be whole."""
         expected, dtype, shape, nbytes = self.order[self.next]
         assert name == expected, f"tensors must be written in header order: expected {expected}, got {name}"
-        assert tuple(tensor.shape) == shape, f"{name}: shape {tuple(tensor.shape)} != {shape}"
-        data = tensor.detach().to(dtype).contiguous().cpu()
-        self.file.write(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
+        written = 0
+        for piece in pieces:
+            data = piece.detach().to(dtype).contiguous().cpu()
+            if data.numel():
+                self._put(memoryview(data.view(torch.uint8).numpy()))
+            written += data.numel() * data.element_size()
+        assert written == nbytes, f"{name}: {written} bytes written, its shape {shape} needs {nbytes}"
         self.next += 1
 
-    def close(self) -> None:
+    def close(self) -> str | None:
+        """Finish the file under its name; returns its SHA-256 when it was made with `hashed=True`."""
         assert self.next == len(self.order), f"{len(self.order) - self.next} tensors were not written"
         self.file.close()
         self.tmp.replace(self.path)
+        return self.hash.hexdigest() if self.hash is not None else None
 
     def abort(self) -> None:
         self.file.close()
