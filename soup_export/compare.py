@@ -26,27 +26,30 @@ def onnx_loss(model: OrtDecoder, windows: np.ndarray) -> float:
     return total / n
 
 
-def soup_loss(soup, windows: np.ndarray, h: np.ndarray) -> float:
+def dense_loss(skeleton, theta: dict, windows: np.ndarray) -> float:
+    """Mean next-token loss of the dense model `theta` (a state dict) on `windows`."""
     from soup_train.model.llama import lm_loss
+    from soup_train.model.soup import dense_forward
 
     x = torch.as_tensor(windows, dtype=torch.long)
     with torch.no_grad():
-        return float(lm_loss(soup(x[:, :-1], torch.as_tensor(h, dtype=torch.float32)), x[:, 1:]))
+        return float(lm_loss(dense_forward(skeleton, theta, x[:, :-1]), x[:, 1:]))
 
 
 def compare(exports: list[Path], ckpt: Path, data: Path, windows: int = 32, length: int = 128) -> list[dict]:
-    from soup_train.checkpoint import load_soup
-
-    soup, info = load_soup(ckpt)
-    natural = np.asarray(info.natural)
-    rows = []
+    """One row per export; the generic model (the soup at the natural frequencies) is instantiated
+    once, in one pass over the bank (the model's size in memory, never the soup's)."""
     from soup_export.errors import ExportInputError
     from soup_export.resolve import Bank
 
-    sha = Bank.open(ckpt).sha256
+    bank = Bank.open(ckpt)
+    info = bank.info
+    generic = bank.instantiate(bank.alpha(np.asarray(info.natural)))
+    skeleton = bank.skeleton()
+    rows = []
     for export in exports:
         m = read_manifest(export)
-        if m["checkpoint"]["model_sha256"] != sha:
+        if m["checkpoint"]["model_sha256"] != bank.sha256:
             raise ExportInputError(f"{export} was built from another checkpoint than {ckpt} (SHA-256 differs); "
                                    "compare exports against the checkpoint they came from")
         h = np.asarray([m["mix"]["weights"][d] for d in info.domains])
@@ -55,7 +58,7 @@ def compare(exports: list[Path], ckpt: Path, data: Path, windows: int = 32, leng
         rows.append({"name": m["mix"]["name"], "mix": ", ".join(f"{d} {x:.2f}" for d, x in m["mix"]["weights"].items() if x >= 0.005),
                      "source": m["mix"]["source"], "tier": m["tier"], "bytes": m["size"]["actual"],
                      "dppl": c.get("dppl", 0.0), "specialist": onnx_loss(OrtDecoder(export / "onnx"), w),
-                     "generic": soup_loss(soup, w, natural)})
+                     "generic": dense_loss(skeleton, generic, w)})
     return rows
 
 

@@ -242,22 +242,33 @@ def fused_weights(bank, g: DecoderGraph, alphas, exact: bool, progress: bool = F
 
 
 def _kernel_fusion(shared, bank, coefs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`native.fuse_quantize` of one matrix for every mix. A 16-bit bank goes through in blocks of
-    rows, each converted to fp32 for the kernel (quantization blocks lie along a row, so the bytes
-    are those of the whole matrix converted at once, without holding it)."""
+    """`native.fuse_quantize` of one matrix for every mix. The kernel reads fp32 and bf16 banks as
+    they are mapped (bf16 widened as it is read: half the bytes from disk); an fp16 bank goes
+    through in blocks of rows, each converted into one reused fp32 buffer (quantization blocks lie
+    along a row, so the bytes are those of the whole matrix converted at once, without holding it)."""
     import torch
 
     threads = torch.get_num_threads()
-    if bank.dtype == torch.float32:
-        return native.fuse_quantize(shared.numpy(), bank.numpy(), coefs, threads)
+    if bank.dtype in (torch.float32, torch.bfloat16):
+        words = bank.numpy() if bank.dtype == torch.float32 else bank.view(torch.int16).numpy().view(np.uint16)
+        return native.fuse_quantize(shared.numpy(), words, coefs, threads)
     n, rows, cols = bank.shape
-    step = max(1, UPCAST_ROWS_VALUES // max(1, n * cols))
-    parts = [native.fuse_quantize(shared[r:r + step].numpy(), bank[:, r:r + step].float().numpy(), coefs, threads)
-             for r in range(0, rows, step)]
-    return np.concatenate([q for q, _ in parts], 1), np.concatenate([sc for _, sc in parts], 1)
+    step = max(1, min(rows, UPCAST_ROWS_VALUES // max(1, n * cols)))
+    staging = torch.empty(n * step * cols)
+    q = scales = None
+    for r in range(0, rows, step):
+        k = min(step, rows - r)
+        block = staging[:n * k * cols].view(n, k, cols)
+        block.copy_(bank[:, r:r + k])
+        q_r, s_r = native.fuse_quantize(shared[r:r + k].numpy(), block.numpy(), coefs, threads)
+        if q is None:  # the outputs once, filled block by block (no per-block pieces to fragment the heap)
+            q = np.empty((q_r.shape[0], rows, *q_r.shape[2:]), q_r.dtype)
+            scales = np.empty((s_r.shape[0], rows, *s_r.shape[2:]), s_r.dtype)
+        q[:, r:r + k], scales[:, r:r + k] = q_r, s_r
+    return q, scales
 
 
-UPCAST_ROWS_VALUES = 1 << 23  # bank values converted at a time for the kernel (32 MB in fp32)
+UPCAST_ROWS_VALUES = 1 << 23  # fp16 bank values converted at a time for the kernel (32 MB in fp32)
 
 
 def _small_fusions(bank, mapped, by_weight: dict, alphas, workspace, exact: bool) -> dict:

@@ -92,7 +92,7 @@ def _load():
             pass
         return None
     ptr, long = ctypes.c_void_p, ctypes.c_long
-    lib.fuse_q4.argtypes = [ptr, ptr, long, long, long, ptr, long, long, ptr, ptr, ctypes.c_int]
+    lib.fuse_q4.argtypes = [ptr, ptr, long, long, long, ptr, long, long, ptr, ptr, ctypes.c_int, ctypes.c_int]
     lib.quantize_q4.argtypes = [ptr, long, long, long, ptr, ptr]
     lib.tile_width.argtypes = lib.chunk_size.argtypes = []
     for fn in (lib.fuse_q4, lib.quantize_q4, lib.tile_width):
@@ -220,18 +220,21 @@ def calibrate_reads(threads: int, experts: int = CALIBRATION["experts"], rows: i
 def fuse_quantize(shared: np.ndarray, bank: np.ndarray, alphas: np.ndarray, threads: int,
                   in_place: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every mix's int4 storage of S + sum_j alphas[m, j] bank[j]: q (mixes, rows, cols / 32, 16)
-    and scales (mixes, rows, cols / 32). shared (rows, cols), bank (n, rows, cols), alphas (mixes, n).
-    `in_place`: how a batch's tiles read the bank (None: `reads_in_place(threads)`, asked only for a batch)."""
+    and scales (mixes, rows, cols / 32). shared (rows, cols), bank (n, rows, cols) fp32, or uint16
+    holding bf16 words (widened as they are read: the bytes of the same values stored in fp32),
+    alphas (mixes, n). `in_place`: how a batch's tiles read an fp32 bank (None:
+    `reads_in_place(threads)`, asked only for a batch); a bf16 bank is always widened into copies."""
     lib = kernel()
     rows, cols = shared.shape
-    shared, bank = np.ascontiguousarray(shared, np.float32), np.ascontiguousarray(bank, np.float32)
+    bf16 = bank.dtype == np.uint16
+    shared, bank = np.ascontiguousarray(shared, np.float32), np.ascontiguousarray(bank, np.uint16 if bf16 else np.float32)
     alphas = np.ascontiguousarray(alphas, np.float32)
     mixes, n = alphas.shape
     assert bank.shape == (n, rows, cols) and cols % BLOCK == 0, (bank.shape, shared.shape, alphas.shape)
     q, scales = _outputs(mixes, rows, cols)
+    place = False if bf16 else bool(reads_in_place(threads) if in_place is None and mixes > 1 else in_place)
     _check(lib.fuse_q4(shared.ctypes.data, bank.ctypes.data, n, rows, cols, alphas.ctypes.data, mixes, threads,
-                       q.ctypes.data, scales.ctypes.data,
-                       int(reads_in_place(threads) if in_place is None and mixes > 1 else bool(in_place))))
+                       q.ctypes.data, scales.ctypes.data, int(place), int(bf16)))
     return q, scales
 
 

@@ -6,7 +6,9 @@
    registers or L1, so no fp32 fused tensor is ever written to memory.
    quantize_q4: the same quantization of already fused values.
 
-   shared: (rows * cols) fp32; bank: (n, rows * cols) fp32; A: (M, n) fp32, the mixes' alphas;
+   shared: (rows * cols) fp32; bank: (n, rows * cols) fp32, or bf16 (bf16 != 0: 16-bit words, each
+   value widened to fp32 exactly as it is read, so a bf16 bank gives the bytes of its values stored
+   in fp32, reading half as many); A: (M, n) fp32, the mixes' alphas;
    q: (M, rows, cols / 32, 16) bytes (low nibble first); scales: (M, rows, cols / 32) fp32;
    in_place: several mixes' tiles read the bank in place (1) or a copy of each chunk (0): the same
    bytes; which is faster depends on the processor (native.py measures it once per machine).
@@ -56,6 +58,12 @@ typedef float vf __attribute__((vector_size(4 * W)));
 typedef float vfu __attribute__((vector_size(4 * W), aligned(4)));
 typedef int vi __attribute__((vector_size(4 * W)));
 typedef unsigned char vb __attribute__((vector_size(W)));
+typedef unsigned short vh __attribute__((vector_size(2 * W)));
+typedef unsigned short vhu __attribute__((vector_size(2 * W), aligned(2)));
+typedef unsigned int vu __attribute__((vector_size(4 * W)));
+
+/* W bf16 values widened to fp32: the 16 bits become the high half of each float (exact). */
+static inline vf widen(vhu h) { return (vf)(__builtin_convertvector((vh)h, vu) << 16); }
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -224,8 +232,9 @@ static const sums_fn SUMS_OF[9] = {NULL, sums1, sums2, sums3, sums4, sums5, sums
 #define SPAN 512
 
 typedef struct {
-    const float *shared, *bank, *A, *w;
+    const float *shared, *bank, *A, *w;  /* bank: fp32, or (bf16) 16-bit words */
     long n, rows, cols, M;
+    int bf16;           /* the bank holds bf16 words (widened as read; several mixes: into the chunk copy) */
     uint8_t *q;
     float *scales;
     int in_place;       /* several mixes: tiles read the bank where it is mapped (no chunk copy) */
@@ -238,31 +247,40 @@ typedef struct {
 /* One mix, rows [r0, r1): span after span of SPAN values, each summed over the experts four at a
    time (four sequential runs of the bank read together; each value is used once), then one at a
    time for the rest. The same multiply-adds in the same order as a tile's, so the same bits. */
+/* Vector k of expert values at v: fp32, or bf16 words widened (BF16 is a constant in each caller). */
+#define EXPERT(v, k) (BF16 ? widen(((const vhu *)(v))[k]) : ((const vfu *)(v))[k])
+
+static inline __attribute__((always_inline)) void fuse_span(const Job *job, long p0, long len, vf *acc, const int BF16) {
+    long n = job->n, P = job->rows * job->cols, es = BF16 ? 2 : 4;
+    const char *bank = (const char *)job->bank;
+    for (long k = 0; k < len / W; k++) acc[k] = (vf){0};
+    long j = 0;
+    for (; j + 4 <= n; j += 4) { /* four experts per sweep of the sums: the same multiply-adds, in j order */
+        const char *e0 = bank + (j * P + p0) * es, *e1 = e0 + P * es, *e2 = e1 + P * es, *e3 = e2 + P * es;
+        float x0 = job->A[j], x1 = job->A[j + 1], x2 = job->A[j + 2], x3 = job->A[j + 3];
+        for (long k = 0; k < len / W; k++) {
+            vf s = acc[k];
+            s += x0 * EXPERT(e0, k);
+            s += x1 * EXPERT(e1, k);
+            s += x2 * EXPERT(e2, k);
+            s += x3 * EXPERT(e3, k);
+            acc[k] = s;
+        }
+    }
+    for (; j < n; j++) {
+        const char *e = bank + (j * P + p0) * es;
+        float x = job->A[j];
+        for (long k = 0; k < len / W; k++) acc[k] += x * EXPERT(e, k);
+    }
+}
+static __attribute__((noinline)) void fuse_span32(const Job *job, long p0, long len, vf *acc) { fuse_span(job, p0, len, acc, 0); }
+static __attribute__((noinline)) void fuse_span16(const Job *job, long p0, long len, vf *acc) { fuse_span(job, p0, len, acc, 1); }
+
 static void fuse_one(const Job *job, long r0, long r1) {
-    long n = job->n, P = job->rows * job->cols;
     vf acc[SPAN / W];
     for (long p0 = r0 * job->cols; p0 < r1 * job->cols; p0 += SPAN) {
         long len = r1 * job->cols - p0 < SPAN ? r1 * job->cols - p0 : SPAN;
-        for (long k = 0; k < len / W; k++) acc[k] = (vf){0};
-        long j = 0;
-        for (; j + 4 <= n; j += 4) { /* four experts per sweep of the sums: the same multiply-adds, in j order */
-            const vfu *e0 = (const vfu *)(job->bank + j * P + p0), *e1 = (const vfu *)((const float *)e0 + P),
-                      *e2 = (const vfu *)((const float *)e1 + P), *e3 = (const vfu *)((const float *)e2 + P);
-            float x0 = job->A[j], x1 = job->A[j + 1], x2 = job->A[j + 2], x3 = job->A[j + 3];
-            for (long k = 0; k < len / W; k++) {
-                vf s = acc[k];
-                s += x0 * e0[k];
-                s += x1 * e1[k];
-                s += x2 * e2[k];
-                s += x3 * e3[k];
-                acc[k] = s;
-            }
-        }
-        for (; j < n; j++) {
-            const vfu *e = (const vfu *)(job->bank + j * P + p0);
-            float x = job->A[j];
-            for (long k = 0; k < len / W; k++) acc[k] += x * e[k];
-        }
+        (job->bf16 ? fuse_span16 : fuse_span32)(job, p0, len, acc);
         long blk = p0 / 32;
         quantize_blocks((const float *)acc, 32, job->shared + p0, 32, len / 32, job->q + blk * 16, 16,
                         job->scales + blk, 1);
@@ -280,8 +298,14 @@ static void fuse_many(const Job *job, long r0, long r1, float *buf, long n0, lon
     long n = job->n, rows = job->rows, cols = job->cols, M = job->M, P = rows * cols, nb = cols / 32;
     long rn = r1 - r0, stride = buf ? rn * cols + PAD : P;
     const float *base = buf ? buf - r0 * cols : job->bank;  /* expert j's row r at base + j stride + r cols */
-    for (long j = 0; buf && j < n; j++)
-        memcpy(buf + j * stride, job->bank + j * P + r0 * cols, sizeof(float) * rn * cols);
+    for (long j = 0; buf && j < n; j++) {
+        if (!job->bf16) {
+            memcpy(buf + j * stride, job->bank + j * P + r0 * cols, sizeof(float) * rn * cols);
+            continue;
+        }
+        const vhu *h = (const vhu *)((const uint16_t *)job->bank + j * P + r0 * cols);
+        for (long k = 0; k < rn * cols / W; k++) *(vfu *)(buf + j * stride + k * W) = widen(h[k]);
+    }
     float out[TILE * 32];
     long per_expert = buf && n1 > n0 ? (n1 - n0) * cols / 16 : 0, left = n * per_expert, pj = 0, pl = 0;
     long calls = rn * nb * ((M + TILE - 1) / TILE) * (32 / TCOLS), per_block = (left + calls - 1) / calls;
@@ -296,7 +320,7 @@ static void fuse_many(const Job *job, long r0, long r1, float *buf, long n0, lon
                 for (long h = 0; h < 32; h += TCOLS) {
                     SUMS_OF[T](e + h, stride, n, a, out + h);
                     for (long k = 0; k < per_block && left > 0; k++, left--) {
-                        __builtin_prefetch(job->bank + pj * P + n0 * cols + pl * 16, 0, 3);
+                        __builtin_prefetch((const char *)job->bank + (pj * P + n0 * cols + pl * 16) * (job->bf16 ? 2 : 4), 0, 3);
                         if (++pl == per_expert) pl = 0, pj++;
                     }
                 }
@@ -371,15 +395,16 @@ static long chunk_floats(void) {
     return c;
 }
 
-int fuse_q4(const float *shared, const float *bank, long n, long rows, long cols, const float *A, long M,
-            long threads, uint8_t *q, float *scales, int in_place) {
+int fuse_q4(const float *shared, const void *bank, long n, long rows, long cols, const float *A, long M,
+            long threads, uint8_t *q, float *scales, int in_place, int bf16) {
     if (cols % 32 != 0) return 1;
+    if (bf16 && in_place && M > 1) return 5; /* a bf16 bank is widened into each chunk's copy */
     if (n < 1) return 3;
     if (M < 1) return M ? 4 : 0; /* no mix: nothing to write */
     if (rows < 1 || cols < 1) return rows < 0 || cols < 0 ? 1 : 0; /* an empty matrix: nothing to write */
     /* several mixes: a piece is a chunk of every expert's rows; one: 16 spans of every expert */
     long unit = M > 1 ? rows_per_piece(n * cols, chunk_floats()) : rows_per_piece(cols, 16 * SPAN);
-    Job job = {shared, bank, A, NULL, n, rows, cols, M, q, scales, in_place != 0, unit, 0, 0};
+    Job job = {shared, bank, A, NULL, n, rows, cols, M, bf16 != 0, q, scales, in_place != 0, unit, 0, 0};
     return run_job(&job, threads);
 }
 
@@ -387,7 +412,7 @@ int fuse_q4(const float *shared, const float *bank, long n, long rows, long cols
 int quantize_q4(const float *w, long rows, long cols, long threads, uint8_t *q, float *scales) {
     if (cols % 32 != 0 || rows < 0 || cols < 0) return 1;
     if (rows == 0 || cols == 0) return 0; /* an empty matrix: nothing to write */
-    Job job = {NULL, NULL, NULL, w, 0, rows, cols, 1, q, scales, 0, rows_per_piece(cols, 16 * SPAN), 0, 0};
+    Job job = {NULL, NULL, NULL, w, 0, rows, cols, 1, 0, q, scales, 0, rows_per_piece(cols, 16 * SPAN), 0, 0};
     return run_job(&job, threads);
 }
 

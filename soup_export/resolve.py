@@ -28,7 +28,6 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from soup_export.errors import ExportInputError
@@ -65,11 +64,7 @@ class Bank:
         ckpt = resolve_checkpoint(Path(path))
         info = read_info(ckpt)
         weights = ckpt / "model.safetensors"
-        try:
-            with safe_open(str(weights), framework="pt") as f:
-                stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot read {weights}: {exc}; the checkpoint is missing or corrupt") from None
+        stored = {k: tuple(entry["shape"]) for k, entry in safetensors_header(weights)[0].items()}
         check_complete(ckpt, info, stored)
         if not (ckpt / "tokenizer.json").is_file():
             raise CheckpointError(f"{ckpt} has no tokenizer.json; the checkpoint is incomplete: copy it again")
@@ -89,9 +84,8 @@ class Bank:
     def coefficient_mlp(self) -> CoefficientMLP:
         """The checkpoint's coefficient MLP, read once per opened bank (a batch asks it for every mix)."""
         mlp = CoefficientMLP(len(self.info.domains), self.info.run.soup)
-        with safe_open(str(self.weights), framework="pt") as f:
-            state = {k[len(COEF_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(COEF_PREFIX)}
-        mlp.load_state_dict(state)
+        mapped = self.map()
+        mlp.load_state_dict({k[len(COEF_PREFIX):]: mapped[k] for k in mapped.header if k.startswith(COEF_PREFIX)})
         return mlp.eval()
 
     def tensors(self, names: list[str] | None = None, progress: bool = False,
@@ -107,16 +101,27 @@ class Bank:
             shared = _fp32(tensors[SHARED_PREFIX + name])
             yield name, shared, tuple(tensors[k] for k in expert_keys(name, shared.shape, rank))
 
+    def skeleton(self):
+        """The instantiated model's modules on the meta device (structure only, nothing allocated)."""
+        from soup_train.model.soup import meta_soup
+
+        run = self.info.run
+        return meta_soup(run.model, run.soup, len(self.info.domains)).shared
+
+    def instantiate(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Theta at coefficients alpha as a dense state dict (tied head once), by `combine` tensor by
+        tensor in one pass over the mapped bank: the specialist's size in memory, never the soup's."""
+        return {name: combine(shared, experts, alpha) for name, shared, experts in self.tensors()}
+
     def soup_logits(self, h: np.ndarray, input_ids: torch.Tensor) -> torch.Tensor:
         """The soup's own forward at h, logits (B, T, vocab), holding one layer of Theta(h) at a time:
         each part of the model is instantiated from the mapped bank with `combine` (the function
         training's `SoupModel.instantiate` uses) when it runs, and dropped after (the tied embedding
         is kept for the head). Works for banks larger than memory; the result is `SoupModel.forward`'s."""
         from soup_train.model.llama import forward_by_parts
-        from soup_train.model.soup import meta_soup
 
         run = self.info.run
-        skeleton = meta_soup(run.model, run.soup, len(self.info.domains)).shared
+        skeleton = self.skeleton()
         alpha, mapped, kept = self.alpha(h), self.map(), {}
 
         def weights(prefix: str) -> dict[str, torch.Tensor]:
@@ -196,20 +201,16 @@ class MappedSafetensors:
               "U8": np.uint8, "I8": np.int8}
 
     def __init__(self, path: Path) -> None:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            self.header = json.loads(fh.read(n))
-        self.header.pop("__metadata__", None)
-        self.base = 8 + n
+        self.header, self.base = safetensors_header(path)
         self.path = path
         # a plain ndarray over the map (which it keeps open): slicing np.memmap runs a Python hook per view
         self.map = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self.header[key]
-        if entry["dtype"] not in self._NUMPY:  # a dtype fusion never meets: let safetensors copy it
-            with safe_open(str(self.path), framework="pt") as f:
-                return f.get_tensor(key)
+        if entry["dtype"] not in self._NUMPY:
+            raise CheckpointError(f"{self.path}: tensor {key} is stored as {entry['dtype']}; export reads "
+                                  f"{', '.join(self._NUMPY)} (write the checkpoint in fp32 or bf16)")
         start, end = (self.base + o for o in entry["data_offsets"])
         array = self.map[start:end].view(self._NUMPY[entry["dtype"]]).reshape(entry["shape"])
         with warnings.catch_warnings():  # "not writable": by design, see the class docstring
@@ -231,6 +232,38 @@ def weights_sha256(weights: Path, verify: bool) -> str:
                                   f"({actual[:12]}... vs {recorded[:12]}...): the file is corrupt or was changed; "
                                   "copy the checkpoint again")
     return recorded
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """({tensor name: {dtype, shape, data_offsets}}, offset of the data) of a safetensors file, read
+    from its first bytes without mapping it (safetensors' own reader maps the whole file privately,
+    which a bank larger than memory is refused). A file too short for its header, or whose tensors
+    lie past its end, is a one-line CheckpointError."""
+    def corrupt(detail: str) -> CheckpointError:
+        return CheckpointError(f"cannot read {path}: {detail}; the checkpoint is missing or corrupt (copy it again)")
+
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            (n,) = struct.unpack("<Q", fh.read(8)) if size >= 8 else (-1,)
+            if not 0 < n <= min(size - 8, 100 << 20):
+                raise corrupt("no safetensors header")
+            header = json.loads(fh.read(n))
+    except OSError as exc:
+        raise corrupt(exc.strerror or str(exc)) from None
+    except (ValueError, UnicodeDecodeError):
+        raise corrupt("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a mapping")
+    header.pop("__metadata__", None)
+    try:
+        end = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+        valid = all(isinstance(e["shape"], list) and isinstance(e["dtype"], str) for e in header.values())
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise corrupt("its header is malformed") from None
+    if not valid or 8 + n + end > size:
+        raise corrupt(f"it is truncated ({size} bytes, its header names {8 + n + end})")
+    return header, 8 + n
 
 
 def cached_sha256(path: Path) -> str:

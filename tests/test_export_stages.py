@@ -592,7 +592,7 @@ def test_batch_reads_are_measured_once_per_machine_kept_and_can_be_forced(monkey
             return getattr(lib, name)
 
         def fuse_q4(self, *args):
-            modes.append(args[-1])
+            modes.append(args[-2])  # in_place (the last argument says whether the bank is bf16)
             return lib.fuse_q4(*args)
 
     monkeypatch.setattr(native, "kernel", Spy)

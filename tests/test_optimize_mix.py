@@ -98,3 +98,25 @@ def test_windows_of_several_texts_come_from_all_of_them(debug_data):
     assert from_second == [False] * 7 + [True], from_second  # one window in eight: its share of the tokens
     every = from_texts([first, second], debug_data / "tokenizer.json", 10_000, 16)
     assert len(every) == (n_first + n_second + 2) // 17  # more asked than there are: all of them (an EOS per text)
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_the_streamed_gradient_in_h_is_autograd_through_the_soup(rank):
+    """The search holds one dense model, never the soup: its gradient in h (dense backward, then
+    <E_j, dL/dTheta> per tensor, then the coefficient MLP) equals autograd through the soup's own
+    forward, for full and low-rank experts; its loss is the soup's."""
+    from soup_export.optimize_mix import SoupObjective
+    from soup_train.model.llama import lm_loss
+
+    torch.manual_seed(0)
+    mc = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=64)
+    soup = SoupModel(mc, SoupConfig(n_experts=4, coef_hidden=16, expert_rank=rank), 3).eval()
+    x = torch.randint(0, 61, (5, 17))
+    z = torch.tensor([0.2, -0.1, 0.3], requires_grad=True)
+    reference = lm_loss(soup(x[:, :-1], torch.softmax(z, 0)), x[:, 1:])
+    reference.backward()
+    expected, z.grad = z.grad.clone(), None
+    loss = SoupObjective(soup).loss_and_grad(torch.softmax(z, 0), x, batch=2)
+    assert loss == pytest.approx(float(reference.detach()), rel=1e-6)
+    torch.testing.assert_close(z.grad, expected, rtol=1e-4, atol=1e-9)
+    assert z.grad.abs().max() > 1e-6  # a gradient that is there to compare

@@ -158,6 +158,16 @@ def meta_soup(model_cfg: ModelConfig, soup_cfg: SoupConfig, n_domains: int) -> "
         return SoupModel(model_cfg, soup_cfg, n_domains)
 
 
+def dense_forward(skeleton: Llama, theta: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the dense Llama whose weights are `theta` (its state dict, tied head listed once or
+    not at all), run on `skeleton`'s modules, which may live on the meta device (only their
+    structure is used: a soup larger than memory never builds a model of its own)."""
+    from soup_train.model.llama import rope_inv_freq
+
+    buffers = {"model.inv_freq": rope_inv_freq(skeleton.cfg).to(input_ids.device)}
+    return functional_call(skeleton, {**theta, **buffers}, (input_ids,))
+
+
 def count_parameters(model_cfg: ModelConfig, soup_cfg: SoupConfig, n_domains: int) -> dict[str, int]:
     """Parameter counts without allocating: instantiated model, shared, bank, coefficient MLP."""
     soup = meta_soup(model_cfg, soup_cfg, n_domains)

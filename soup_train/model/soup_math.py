@@ -134,3 +134,19 @@ def column_blocks(total: int, step: int) -> list[tuple[int, int]]:
     if len(bounds) > 2 and bounds[-1] - bounds[-2] < MIN_BLOCK:
         del bounds[-2]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def coefficient_grad(experts: tuple[torch.Tensor, ...], grad: torch.Tensor) -> torch.Tensor:
+    """d<combine(S, experts, alpha), grad>/d alpha: the (n,) vector <E_j, grad> (export's mix search:
+    the gradient of a loss through alpha, from the dense model's gradient `grad` of one tensor,
+    without the soup in memory). Summed in `grad`'s dtype over blocks of columns, as `combine` is."""
+    if len(experts) == 1:
+        flat_bank = experts[0].reshape(experts[0].shape[0], -1)  # (n, P)
+        flat = grad.reshape(-1)
+        out = torch.zeros(flat_bank.shape[0], dtype=grad.dtype)
+        step = max(1, UPCAST_VALUES // max(flat_bank.shape[0], 1))
+        for start in range(0, flat.numel(), step):
+            out += flat_bank[:, start:start + step].to(grad.dtype) @ flat[start:start + step]
+        return out
+    u, v = experts  # (n, out, r), (n, in, r): <U_j V_j^T, G> = sum_oi (U_j V_j^T)_oi G_oi
+    return torch.einsum("jor,oi,jir->j", u.to(grad.dtype), grad, v.to(grad.dtype))
