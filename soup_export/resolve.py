@@ -16,10 +16,13 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import struct
 import tempfile
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -97,7 +100,9 @@ class Bank:
         time (a 128-expert embedding bank is 12.6 GB in fp32)."""
         rank = self.info.run.soup.expert_rank
         tensors = self.map() if mapped is None else mapped
-        for name in tqdm(names or list(self.shapes), desc="fuse", unit="tensor", disable=not progress, leave=False):
+        names = names or list(self.shapes)
+        for i, name in enumerate(tqdm(names, desc="fuse", unit="tensor", disable=not progress, leave=False)):
+            tensors.prefetch([self.keys(n) for n in names[i:i + 2]])  # the disk reads ahead while this one is fused
             shared = _fp32(tensors[SHARED_PREFIX + name])
             yield name, shared, tuple(tensors[k] for k in expert_keys(name, shared.shape, rank))
 
@@ -136,6 +141,10 @@ class Bank:
 
         with torch.no_grad():
             return forward_by_parts(skeleton, weights, input_ids)
+
+    def keys(self, name: str) -> list[str]:
+        """The checkpoint keys that dense tensor `name` is fused from (shared, then its experts)."""
+        return [SHARED_PREFIX + name, *expert_keys(name, self.shapes[name], self.info.run.soup.expert_rank)]
 
     def map(self) -> "MappedSafetensors":
         """A new zero-copy map of the bank's weights (its header parsed once)."""
@@ -203,8 +212,28 @@ class MappedSafetensors:
     def __init__(self, path: Path) -> None:
         self.header, self.base = safetensors_header(path)
         self.path = path
+        self._prefetched: set[str] = set()
+        self._ahead: queue.SimpleQueue | None = None  # (offset, length) ranges for the read-ahead thread
         # a plain ndarray over the map (which it keeps open): slicing np.memmap runs a Python hook per view
         self.map = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+
+    def prefetch(self, groups: list[list[str]]) -> None:
+        """Ask the kernel to read these tensors' bytes ahead (posix_fadvise WILLNEED, in the order
+        given, on one background thread: asking blocks while the device is busy), so that a bank
+        read from disk arrives while the tensor before is fused. Each tensor is asked for once;
+        a no-op where the system has no fadvise."""
+        wanted = [k for group in groups for k in group if k not in self._prefetched]
+        if not wanted or not hasattr(os, "posix_fadvise"):
+            return
+        self._prefetched.update(wanted)
+        if self._ahead is None:  # a daemon thread: an export that stops does not wait for its read-ahead
+            self._ahead = queue.SimpleQueue()
+            threading.Thread(target=_read_ahead, args=(self.path, self._ahead), daemon=True,
+                             name="soup-export-read-ahead").start()
+            weakref.finalize(self, self._ahead.put, None)  # the map gone: the thread ends
+        for k in wanted:
+            start, end = self.header[k]["data_offsets"]
+            self._ahead.put((self.base + start, end - start))
 
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self.header[key]
@@ -232,6 +261,27 @@ def weights_sha256(weights: Path, verify: bool) -> str:
                                   f"({actual[:12]}... vs {recorded[:12]}...): the file is corrupt or was changed; "
                                   "copy the checkpoint again")
     return recorded
+
+
+READ_AHEAD = 64 << 20  # bytes asked for per fadvise call
+
+
+def _read_ahead(path: Path, ranges: queue.SimpleQueue) -> None:
+    """posix_fadvise(WILLNEED) over each (offset, length) taken from `ranges`, READ_AHEAD bytes at a
+    time, until None. Best effort: an error only loses the read-ahead."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        while (item := ranges.get()) is not None:
+            offset, length = item
+            for start in range(offset, offset + length, READ_AHEAD):
+                os.posix_fadvise(fd, start, min(READ_AHEAD, offset + length - start), os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def safetensors_header(path: Path) -> tuple[dict, int]:

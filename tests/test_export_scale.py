@@ -184,9 +184,10 @@ def limited(cmd: list[str]):
 
 
 @pytest.mark.slow
-def test_every_command_works_on_a_bank_larger_than_its_memory_limit(big_bank, tmp_path):
-    """build with every parity stage, a batch, check and estimate, each limited to less memory than the
-    bank's size (the private map that export made before failed at once; parity (a) loaded the soup)."""
+def test_every_command_works_on_a_bank_larger_than_its_memory_limit(big_bank, debug_data, tmp_path):
+    """build with every parity stage, a batch, check, estimate, compare and the mix search, each limited
+    to less memory than the bank's size (the private map that export made before failed at once;
+    parity (a), compare and the mix search loaded the whole soup)."""
     examples = Path(__file__).resolve().parents[1] / "examples"
     out = tmp_path / "acme"
     done = limited(["build", big_bank, "--mix", "licences=0.7,python-code=0.3", "--out", out, "--quant", "int4"])
@@ -201,6 +202,12 @@ def test_every_command_works_on_a_bank_larger_than_its_memory_limit(big_bank, tm
     assert done.returncode == 0 and "every parity stage passed" in done.stdout, done.stderr[-3000:]
     done = limited(["estimate", big_bank, examples / "customers" / "globex", "--json"])
     assert done.returncode == 0 and set(json.loads(done.stdout)) == set(Bank.open(big_bank).info.domains)
+    done = limited(["compare", out, "--ckpt", big_bank, "--data", debug_data, "--windows", "4"])
+    assert done.returncode == 0 and "| specialist |" in done.stdout, done.stderr[-3000:]
+    done = limited(["build", big_bank, "--optimize-mix", examples / "customers" / "globex", "--out", tmp_path / "tuned",
+                    "--quant", "int4", "--no-parity", "--no-hf"])
+    assert done.returncode == 0 and "mix search: held-out loss" in done.stdout, done.stderr[-3000:]
+    assert json.loads((tmp_path / "tuned" / "manifest.json").read_text())["mix_search"]["bank_passes"] >= 2
 
 
 def test_a_synthetic_checkpoint_is_complete_and_records_its_hash(big_bank):
@@ -311,3 +318,29 @@ def test_shards_split_a_customers_file_and_batch_check_finds_the_missing(debug_c
     customers.write_text(customers.read_text() + "  c5: {licences: 1}\n")
     result = run("batch-check", customers, *outs)
     assert result.exit_code == 1 and "another version of" in result.output
+
+
+def test_the_bank_is_read_ahead_one_tensor_before_its_fusion(debug_ckpt, monkeypatch):
+    """While a tensor is fused, the kernel is asked (fadvise WILLNEED, on a background thread) to read
+    the next one's bytes from disk: every byte range of the pass, once each, in the pass's order."""
+    import time
+
+    import soup_export.resolve as resolve
+
+    asked = []
+    monkeypatch.setattr(resolve, "READ_AHEAD", 1 << 12)
+    monkeypatch.setattr(resolve.os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length)))
+    bank = Bank.open(debug_ckpt)
+    mapped = bank.map()
+    names = list(bank.shapes)[::-1]  # any order: the pass's own
+    seen = [name for name, _, _ in bank.tensors(names, mapped=mapped)]
+    assert seen == names
+    expected = []
+    for name in names:
+        for key in bank.keys(name):
+            start, end = (mapped.base + o for o in mapped.header[key]["data_offsets"])
+            expected += [(s, min(1 << 12, end - s)) for s in range(start, end, 1 << 12)]
+    deadline = time.monotonic() + 30
+    while len(asked) < len(expected) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert asked == expected

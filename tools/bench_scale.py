@@ -173,22 +173,34 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="Where the bank is written.")
     parser.add_argument("--no-parity-build", action="store_true", help="Skip the default build (every parity stage).")
     parser.add_argument("--keep", action="store_true", help="Keep the bank and the exports.")
+    parser.add_argument("--reuse", type=Path, help="A directory kept by --keep: its bank, not a new one.")
+    parser.add_argument("--jobs", default="cold,warm,batch,parity", help="Which jobs, of cold,warm,batch,parity.")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
         return job(args)
-    experts = args.experts or default_experts(args.dtype)
+    if args.reuse:  # the bank of an earlier --keep run
+        root, args.keep = args.reuse, True
+        info = json.loads((root / "run" / "checkpoints" / "step_0000001" / "config.json").read_text())
+        experts = info["run"]["soup"]["n_experts"]
+        weights = root / "run" / "checkpoints" / "step_0000001" / "model.safetensors"
+        from soup_export.resolve import safetensors_header
+
+        args.dtype = "bf16" if safetensors_header(weights)[0]["shared.model.norm.weight"]["dtype"] == "BF16" else "fp32"
+    else:
+        experts = args.experts or default_experts(args.dtype)
     size = sizes(experts, args.dtype)
     need = size["bank"] + args.mixes * size["specialist"] // 6 + 3 * size["specialist"] + 2 * GIB
     args.dir.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(args.dir).free
+    free = shutil.disk_usage(args.dir).free + (size["bank"] if args.reuse else 0)
     if free < need:
         raise SystemExit(f"bench_scale: {args.dir} has {free / 1e9:.1f} GB free, the bank and exports need "
                          f"{need / 1e9:.1f} GB; pass --dir on a larger disk or fewer --experts")
-    root = Path(tempfile.mkdtemp(prefix="soup-bench-scale-", dir=args.dir))
+    root = root if args.reuse else Path(tempfile.mkdtemp(prefix="soup-bench-scale-", dir=args.dir))
     try:
-        weights = prepare(root, experts, args.dtype)
+        if not args.reuse:
+            weights = prepare(root, experts, args.dtype)
         bank_gb = weights.stat().st_size / 1e9
         how = drop_cache(weights)
         first = sequential_read(weights)
@@ -197,9 +209,10 @@ def main() -> None:
         extra = ["--mixes", str(args.mixes)]
         single_bound = 2 * size["specialist"] + GIB
         rows = []
-        for name, cold, bound in [("cold", True, single_bound), ("warm", False, single_bound),
-                                  ("batch", True, GIB + args.mixes * size["largest_tensor"]),
-                                  *([] if args.no_parity_build else [("parity", True, single_bound)])]:
+        jobs = [("cold", True, single_bound), ("warm", False, single_bound),
+                ("batch", True, GIB + args.mixes * size["largest_tensor"]),
+                *([] if args.no_parity_build else [("parity", True, single_bound)])]
+        for name, cold, bound in [j for j in jobs if j[0] in args.jobs.split(",")]:
             if cold:
                 drop_cache(weights)
             r = run_job(root, name, extra)
@@ -217,8 +230,10 @@ def main() -> None:
         print(f"the sequential read again, after the jobs: {again:.1f} s ({bank_gb / again:.2f} GB/s); "
               f"ratios over the faster one, {read:.1f} s", flush=True)
         times = {name: r["seconds"] for name, r, _ in rows}
-        print(f"batch_of_{args.mixes}_over_read: {times['batch'] / read:.2f}")
-        print(f"cold_build_over_read: {times['cold'] / read:.2f}")
+        if "batch" in times:
+            print(f"batch_of_{args.mixes}_over_read: {times['batch'] / read:.2f}")
+        if "cold" in times:
+            print(f"cold_build_over_read: {times['cold'] / read:.2f}")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
