@@ -100,11 +100,13 @@ def staged_output(out: Path, force: bool):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build(ckpt: Path, mix: Mix, out: Path, spec: ExportSpec = ExportSpec(), force: bool = False,
+def build(ckpt: Path | Bank, mix: Mix, out: Path, spec: ExportSpec = ExportSpec(), force: bool = False,
           extra: dict | None = None) -> dict:
-    """Every stage for one mix; returns the manifest (`extra` fields are added to it, e.g. the mix search)."""
+    """Every stage for one mix; returns the manifest (`extra` fields are added to it, e.g. the mix search).
+    `ckpt`: a checkpoint's path, or a checkpoint already opened (and verified, if the spec asks)."""
+    bank = ckpt if isinstance(ckpt, Bank) else Bank.open(ckpt, spec.verify_checkpoint)
     with staged_output(out, force) as tmp:
-        return export(Bank.open(ckpt, spec.verify_checkpoint), [mix], [tmp], spec, extras=[extra or {}])[0]
+        return export(bank, [mix], [tmp], spec, extras=[extra or {}])[0]
 
 
 MIXES_PER_PASS = 32  # a pass holds one fused tensor per mix: memory grows with it, bank reads shrink
@@ -122,7 +124,7 @@ def batch(ckpt: Path, mixes: list[Mix], out: Path, spec: ExportSpec = ExportSpec
     with staged_output(out, force) as tmp:
         bank = Bank.open(ckpt, spec.verify_checkpoint)
         manifests = export(bank, mixes, [tmp / m.name for m in mixes], spec, progress, per_pass=per_pass,
-                           link_shared=link_shared)
+                           link_shared=link_shared) if mixes else []  # a shard with no customers: batch.json only
         summary = [{"name": m["mix"]["name"], "tier": m["tier"], "bytes": m["size"]["actual"],
                     "weights": m["mix"]["weights"]} for m in manifests]
         (tmp / "batch.json").write_text(json.dumps({"checkpoint": checkpoint_ref(bank), "spec": spec.to_dict(),
@@ -138,18 +140,9 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
     -> parity -> manifest, per root."""
     from tqdm import tqdm
 
-    from soup_export.native import check_settings
-
-    check_settings()  # a wrong SOUP_NATIVE_READS fails now, not in the middle of a pass
     start = time.perf_counter()
-    arch = Arch.from_hf(bank.info.run.model.to_hf())
+    arch, tier, preds = preflight(bank, mixes, spec)
     params = dict(spec.quant_params)
-    tier, preds = budget_mod.choose_tier(arch, spec.quant, spec.max_size, params or None)
-    if spec.parity or spec.data or spec.eval_texts:  # bad --data / --eval-texts fail now, not after the export
-        for mix in mixes:
-            _, source = eval_data(bank, mix, bank.path / "tokenizer.json", spec, arch)
-            if spec.parity:
-                check_held_out(source, tier)
     cache: dict = {}
     model_bytes, g = _graph(cache, arch, tier, params if spec.quant != "auto" else {})
     known = []  # per root: the files hashed as they were written
@@ -178,6 +171,24 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
                   "seconds": round(shared_seconds + time.perf_counter() - t0, 3)}
         manifests.append(write_manifest(root, record, hashed))
     return manifests
+
+
+def preflight(bank: Bank, mixes: list[Mix], spec: ExportSpec) -> tuple[Arch, str, dict]:
+    """Everything an export needs that can be known before the bank is read, checked now (each a
+    one-line error): the settings, a tier within the budget, and held-out text for parity (bad
+    `--data` or `--eval-texts`, or none for a quantized tier's check (c)). Returns the architecture,
+    the tier and every tier's predicted size."""
+    from soup_export.native import check_settings
+
+    check_settings()  # a wrong SOUP_NATIVE_READS fails now, not in the middle of a pass
+    arch = Arch.from_hf(bank.info.run.model.to_hf())
+    tier, preds = budget_mod.choose_tier(arch, spec.quant, spec.max_size, dict(spec.quant_params) or None)
+    if spec.parity or spec.data or spec.eval_texts:
+        for mix in mixes:
+            _, source = eval_data(bank, mix, bank.path / "tokenizer.json", spec, arch)
+            if spec.parity:
+                check_held_out(source, tier)
+    return arch, tier, preds
 
 
 def _graph(cache: dict, arch, tier: str, params: dict):

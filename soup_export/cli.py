@@ -151,22 +151,25 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
       soup-export build runs/demo --optimize-mix mail/ --out out/globex-tuned
     """
     from soup_export.build import build as run_build
-    from soup_export.build import check_output_path
+    from soup_export.build import check_output_path, preflight
+    from soup_export.resolve import Bank
 
     spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format, verify_checkpoint)
     check_output_path(out, force)  # before the mix search, the slow part
     if optimize_texts and not (mix_text or mix_file or from_texts):
         from_texts = optimize_texts  # start from the histogram estimate of the same texts
     mix = _load_mix(ckpt, name, mix_text, mix_file, from_texts)
+    bank = Bank.open(ckpt, spec.verify_checkpoint)
     extra = None
     if optimize_texts:
         from soup_export.optimize_mix import optimize_mix
 
-        mix, report = optimize_mix(ckpt, mix, list(optimize_texts))
+        preflight(bank, [mix], spec)  # what the export will need, before the search's passes over the bank
+        mix, report = optimize_mix(bank, mix, list(optimize_texts))
         click.echo(f"mix search: held-out loss {report['held_out_loss_start']:.4f} -> "
                    f"{report['held_out_loss_best']:.4f} (best step {report['best_step']} of {report['steps_run']})")
         extra = {"mix_search": report}
-    click.echo(_summary(run_build(ckpt, mix, out, spec, force, extra)))
+    click.echo(_summary(run_build(bank, mix, out, spec, force, extra)))
     click.echo(f"wrote {out}")
 
 
@@ -204,8 +207,7 @@ def batch(ckpt, mixes, out, mixes_per_pass, link_shared, shard, quant, qparam, m
     check_output_path(out, force)  # before the customers' texts are read
     chosen = read_batch(ckpt, mixes, part)
     if not chosen:
-        click.echo(f"shard {shard} of {mixes} has no customers (fewer customers than shards); nothing to do")
-        return
+        click.echo(f"shard {shard} of {mixes} has no customers (fewer customers than shards)")
     manifests = run_batch(ckpt, chosen, out, spec, force, per_pass=mixes_per_pass, link_shared=link_shared,
                           shard=part.record(mixes) if shard else None)
     for m in manifests:
@@ -455,10 +457,11 @@ def run() -> None:
     except OSError as exc:
         if exc.errno not in DISK_ERRORS:
             raise
-        where = f" writing {exc.filename}" if exc.filename else ""
-        todo = "free disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix its permissions"
-        click.echo(f"soup-export: {exc.strerror}{where}; {todo} or choose another --out (nothing half-written "
-                   "was left: the staged output was removed)", err=True)
+        where = f": {exc.filename}" if exc.filename else ""
+        todo = {errno.ENOSPC: "free disk space or choose another --out", errno.EDQUOT: "free disk space or choose "
+                "another --out", errno.EROFS: "choose an --out on a writable file system"}.get(
+                    exc.errno, "fix the permissions of that path (or choose another --out, if it is the output)")
+        click.echo(f"soup-export: {exc.strerror}{where}; {todo}. Nothing half-written was left.", err=True)
         raise SystemExit(1) from None
 
 

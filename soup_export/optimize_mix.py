@@ -158,13 +158,14 @@ def search_h(source, windows: np.ndarray, h0: np.ndarray, cfg: MixSearchConfig =
     return best["h"], report
 
 
-def optimize_mix(ckpt: Path, start: Mix, texts: list[Path], cfg: MixSearchConfig = MixSearchConfig()) -> tuple[Mix, dict]:
-    """The customer's mix after the search on their texts; the report goes in the manifest."""
+def optimize_mix(ckpt, start: Mix, texts: list[Path], cfg: MixSearchConfig = MixSearchConfig()) -> tuple[Mix, dict]:
+    """The customer's mix after the search on their texts; the report goes in the manifest. `ckpt`: a
+    checkpoint's path or an opened `Bank`."""
     from soup_export.evaltext import from_texts
     from soup_export.resolve import Bank
     from soup_train.textfiles import read_texts
 
-    bank = Bank.open(ckpt)
+    bank = ckpt if isinstance(ckpt, Bank) else Bank.open(ckpt)
     run = bank.info.run
     length = min(cfg.window, run.data.seq_len or run.model.max_seq_len)  # the trained context
     try:

@@ -37,11 +37,11 @@ from soup_export.errors import ExportInputError
 from soup_export.files import file_sha256, read_json
 from soup_export.mix import Mix
 from soup_train.stream import SafetensorsWriter
-from soup_train.checkpoint import CheckpointInfo, read_info, recorded_sha256, resolve_checkpoint
+from soup_train.checkpoint import CHECKSUMS, CheckpointInfo, read_info, recorded_checksum, resolve_checkpoint
 from soup_train.config import ModelConfig, SoupConfig
 from soup_train.errors import CheckpointError
 from soup_train.model.soup import CoefficientMLP
-from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine, combine_many, expert_keys
+from soup_train.model.soup_math import COEF_PREFIX, EXPERTS_PREFIX, SHARED_PREFIX, combine, combine_many, expert_keys
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -67,7 +67,12 @@ class Bank:
         ckpt = resolve_checkpoint(Path(path))
         info = read_info(ckpt)
         weights = ckpt / "model.safetensors"
-        stored = {k: tuple(entry["shape"]) for k, entry in safetensors_header(weights)[0].items()}
+        header = safetensors_header(weights)[0]
+        other = sorted({e["dtype"] for e in header.values()} - set(BANK_DTYPES))
+        if other:
+            raise CheckpointError(f"{weights} holds {', '.join(other)} tensors; export reads fp32, bf16 and fp16 "
+                                  "checkpoints: convert it to one of those")
+        stored = {k: tuple(entry["shape"]) for k, entry in header.items()}
         check_complete(ckpt, info, stored)
         if not (ckpt / "tokenizer.json").is_file():
             raise CheckpointError(f"{ckpt} has no tokenizer.json; the checkpoint is incomplete: copy it again")
@@ -100,7 +105,7 @@ class Bank:
         time (a 128-expert embedding bank is 12.6 GB in fp32)."""
         rank = self.info.run.soup.expert_rank
         tensors = self.map() if mapped is None else mapped
-        names = names or list(self.shapes)
+        names = list(self.shapes) if names is None else names
         for i, name in enumerate(tqdm(names, desc="fuse", unit="tensor", disable=not progress, leave=False)):
             tensors.prefetch([self.keys(n) for n in names[i:i + 2]])  # the disk reads ahead while this one is fused
             shared = _fp32(tensors[SHARED_PREFIX + name])
@@ -232,8 +237,20 @@ class MappedSafetensors:
                              name="soup-export-read-ahead").start()
             weakref.finalize(self, self._ahead.put, None)  # the map gone: the thread ends
         for k in wanted:
-            start, end = self.header[k]["data_offsets"]
-            self._ahead.put((self.base + start, end - start))
+            for offset, length in self._read_order(k):
+                self._ahead.put((offset, length))
+
+    def _read_order(self, key: str) -> list[tuple[int, int]]:
+        """(offset, length) pieces of a tensor's bytes in the order fusion reads them: an expert bank
+        (n, ...) window by window of every expert (the kernel sums the experts' rows side by side),
+        anything else front to back."""
+        start, end = (self.base + o for o in self.header[key]["data_offsets"])
+        shape = self.header[key]["shape"]
+        if not key.startswith(EXPERTS_PREFIX) or len(shape) < 2 or shape[0] < 2:
+            return [(start, end - start)]
+        stride = (end - start) // shape[0]
+        return [(start + j * stride + w, min(READ_AHEAD, stride - w))
+                for w in range(0, stride, READ_AHEAD) for j in range(shape[0])]
 
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self.header[key]
@@ -249,21 +266,34 @@ class MappedSafetensors:
 
 
 def weights_sha256(weights: Path, verify: bool) -> str:
-    """The bank's SHA-256: recorded by the checkpoint's writer (checked against the file when `verify`),
-    else computed once and cached (`cached_sha256`: checkpoints written before the record)."""
-    recorded = recorded_sha256(weights)
-    if recorded is None:
-        return file_sha256(weights) if verify else cached_sha256(weights)
+    """The bank's SHA-256: the one recorded by the checkpoint's writer while the file is as recorded
+    (same size and modification time; `cp -p`, `rsync -a` and tar keep both), else computed once and
+    cached (`cached_sha256`). With `verify`, the file is hashed and must match the record."""
+    entry, stat = recorded_checksum(weights), weights.stat()
     if verify:
-        actual = file_sha256(weights)
-        if actual != recorded:
-            raise CheckpointError(f"{weights} does not match the SHA-256 recorded when it was written "
-                                  f"({actual[:12]}... vs {recorded[:12]}...): the file is corrupt or was changed; "
-                                  "copy the checkpoint again")
-    return recorded
+        return verified_sha256(weights, entry)
+    if entry is not None and entry.get("bytes") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return entry["sha256"]
+    if entry is not None:
+        log.info("%s changed (or was copied without its times) since its SHA-256 was recorded: hashing it once",
+                 weights)
+    return cached_sha256(weights)
 
 
-READ_AHEAD = 64 << 20  # bytes asked for per fadvise call
+def verified_sha256(weights: Path, entry: dict | None) -> str:
+    """The SHA-256 of `weights`, read in full, which must equal the one recorded when they were written."""
+    if entry is None:
+        raise CheckpointError(f"{weights} has no recorded SHA-256 to verify ({weights.parent / CHECKSUMS} is "
+                              "missing: a checkpoint from an older soup-train); run without --verify-checkpoint")
+    actual = file_sha256(weights)
+    if actual != entry["sha256"]:
+        raise CheckpointError(f"{weights} does not match the SHA-256 recorded when it was written "
+                              f"({actual[:12]}... vs {entry['sha256'][:12]}...): the file is corrupt or was changed; "
+                              "copy the checkpoint again")
+    return actual
+
+
+READ_AHEAD = 4 << 20  # bytes asked for per fadvise call (per expert, in an expert bank's windows)
 
 
 def _read_ahead(path: Path, ranges: queue.SimpleQueue) -> None:
@@ -313,7 +343,15 @@ def safetensors_header(path: Path) -> tuple[dict, int]:
         raise corrupt("its header is malformed") from None
     if not valid or 8 + n + end > size:
         raise corrupt(f"it is truncated ({size} bytes, its header names {8 + n + end})")
+    for key, e in header.items():
+        width = DTYPE_BYTES.get(e["dtype"])
+        if width is not None and e["data_offsets"][1] - e["data_offsets"][0] != width * math.prod(e["shape"]):
+            raise corrupt(f"tensor {key}'s bytes do not match its shape {e['shape']} and dtype {e['dtype']}")
     return header, 8 + n
+
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+BANK_DTYPES = ("F32", "BF16", "F16")  # what export fuses (in fp32)
 
 
 def cached_sha256(path: Path) -> str:

@@ -137,23 +137,24 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 
 def record_checksum(path: Path, digest: str) -> None:
-    """Add `path`'s digest and size to the CHECKSUMS file of its directory (written to a temporary name
-    and renamed)."""
+    """Add `path`'s digest, size and modification time to the CHECKSUMS file of its directory (written
+    to a temporary name and renamed)."""
     table = _checksums(path.parent)
-    table[path.name] = {"sha256": digest, "bytes": path.stat().st_size}
+    stat = path.stat()
+    table[path.name] = {"sha256": digest, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     tmp = path.parent / f".{CHECKSUMS}.tmp"
     tmp.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     tmp.replace(path.parent / CHECKSUMS)
 
 
-def recorded_sha256(path: Path) -> str | None:
-    """The SHA-256 recorded for `path` when it was written, if CHECKSUMS has it for a file of this size
-    (None otherwise: a checkpoint written before checksums were recorded, or a file that changed size)."""
+def recorded_checksum(path: Path) -> dict | None:
+    """What CHECKSUMS recorded for `path` when it was written ({sha256, bytes, mtime_ns}), or None (a
+    checkpoint written before checksums were recorded). Whether the file is still as recorded is the
+    caller's to judge, by its size and modification time."""
     entry = _checksums(path.parent).get(path.name)
-    if not isinstance(entry, dict) or entry.get("bytes") != path.stat().st_size:
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64:
         return None
-    digest = entry.get("sha256")
-    return digest if isinstance(digest, str) and len(digest) == 64 else None
+    return entry
 
 
 def _checksums(directory: Path) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +39,25 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)
         self.file = open(self.tmp, "wb")
         self.hash = hashlib.sha256() if hashed else None
+        # the hash runs on its own thread while the next bytes are written (both release the GIL)
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="soup-sha256") if hashed else None
+        self._hashing = None
         self._put(struct.pack("<Q", len(raw)) + raw)
         self.next = 0
 
     def _put(self, data) -> None:
-        self.file.write(data)
         if self.hash is not None:
-            self.hash.update(data)
+            self._wait_hash()  # in order: one update in flight (it holds `data` until it is done)
+            self._hashing = self._hasher.submit(self.hash.update, data)
+        self.file.write(data)
+
+    def _wait_hash(self) -> None:
+        if self._hashing is not None:
+            self._hashing.result()
+            self._hashing = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected, _, shape, _ = self.order[self.next]
+        shape = self.order[self.next][2]
         assert tuple(tensor.shape) == shape, f"{name}: shape {tuple(tensor.shape)} != {shape}"
         self.write_pieces(name, [tensor])
 
@@ -69,9 +79,14 @@ class SafetensorsWriter:
         """Finish the file under its name; returns its SHA-256 when it was made with `hashed=True`."""
         assert self.next == len(self.order), f"{len(self.order) - self.next} tensors were not written"
         self.file.close()
+        if self.hash is not None:
+            self._wait_hash()
+            self._hasher.shutdown()
         self.tmp.replace(self.path)
         return self.hash.hexdigest() if self.hash is not None else None
 
     def abort(self) -> None:
         self.file.close()
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True, cancel_futures=True)
         self.tmp.unlink(missing_ok=True)

