@@ -101,7 +101,7 @@ def stream(model: Specialist, prompts: list[str] | list[list[int]],
     for i, r in enumerate(rows):
         seen[i, r.prompt] = True
     logits, past = model.step(ids, mask, positions, model.empty_past(len(rows)))
-    for _ in range(budget):
+    for n in range(budget):
         tokens = np.full(len(rows), c.pad, np.int64)
         for i, r in enumerate(rows):
             if r.done:
@@ -116,6 +116,8 @@ def stream(model: Specialist, prompts: list[str] | list[list[int]],
             yield Event(i, token, _new_text(model, r, cfg.stop))
         if all(r.done for r in rows):
             return
+        if n == budget - 1:  # the last token chosen: no forward for a token that will not be drawn
+            break
         mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
         positions = positions[:, -1:] + 1
         logits, past = model.step(tokens[:, None], mask, positions, past)
