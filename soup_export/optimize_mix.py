@@ -57,22 +57,20 @@ class SoupObjective:
 
         if isinstance(source, SoupModel):  # a soup in memory (small models, tests, reproductions)
             self.coef, self.skeleton = source.coef, source.shared
-            self.tensors = lambda: ((n, p.detach(), tuple(t.detach() for t in source.experts.tensors(n, p.shape)))
-                                    for n, p in source.shared.named_parameters())
         else:  # an opened checkpoint (`Bank`): read through its map
-            self.coef, self.skeleton, self.tensors = source.coefficient_mlp, source.skeleton(), source.tensors
+            self.coef, self.skeleton = source.coefficient_mlp, source.skeleton()
+        self.tensors = source.tensors  # (name, shared, experts), in either case
         for p in self.coef.parameters():
             p.requires_grad_(False)
         self.passes, self._h, self._theta = 0, None, {}
 
     def theta(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        from soup_train.model.soup_math import combine
+        from soup_train.model.soup_math import instantiate
 
         if self._h is None or not torch.equal(self._h, h):
             self._theta = {}  # the old one freed first: one dense model at a time
             with torch.no_grad():
-                alpha = self.coef(h)
-                self._theta = {name: combine(shared, experts, alpha) for name, shared, experts in self.tensors()}
+                self._theta = instantiate(self.tensors(), self.coef(h))
             self._h, self.passes = h.detach().clone(), self.passes + 1
         return self._theta
 

@@ -60,7 +60,6 @@ def test_forward_by_parts_is_the_model_forward():
 def test_streamed_soup_forward_is_the_soups_and_holds_one_layer(debug_ckpt, monkeypatch):
     """Bank.soup_logits equals SoupModel.forward bit for bit, and while it runs no more than one part
     of Theta(h) is alive (plus the tied embedding, kept for the head): nothing loads the whole soup."""
-    import soup_export.resolve as resolve
     from soup_train.model import soup_math
 
     soup, _ = load_soup(debug_ckpt)
@@ -71,14 +70,16 @@ def test_streamed_soup_forward_is_the_soups_and_holds_one_layer(debug_ckpt, monk
     alive: list[tuple[str, weakref.ref]] = []
     worst = []
 
+    real = soup_math.combine
+
     def counting_combine(shared, experts, alpha, out=None):
-        fused = soup_math.combine(shared, experts, alpha, out)
+        fused = real(shared, experts, alpha, out)
         alive.append((tuple(shared.shape), weakref.ref(fused)))
         live = [shape for shape, ref in alive if ref() is not None]
         worst.append(len(live))
         return fused
 
-    monkeypatch.setattr(resolve, "combine", counting_combine)
+    monkeypatch.setattr(soup_math, "combine", counting_combine)
     got = bank.soup_logits(H, ids)
     assert torch.equal(got, expected)
     per_layer = sum(1 for n in bank.shapes if n.startswith("model.layers.0."))
@@ -328,7 +329,8 @@ def test_shards_split_a_customers_file_and_batch_check_finds_the_missing(debug_c
 
 def test_the_bank_is_read_ahead_one_tensor_before_its_fusion(debug_ckpt, monkeypatch):
     """While a tensor is fused, the kernel is asked (fadvise WILLNEED, on a background thread) to read
-    the next one's bytes from disk: every byte of the pass, once, in the order fusion reads it."""
+    the next one's bytes from disk: every byte of the pass, once, in the order fusion reads it; a
+    tensor already in the page cache is not asked for."""
     import time
 
     import soup_export.resolve as resolve
@@ -338,6 +340,10 @@ def test_the_bank_is_read_ahead_one_tensor_before_its_fusion(debug_ckpt, monkeyp
     monkeypatch.setattr(resolve.os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length)))
     bank = Bank.open(debug_ckpt)
     mapped = bank.map()
+    assert all(mapped._cached(k) for k in mapped.header)  # just written: in the page cache, nothing to ask for
+    assert [name for name, _, _ in bank.tensors(mapped=mapped)] == list(bank.shapes) and asked == []
+    mapped = bank.map()
+    mapped._cached = lambda key: False  # as if read from disk
     names = list(bank.shapes)[::-1]  # any order: the pass's own
     seen = [name for name, _, _ in bank.tensors(names, mapped=mapped)]
     assert seen == names

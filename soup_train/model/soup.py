@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from soup_train.config import ModelConfig, SoupConfig
 from soup_train.model.llama import Llama
-from soup_train.model.soup_math import combine, expert_keys, is_low_rank
+from soup_train.model.soup_math import expert_keys, instantiate, is_low_rank
 
 
 class CoefficientMLP(nn.Module):
@@ -112,10 +112,14 @@ class SoupModel(nn.Module):
         """h (k,) on the simplex -> alpha (n,)."""
         return self.coef(h)
 
+    def tensors(self):
+        """(dense name, shared tensor, its experts) for every dense tensor (tied head once), as export's
+        `Bank.tensors` gives them from a checkpoint."""
+        return ((name, param, self.experts.tensors(name, param.shape)) for name, param in self.shared.named_parameters())
+
     def instantiate_alpha(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """The dense HF Llama state dict at coefficients alpha (tied lm_head included)."""
-        theta = {name: combine(param, self.experts.tensors(name, param.shape), alpha)
-                 for name, param in self.shared.named_parameters()}
+        theta = instantiate(self.tensors(), alpha)
         if self.model_cfg.tie_embeddings:
             theta["lm_head.weight"] = theta["model.embed_tokens.weight"]
         return theta

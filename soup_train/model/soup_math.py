@@ -58,6 +58,13 @@ def combine(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alpha: torc
     return shared + torch.einsum("j,jor,jir->oi", alpha.to(u.dtype), u, v)
 
 
+def instantiate(tensors, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{dense name: `combine`d tensor} of (name, shared, experts) triples, one after another: the dense
+    state at coefficients alpha, from a soup in memory (`SoupModel.tensors`) or a mapped bank
+    (export's `Bank.tensors`), whole or a part of it."""
+    return {name: combine(shared, experts, alpha) for name, shared, experts in tensors}
+
+
 UPCAST_VALUES = 1 << 22  # bank values converted at a time (16 MB in fp32)
 
 
