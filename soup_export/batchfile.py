@@ -16,7 +16,7 @@ from pathlib import Path
 from soup_export.errors import MixError
 from soup_export.files import file_sha256, read_json
 from soup_export.mix import Mix, errors_in, mix_from_mapping, mix_from_texts, read_mix_file
-from soup_export.resolve import Bank
+from soup_export.bank import Bank
 from soup_train.data.local import NAME_RE
 
 
@@ -93,7 +93,7 @@ def batch_status(path: Path, dirs: list[Path]) -> tuple[list[str], list[str], li
     """(written, missing, unexpected) customer names of a customers file across batch directories
     (each shard's `--out`): a customer is written when some directory holds NAME/manifest.json and
     every file that manifest lists, with its size (`soup-run` checks their hashes when it loads them)."""
-    from soup_export.manifest import MANIFEST, read_manifest
+    from soup_export.layout import MANIFEST, read_manifest
 
     names, digest = list(customer_entries(path)), file_sha256(Path(path))
     found: set[str] = set()

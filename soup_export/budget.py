@@ -12,7 +12,7 @@ from pathlib import Path
 
 from soup_export.errors import BudgetError
 from soup_export.files import human
-from soup_export.graph import DATA_FILE, Arch
+from soup_export.layout import DATA_FILE, MODEL_FILE, Arch
 from soup_export.quantize import TIERS, make_plan
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -43,9 +43,9 @@ class Prediction:
 
 
 def predict(arch: Arch, tier: str, params: dict | None = None) -> Prediction:
-    from soup_export.onnx_dir import graph_bytes
+    from soup_export.graph import compile_graph
 
-    model, g = graph_bytes(arch, make_plan(tier, params))
+    model, g = compile_graph(arch, make_plan(tier, params))
     tensors = tuple(sorted(((s.name, s.nbytes) for s in g.stored), key=lambda x: -x[1]))
     return Prediction(tier, len(model), g.data_size(), tensors)
 
@@ -87,7 +87,7 @@ def breakdown(pred: Prediction, top: int = 6) -> str:
 
 
 def actual_size(onnx_dir: Path) -> int:
-    return sum((Path(onnx_dir) / f).stat().st_size for f in ("model.onnx", DATA_FILE))
+    return sum((Path(onnx_dir) / f).stat().st_size for f in (MODEL_FILE, DATA_FILE))
 
 
 def verify(onnx_dir: Path, predicted: int, max_size: int | None) -> dict:

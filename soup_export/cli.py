@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from soup_export import stopping
-from soup_train.cli import _setup_logging
+from soup_train.logs import setup_logging
 
 _path = click.Path(path_type=Path)
 
@@ -31,7 +31,14 @@ def mix_options(f):
     return click.option("--name", default="specialist", show_default=True, help="Customer name recorded in the manifest.")(f)
 
 
+def engine_option(f):
+    return click.option("--engine", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
+                        help="Executor of the bank pass: fast (compiled int4 kernel, writer threads, direct I/O) or "
+                             "reference (plain torch, the specification; slower). Recorded in the manifest.")(f)
+
+
 def export_options(f):
+    f = engine_option(f)
     f = click.option("--verify-checkpoint", is_flag=True,
                      help="Hash the checkpoint's weights (a full read) and compare with the SHA-256 recorded "
                           "when they were written.")(f)
@@ -47,9 +54,12 @@ def export_options(f):
                         help="auto (highest precision that fits), fp32, fp16, int8, mixed or int4.")(f)
 
 
-def _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format=False, verify_checkpoint=False):
+def _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format=False, verify_checkpoint=False,
+          engine="fast"):
+    """The ExportSpec of a command's flags; its engine settings read from the environment here, once."""
     from soup_export.budget import parse_size
     from soup_export.build import ExportSpec
+    from soup_export.engine import EngineSettings
     from soup_export.errors import QuantError
     from soup_export.quantize import make_plan
 
@@ -66,13 +76,13 @@ def _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_forma
     return ExportSpec(quant=quant, quant_params=tuple(params), max_size=parse_size(max_size) if max_size else None,
                       parity=not no_parity, keep_hf=not no_hf, data=str(data) if data else None,
                       eval_texts=tuple(str(t) for t in eval_texts), ort_format=ort_format,
-                      verify_checkpoint=verify_checkpoint)
+                      verify_checkpoint=verify_checkpoint, engine=EngineSettings.from_env(engine))
 
 
 def _load_mix(ckpt: Path, name: str, mix_text: str | None, mix_file: Path | None, from_texts: tuple[Path, ...]):
     from soup_export.errors import MixError
     from soup_export.mix import errors_in, mix_from_mapping, mix_from_texts, parse_mix, read_mix_file, validate
-    from soup_export.resolve import Bank
+    from soup_export.bank import Bank
 
     given = [x for x in (mix_text, mix_file, from_texts) if x]
     if len(given) != 1:
@@ -129,7 +139,7 @@ def main(verbose: bool) -> None:
     Example:
       soup-export build runs/demo --mix austen=0.7,python-code=0.3 --out out/acme --max-size 1MB
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
 
 @main.command()
@@ -141,7 +151,7 @@ def main(verbose: bool) -> None:
               help="Refine the mix by gradient steps on h to fit these texts (held-out part stops it); "
                    "starts from the given mix, or from these texts' histogram.")
 def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_size, no_parity, eval_texts, data,
-          no_hf, force, ort_format, verify_checkpoint, optimize_texts):
+          no_hf, force, ort_format, verify_checkpoint, engine, optimize_texts):
     """Every stage: mix, resolve, graph, quantize, budget, parity, manifest.
 
     \b
@@ -150,11 +160,12 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
       soup-export build runs/demo --from-texts mail/ --out out/globex --max-size 600KB
       soup-export build runs/demo --optimize-mix mail/ --out out/globex-tuned
     """
+    from soup_export.bank import Bank
     from soup_export.build import build as run_build
-    from soup_export.build import check_output_path, preflight
-    from soup_export.resolve import Bank
+    from soup_export.build import preflight
+    from soup_export.output import check_output_path
 
-    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format, verify_checkpoint)
+    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format, verify_checkpoint, engine)
     check_output_path(out, force)  # before the mix search, the slow part
     if optimize_texts and not (mix_text or mix_file or from_texts):
         from_texts = optimize_texts  # start from the histogram estimate of the same texts
@@ -188,7 +199,7 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
               "I+N, ... of the file): N machines, each with its own --out, export the whole file.")
 @export_options
 def batch(ckpt, mixes, out, mixes_per_pass, link_shared, shard, quant, qparam, max_size, no_parity, eval_texts, data,
-          no_hf, force, ort_format, verify_checkpoint):
+          no_hf, force, ort_format, verify_checkpoint, engine):
     """Many customers in one pass over the bank.
 
     MIXES (YAML or JSON) maps each customer NAME to {domain: weight, ...}, {mix: {...}} or
@@ -200,9 +211,9 @@ def batch(ckpt, mixes, out, mixes_per_pass, link_shared, shard, quant, qparam, m
     """
     from soup_export.batchfile import Shard, read_batch
     from soup_export.build import batch as run_batch
-    from soup_export.build import check_output_path
+    from soup_export.output import check_output_path
 
-    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format, verify_checkpoint)
+    spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format, verify_checkpoint, engine)
     part = Shard.parse(shard) if shard else Shard()
     check_output_path(out, force)  # before the customers' texts are read
     chosen = read_batch(ckpt, mixes, part)
@@ -249,7 +260,7 @@ def resolve(ckpt, name, mix_text, mix_file, from_texts, out, dtype, force):
     Example:
       soup-export resolve runs/demo --mix bible=1 --out out/bible-hf
     """
-    from soup_export.build import staged_output
+    from soup_export.output import staged_output
     from soup_export.resolve import resolve_batch
 
     mix = _load_mix(ckpt, name, mix_text, mix_file, from_texts)
@@ -262,14 +273,15 @@ def resolve(ckpt, name, mix_text, mix_file, from_texts, out, dtype, force):
 @click.argument("hf_dir", type=_path)
 @click.option("--out", required=True, type=_path, help="ONNX directory to create.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def graph(hf_dir, out, force):
+@engine_option
+def graph(hf_dir, out, force, engine):
     """Build the fp32 ONNX decoder (KV cache, genai_config.json) from a resolved HF directory.
 
     \b
     Example:
       soup-export graph out/bible-hf --out out/bible-onnx
     """
-    _write_tier(hf_dir, out, "fp32", (), None, force)
+    _write_tier(hf_dir, out, "fp32", (), None, force, engine)
 
 
 @main.command()
@@ -279,7 +291,8 @@ def graph(hf_dir, out, force):
 @click.option("--max-size", help="Budget for model.onnx + data, e.g. 12MB.")
 @click.option("--out", required=True, type=_path, help="ONNX directory to create.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def quantize(src, quant, qparam, max_size, out, force):
+@engine_option
+def quantize(src, quant, qparam, max_size, out, force, engine):
     """Write a quantized ONNX directory from a resolved HF directory or an fp32 ONNX directory.
 
     \b
@@ -287,23 +300,21 @@ def quantize(src, quant, qparam, max_size, out, force):
       soup-export quantize out/bible-onnx --quant int4 --out out/bible-int4
       soup-export quantize out/bible-hf --quant auto --max-size 800KB --out out/bible-small
     """
-    _write_tier(src, out, quant, qparam, max_size, force)
+    _write_tier(src, out, quant, qparam, max_size, force, engine)
 
 
-def _write_tier(src: Path, out: Path, quant: str, qparam, max_size, force: bool) -> None:
+def _write_tier(src: Path, out: Path, quant: str, qparam, max_size, force: bool, engine: str) -> None:
     from soup_export import budget
-    from soup_export.build import staged_output
+    from soup_export.compile import write_tier
     from soup_export.files import human
-    from soup_export.onnx_dir import dense_weights, graph_bytes, read_arch, write_onnx_dir
-    from soup_export.quantize import make_plan
+    from soup_export.layout import read_arch
+    from soup_export.output import staged_output
 
-    spec = _spec(quant, qparam, max_size, True, (), None, False)
+    spec = _spec(quant, qparam, max_size, True, (), None, False, engine=engine)
     arch, _ = read_arch(src)
-    weights = dense_weights(src)
     tier, preds = budget.choose_tier(arch, quant, spec.max_size, dict(spec.quant_params) or None)
-    model, g = graph_bytes(arch, make_plan(tier, dict(spec.quant_params) if quant != "auto" else None))
     with staged_output(out, force) as tmp:
-        write_onnx_dir(tmp, model, g, weights, src)
+        write_tier(src, tmp, tier, dict(spec.quant_params) if quant != "auto" else None, spec.engine, arch)
         size = budget.verify(tmp, preds[tier].total, spec.max_size)
     click.echo(f"wrote {out}: tier {tier}, {human(size['actual'])}"
                + (f", headroom {human(size['headroom'])}" if spec.max_size else ""))
@@ -326,13 +337,14 @@ def check(export_dir, ckpt, data, eval_texts, as_json, verify_checkpoint):
       soup-export check out/acme --ckpt runs/demo
       soup-export check out/acme --ckpt runs/demo --json > report.json
     """
-    from soup_export.checkrun import check_export
+    from soup_export.check import check_export
 
     report = check_export(export_dir, ckpt, data, eval_texts, verify_checkpoint)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"{export_dir}: tier {report['tier']}, every parity stage passed")
+    click.echo(f"{export_dir}: tier {report['tier']}, {report['files_verified']} files match the manifest, "
+               "every parity stage passed")
     click.echo("  parity: " + parity_line(report))
 
 
@@ -383,7 +395,8 @@ def compare(exports, ckpt, data, windows):
 @click.option("--no-parity", is_flag=True, help="Skip the parity stages.")
 @click.option("--no-hf", is_flag=True, help="Do not keep the HF directories of the models.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def mixture(run, out, quant, qparam, max_size, no_parity, no_hf, force):
+@engine_option
+def mixture(run, out, quant, qparam, max_size, no_parity, no_hf, force, engine):
     """Export a SmallTalk run: every router and expert as ONNX, one tier, one budget for the whole mixture.
 
     \b
@@ -393,7 +406,7 @@ def mixture(run, out, quant, qparam, max_size, no_parity, no_hf, force):
     """
     from soup_export.mixture import export_mixture, summary
 
-    spec = _spec(quant, qparam, max_size, no_parity, (), None, no_hf)
+    spec = _spec(quant, qparam, max_size, no_parity, (), None, no_hf, engine=engine)
     click.echo(summary(export_mixture(run, out, spec, force)))
     click.echo(f"wrote {out}")
 
@@ -409,7 +422,7 @@ def inspect(export_dir):
       soup-export inspect out/acme
       soup-export inspect out/batch
     """
-    from soup_export.manifest import MANIFEST, read_manifest
+    from soup_export.layout import MANIFEST, read_manifest
 
     subs = sorted(p for p in export_dir.iterdir()  # not staging directories (.NAME.tmp, .NAME.old)
                   if not p.name.startswith(".") and (p / MANIFEST).is_file()) if export_dir.is_dir() else []
@@ -454,18 +467,27 @@ def run() -> None:
         click.echo("soup-export: stopped by signal SIGTERM; nothing half-written was left (an output being "
                    "replaced is kept unless the new one was already in place)", err=True)
         raise
-    except OSError as exc:
-        if exc.errno not in DISK_ERRORS:
+    except (OSError, UnicodeDecodeError) as exc:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):  # -v: the whole traceback
             raise
-        where = f": {exc.filename}" if exc.filename else ""
-        todo = {errno.ENOSPC: "free disk space or choose another --out", errno.EDQUOT: "free disk space or choose "
-                "another --out", errno.EROFS: "choose an --out on a writable file system"}.get(
-                    exc.errno, "fix the permissions of that path (or choose another --out, if it is the output)")
-        click.echo(f"soup-export: {exc.strerror}{where}; {todo}. Nothing half-written was left.", err=True)
+        click.echo(f"soup-export: {user_error(exc)}", err=True)
         raise SystemExit(1) from None
 
 
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+def user_error(exc: OSError | UnicodeDecodeError) -> str:
+    """One line for a file the command could not read or write: what, where, and what to do."""
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"a text file is not UTF-8 ({exc.reason} at byte {exc.start}); convert it to UTF-8 "
+                "(e.g. iconv -t utf-8) or leave it out")
+    where = f": {exc.filename}" if exc.filename else ""
+    todo = {errno.ENOSPC: "free disk space or choose another --out",
+            errno.EDQUOT: "free disk space or choose another --out",
+            errno.EROFS: "choose an --out on a writable file system",
+            errno.EACCES: "fix the permissions of that path (or choose another --out, if it is the output)",
+            errno.EPERM: "fix the permissions of that path (or choose another --out, if it is the output)",
+            errno.ENOENT: "check the path", errno.ENOTDIR: "a part of that path is a file, not a directory",
+            errno.EISDIR: "pass a file, not a directory"}.get(exc.errno, "check that path")
+    return f"{exc.strerror or exc}{where}; {todo}. Nothing half-written was left."
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from soup_export.evaltext import from_data
-from soup_export.manifest import read_manifest
+from soup_export.layout import read_manifest
 from soup_export.ort_model import OrtDecoder
 from soup_export.parity import log_softmax, target_log_probs
 
@@ -40,7 +40,7 @@ def compare(exports: list[Path], ckpt: Path, data: Path, windows: int = 32, leng
     """One row per export; the generic model (the soup at the natural frequencies) is instantiated
     once, in one pass over the bank (the model's size in memory, never the soup's)."""
     from soup_export.errors import ExportInputError
-    from soup_export.resolve import Bank
+    from soup_export.bank import Bank
 
     bank = Bank.open(ckpt)
     info = bank.info

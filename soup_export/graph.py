@@ -38,42 +38,16 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from soup_export.quantize import Plan, Rep, nbits_specs, quantize_int8_channel, quantize_nbits
+from soup_export.layout import DATA_FILE, INPUTS, LOGITS, PAST, PRESENT, Arch
+from soup_export.quantize import Plan, Rep, make_plan, nbits_specs
 
 OPSET, IR_VERSION, ALIGN = 21, 10, 64
-DATA_FILE = "model.onnx.data"
-
-
-@dataclass(frozen=True)
-class Arch:
-    """The decoder's shape, read from an HF Llama config.json."""
-
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ff: int
-    max_pos: int
-    rope_theta: float
-    eps: float
-    tie: bool
-
-    @classmethod
-    def from_hf(cls, c: dict) -> "Arch":
-        heads = c["num_attention_heads"]
-        return cls(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], heads,
-                   c.get("num_key_value_heads") or heads, c.get("head_dim") or c["hidden_size"] // heads,
-                   c["intermediate_size"], c["max_position_embeddings"], float(c.get("rope_theta", 10000.0)),
-                   float(c["rms_norm_eps"]), bool(c.get("tie_word_embeddings", False)))
 
 
 @dataclass(frozen=True)
@@ -196,18 +170,18 @@ class DecoderGraph:
     def lm_head(self, x: str) -> str:
         a, prefix = self.arch, "/lm_head"
         if not a.tie:
-            return self.linear(x, "lm_head.weight", a.vocab, a.hidden, prefix, self.lm_rep, output="logits")
+            return self.linear(x, "lm_head.weight", a.vocab, a.hidden, prefix, self.lm_rep, output=LOGITS)
         rep = self.embed_rep  # tied: the head reads the embedding's bytes
         if rep.kind == "nbits":
             q, *rest = self.embed_stored  # scales (and zero points) are laid out alike for both ops
             shape = nbits_specs(a.vocab, a.hidden, rep)["q"][1]
             q3 = self.node("Reshape", [q, self.const(shape)], f"{prefix}/Reshape")[0]
-            return self._matmul_nbits(x, [q3, *rest], a.vocab, a.hidden, rep, prefix, ["logits"])
+            return self._matmul_nbits(x, [q3, *rest], a.vocab, a.hidden, rep, prefix, [LOGITS])
         w = self.embed_stored[0]
         if rep.dtype != "float32":
             w = self.node("Cast", [w], f"{prefix}/Cast", to=TensorProto.FLOAT)[0]
         wt = self.node("Transpose", [w], f"{prefix}/Transpose", perm=[1, 0])[0]
-        return self.node("MatMul", [x, wt], f"{prefix}/MatMul", outputs=["logits"])[0]
+        return self.node("MatMul", [x, wt], f"{prefix}/MatMul", outputs=[LOGITS])[0]
 
     # ------------------------------------------------------------------ blocks
     def rms_norm(self, x: str, weight: str, prefix: str) -> str:
@@ -240,16 +214,15 @@ class DecoderGraph:
         v = self.linear(x, f"{w}.v_proj.weight", a.kv_heads * a.head_dim, a.hidden, f"{p}/v_proj")
         fused_rope = a.head_dim % 16 == 0  # the kernel's RoPE needs it; otherwise RoPE is its own node
         if not fused_rope:
-            q, k = (self.node("RotaryEmbedding", [t, "position_ids", *rotary], f"{p}/{n}_rotary/RotaryEmbedding",
+            q, k = (self.node("RotaryEmbedding", [t, INPUTS[2], *rotary], f"{p}/{n}_rotary/RotaryEmbedding",
                               domain="com.microsoft", interleaved=0, num_heads=h)[0]
                     for t, n, h in ((q, "q", a.heads), (k, "k", a.kv_heads)))
         seqlens, total = lengths
         rope_inputs = [*rotary, ""] if fused_rope else ["", "", ""]
         y = self.node("GroupQueryAttention",
-                      [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total,
+                      [q, k, v, PAST[0] % i, PAST[1] % i, seqlens, total,
                        *rope_inputs, bias],
-                      f"{p}/GroupQueryAttention", outputs=[f"{p}/GroupQueryAttention/output_0", f"present.{i}.key",
-                                                           f"present.{i}.value"],
+                      f"{p}/GroupQueryAttention", outputs=[f"{p}/GroupQueryAttention/output_0", PRESENT[0] % i, PRESENT[1] % i],
                       domain="com.microsoft", num_heads=a.heads, kv_num_heads=a.kv_heads,
                       scale=1.0 / math.sqrt(a.head_dim), do_rotary=int(fused_rope), rotary_interleaved=0)[0]
         return self.linear(y, f"{w}.o_proj.weight", a.hidden, a.heads * a.head_dim, f"{p}/o_proj")
@@ -271,8 +244,8 @@ class DecoderGraph:
     def lengths(self) -> tuple[str, str]:
         """GroupQueryAttention's seqlens_k (B,) = total - 1 for every row (padding is in the bias) and total (scalar), int32."""
         p = "/model/attn_lengths"
-        total = self.node("Gather", [self.node("Shape", ["attention_mask"], f"{p}/Shape")[0], self.const(1)], f"{p}/Gather", axis=0)[0]
-        batch = self.node("Gather", [self.node("Shape", ["input_ids"], f"{p}/Shape_1")[0], self.const([0])], f"{p}/Gather_1", axis=0)[0]
+        total = self.node("Gather", [self.node("Shape", [INPUTS[1]], f"{p}/Shape")[0], self.const(1)], f"{p}/Gather", axis=0)[0]
+        batch = self.node("Gather", [self.node("Shape", [INPUTS[0]], f"{p}/Shape_1")[0], self.const([0])], f"{p}/Gather_1", axis=0)[0]
         last = self.node("Sub", [total, self.const(1)], f"{p}/Sub")[0]
         seqlens = self.node("Expand", [self.node("Reshape", [last, self.const([1])], f"{p}/Reshape")[0], batch], f"{p}/Expand")[0]
         return (self.node("Cast", [seqlens], f"{p}/Cast", to=TensorProto.INT32)[0],
@@ -281,13 +254,13 @@ class DecoderGraph:
     def mask_bias(self) -> str:
         """(B, 1, S, T): 0 where visible, float32 lowest where hidden."""
         p = "/model/attn_mask"
-        s = self.node("Gather", [self.node("Shape", ["input_ids"], f"{p}/Shape")[0], self.const(1)], f"{p}/Gather", axis=0)[0]
-        t = self.node("Gather", [self.node("Shape", ["attention_mask"], f"{p}/Shape_1")[0], self.const(1)], f"{p}/Gather_1", axis=0)[0]
+        s = self.node("Gather", [self.node("Shape", [INPUTS[0]], f"{p}/Shape")[0], self.const(1)], f"{p}/Gather", axis=0)[0]
+        t = self.node("Gather", [self.node("Shape", [INPUTS[1]], f"{p}/Shape_1")[0], self.const(1)], f"{p}/Gather_1", axis=0)[0]
         past = self.node("Sub", [t, s], f"{p}/Sub")[0]
         q_pos = self.node("Unsqueeze", [self.node("Range", [past, t, self.const(1)], f"{p}/Range")[0], self.const([1])], f"{p}/Unsqueeze")[0]
         k_pos = self.node("Unsqueeze", [self.node("Range", [self.const(0), t, self.const(1)], f"{p}/Range_1")[0], self.const([0])], f"{p}/Unsqueeze_1")[0]
         causal = self.node("LessOrEqual", [k_pos, q_pos], f"{p}/LessOrEqual")[0]  # (S, T)
-        pad = self.node("Unsqueeze", ["attention_mask", self.const([1, 2])], f"{p}/Unsqueeze_2")[0]
+        pad = self.node("Unsqueeze", [INPUTS[1], self.const([1, 2])], f"{p}/Unsqueeze_2")[0]
         pad = self.node("Cast", [pad], f"{p}/Cast", to=TensorProto.BOOL)[0]  # (B, 1, 1, T)
         visible = self.node("And", [causal, pad], f"{p}/And")[0]
         lowest = self.const(np.finfo(np.float32).min, np.float32)
@@ -295,7 +268,7 @@ class DecoderGraph:
 
     def _build(self) -> None:
         a = self.arch
-        x = self.embedding("input_ids")
+        x = self.embedding(INPUTS[0])
         rotary, lengths = self.rotary(), self.lengths()
         bias = self.mask_bias()
         h = self.rms_norm(x, "model.layers.0.input_layernorm.weight", "/model/layers.0/input_layernorm")
@@ -327,15 +300,15 @@ class DecoderGraph:
     def model(self, data_file: str = DATA_FILE) -> onnx.ModelProto:
         a = self.arch
         dyn = lambda *dims: dims  # noqa: E731 - readability of shapes below
-        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, dyn("batch_size", "sequence_length")),
-                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, dyn("batch_size", "total_sequence_length")),
-                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, dyn("batch_size", "sequence_length"))]
-        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, dyn("batch_size", "sequence_length", a.vocab))]
+        inputs = [helper.make_tensor_value_info(INPUTS[0], TensorProto.INT64, dyn("batch_size", "sequence_length")),
+                  helper.make_tensor_value_info(INPUTS[1], TensorProto.INT64, dyn("batch_size", "total_sequence_length")),
+                  helper.make_tensor_value_info(INPUTS[2], TensorProto.INT64, dyn("batch_size", "sequence_length"))]
+        outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, dyn("batch_size", "sequence_length", a.vocab))]
         for i in range(a.layers):
-            for kind in ("key", "value"):
-                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+            for past, present in zip(PAST, PRESENT):
+                inputs.append(helper.make_tensor_value_info(past % i, TensorProto.FLOAT,
                                                             dyn("batch_size", a.kv_heads, "past_sequence_length", a.head_dim)))
-                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+                outputs.append(helper.make_tensor_value_info(present % i, TensorProto.FLOAT,
                                                              dyn("batch_size", a.kv_heads, "total_sequence_length", a.head_dim)))
         initializers = [external_tensor(s, off, data_file) for s, off in zip(self.stored, self.offsets())]
         graph = helper.make_graph(self.nodes, "soup_llama_decoder", inputs, outputs, self.const_protos + initializers)
@@ -368,30 +341,22 @@ def rotary_table(arch: Arch, fn: str) -> np.ndarray:
     return table
 
 
-def encode(stored: list[Stored], weight: Callable[[str], np.ndarray], arch: Arch) -> Iterator[tuple[Stored, np.ndarray]]:
-    """Each stored array, in layout order, encoded from the fp32 HF-layout weights."""
-    cache: dict[tuple, dict[str, np.ndarray]] = {}
-    for s in stored:
-        key = (s.weight, s.how, s.rep)
-        if key not in cache:
-            cache.clear()
-            w = rotary_table(arch, s.weight.split(".")[1]) if s.weight.startswith("@") else weight(s.weight)
-            cache[key] = _encode_one(np.asarray(w, dtype=np.float32), s)
-        arr = cache[key][s.part]
-        assert arr.shape == s.shape and arr.dtype == s.dtype, f"{s.name}: {arr.shape}/{arr.dtype} vs {s.shape}/{s.dtype}"
-        yield s, arr
+@functools.lru_cache(maxsize=32)
+def _compiled(arch: Arch, tier: str, params: tuple) -> tuple[bytes, DecoderGraph]:
+    g = DecoderGraph(arch, make_plan(tier, dict(params)))
+    return g.model().SerializeToString(deterministic=True), g
 
 
-def _encode_one(w: np.ndarray, s: Stored) -> dict[str, np.ndarray]:
-    if s.how == "raw":
-        return {"": w}
-    if s.how == "float-linear":
-        return {"": np.ascontiguousarray(w.T).astype(s.rep.dtype)}
-    if s.how == "float-gather":
-        return {"": w.astype(s.rep.dtype)}
-    if s.how == "int8-channel":
-        return quantize_int8_channel(w)
-    enc = quantize_nbits(w, s.rep)
-    if s.how == "nbits-gather":
-        enc["q"] = enc["q"].reshape(w.shape[0], -1)
-    return enc
+def compile_graph(arch: Arch, plan: Plan) -> tuple[bytes, DecoderGraph]:
+    """The serialized graph (deterministic) and its builder (for the data layout).
+
+    Cached per (architecture, plan), the process's one graph cache: the graph depends on nothing
+    else, so a batch, the budget's predictions, parity's fp32 reference and the export itself
+    build it once."""
+    return _compiled(arch, plan.tier, tuple(sorted(plan.params.items())))
+
+
+def weight_order(g: DecoderGraph) -> list[str]:
+    """Dense weights in the order the graph stores them (each once; rotary tables included, as
+    "@rotary.cos" / "@rotary.sin")."""
+    return list(dict.fromkeys(s.weight for s in g.stored))

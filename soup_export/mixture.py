@@ -22,7 +22,6 @@ Choices:
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,19 +30,21 @@ import numpy as np
 from safetensors.torch import save_file
 
 from soup_export import budget as budget_mod
-from soup_export.build import ExportSpec, _graph, check_output_path, dense_parity, staged_output
+from soup_export.build import ExportSpec
+from soup_export.cache import file_sha256
+from soup_export.check import dense_parity
+from soup_export.compile import write_tier
 from soup_export.errors import BudgetError, ExportInputError, ParityError
-from soup_export.files import file_sha256, human
-from soup_export.graph import Arch
-from soup_export.manifest import write_manifest
-from soup_export.onnx_dir import dense_weights, write_onnx_dir
-from soup_export.resolve import write_hf_side_files
+from soup_export.files import human
+from soup_export.layout import HF_WEIGHTS, MIXTURE_KIND, Arch, hf_dir, hf_side_files, member_dir, onnx_dir, \
+    write_files, write_manifest
+from soup_export.output import check_output_path, staged_output
 from soup_train.config import ModelConfig
 from soup_train.errors import DataError
 from soup_train.smalltalk.run import SmallTalkRun
 
 log = logging.getLogger(__name__)
-KIND = "smalltalk-mixture"
+KIND = MIXTURE_KIND
 MIN_ROUTE_AGREEMENT = 0.9  # exported routers vs PyTorch routers, on held-out windows
 HELD_OUT_PER_DOMAIN = 16  # test windows per named domain for parity and routing agreement
 
@@ -59,7 +60,7 @@ class Member:
 
     @property
     def rel(self) -> str:
-        return f"{self.kind}s/{self.kind}_{self.index:02d}"
+        return member_dir(self.kind, self.index)
 
     @property
     def arch(self) -> Arch:
@@ -86,8 +87,8 @@ def write_hf_dir(member: Member, tokenizer: Path, out: Path) -> None:
     from soup_train.checkpoint import read_tensors
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file(read_tensors(member.source), str(out / "model.safetensors"), metadata={"format": "pt"})
-    write_hf_side_files(member.config, tokenizer, out, "float32")
+    save_file(read_tensors(member.source), str(out / HF_WEIGHTS), metadata={"format": "pt"})
+    write_files(out, hf_side_files(member.config, tokenizer, "float32"))
 
 
 def held_out(run: SmallTalkRun) -> tuple[np.ndarray, np.ndarray]:
@@ -127,37 +128,37 @@ def onnx_routes(directory: Path, run: SmallTalkRun, windows: np.ndarray) -> np.n
     x, y = span[:, :-1], span[:, 1:]
     scores = np.empty((len(windows), run.experts))
     for e in range(run.experts):
-        logp = log_softmax(OrtDecoder(directory / f"routers/router_{e:02d}/onnx").logits(x))
+        logp = log_softmax(OrtDecoder(onnx_dir(directory / member_dir("router", e))).logits(x))
         scores[:, e] = target_log_probs(logp, y).mean(-1)
     return scores.argmax(1)
 
 
-def export_member(member: Member, root: Path, tier: str, run: SmallTalkRun, spec: ExportSpec, cache: dict,
+def export_member(member: Member, root: Path, tier: str, run: SmallTalkRun, spec: ExportSpec,
                   evaluation: tuple[np.ndarray, np.ndarray] | None) -> dict:
     """One router or expert: hf/, onnx/ at the tier, parity, its own manifest; returns its summary."""
-    write_hf_dir(member, run.tokenizer, root / "hf")
+    write_hf_dir(member, run.tokenizer, hf_dir(root))
     params = dict(spec.quant_params) if spec.quant != "auto" else {}
-    model_bytes, g = _graph(cache, member.arch, tier, params)
-    write_onnx_dir(root / "onnx", model_bytes, g, dense_weights(root / "hf"), root / "hf")
-    predicted = budget_mod.predict(member.arch, tier, params or None).total
-    size = budget_mod.verify(root / "onnx", predicted, None)
+    write_tier(hf_dir(root), onnx_dir(root), tier, params, spec.engine, member.arch)
+    prediction = budget_mod.predict(member.arch, tier, params or None)
+    size = budget_mod.verify(onnx_dir(root), prediction.total, None)
     parity: dict = {"skipped": True}
     if evaluation is not None:
         windows, routes = evaluation
         mine = member_windows(member, windows, routes)
         parity = {"eval_source": f"data:test split, {len(mine)} windows",
-                  **dense_parity(root / "hf", root / "onnx", tier, mine, "data", spec.parity_cfg, cache)}
+                  **dense_parity(hf_dir(root), onnx_dir(root), member.arch, tier, mine, "data", spec.parity_cfg,
+                                 spec.engine)}
     if not spec.keep_hf:
         import shutil
 
-        shutil.rmtree(root / "hf")
+        shutil.rmtree(hf_dir(root))
     source = {"run": run.path.name, "file": member.source.relative_to(run.path).as_posix(),
               "sha256": file_sha256(member.source)}
     write_manifest(root, {"kind": f"smalltalk-{member.kind}", "index": member.index, "source": source,
-                          "tier": tier, "quantization": g.storage(), "size": size, "parity": parity,
-                          "spec": spec.to_dict()})
+                          "tier": tier, "quantization": prediction_storage(member.arch, tier, params),
+                          "size": size, "parity": parity, "spec": spec.to_dict(), "engine": spec.engine.to_dict()})
     return {"kind": member.kind, "index": member.index, "path": member.rel, "source": source,
-            "bytes": size["actual"], "predicted": predicted, "parity": parity}
+            "bytes": size["actual"], "predicted": prediction.total, "parity": parity}
 
 
 def export_mixture(run_path: Path, out: Path, spec: ExportSpec = ExportSpec(), force: bool = False,
@@ -171,8 +172,7 @@ def export_mixture(run_path: Path, out: Path, spec: ExportSpec = ExportSpec(), f
     tier, totals = choose_tier(models, spec.quant, spec.max_size, dict(spec.quant_params) or None)
     evaluation = held_out(run) if spec.parity else None
     with staged_output(out, force) as tmp:
-        cache: dict = {}
-        rows = [export_member(m, tmp / m.rel, tier, run, spec, cache, evaluation)
+        rows = [export_member(m, tmp / m.rel, tier, run, spec, evaluation)
                 for m in tqdm(models, desc="export", unit="model", disable=not progress)]
         total = sum(r["bytes"] for r in rows)
         if spec.max_size is not None and total > spec.max_size:
@@ -184,9 +184,8 @@ def export_mixture(run_path: Path, out: Path, spec: ExportSpec = ExportSpec(), f
                   "size": {"total": total, "budget": spec.max_size,
                            "headroom": None if spec.max_size is None else spec.max_size - total,
                            "predicted_by_tier": totals},
-                  "routing_parity": routing}
-        write_manifest(tmp, record)
-        return json.loads((tmp / "manifest.json").read_text())
+                  "routing_parity": routing, "engine": spec.engine.to_dict()}
+        return write_manifest(tmp, record)
 
 
 def _routing_parity(directory: Path, run: SmallTalkRun, evaluation: tuple[np.ndarray, np.ndarray]) -> dict:
@@ -224,3 +223,11 @@ def summary(m: dict) -> str:
         lines.append(f"  routing: {100 * rp['agreement']:.1f}% of {rp['sequences']} held-out sequences reach "
                      f"the PyTorch routers' expert; shares {rp['shares']}")
     return "\n".join(lines)
+
+
+def prediction_storage(arch: Arch, tier: str, params: dict) -> dict:
+    """The storage plan as applied to this architecture (export.json's `quantization`)."""
+    from soup_export.graph import compile_graph
+    from soup_export.quantize import make_plan
+
+    return compile_graph(arch, make_plan(tier, params or None))[1].storage()

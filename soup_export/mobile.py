@@ -74,7 +74,7 @@ def mobile_usability(model: Path) -> dict:
 def _same_logits(onnx_dir: Path) -> float:
     import onnxruntime as ort
 
-    from soup_export.onnx_dir import read_arch
+    from soup_export.layout import read_arch
 
     arch, _ = read_arch(onnx_dir)
     feeds = {"input_ids": np.arange(1, 9, dtype=np.int64)[None] % arch.vocab,

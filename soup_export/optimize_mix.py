@@ -160,7 +160,7 @@ def optimize_mix(ckpt, start: Mix, texts: list[Path], cfg: MixSearchConfig = Mix
     """The customer's mix after the search on their texts; the report goes in the manifest. `ckpt`: a
     checkpoint's path or an opened `Bank`."""
     from soup_export.evaltext import from_texts
-    from soup_export.resolve import Bank
+    from soup_export.bank import Bank
     from soup_train.textfiles import read_texts
 
     bank = ckpt if isinstance(ckpt, Bank) else Bank.open(ckpt)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soup_export.onnx_dir import MODEL_FILE, read_arch
+from soup_export.layout import MODEL_FILE, read_arch
 
 
 class OrtDecoder:

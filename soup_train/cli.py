@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -10,19 +9,12 @@ import click
 
 from dataclasses import replace
 
+from soup_train.logs import setup_logging
 from soup_train.config import PrepareConfig, RunConfig, apply_overrides, load_config_file
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "soup" / "sources"
 _set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                            help="Override a config field, e.g. --set train.lr=3e-4 (repeatable).")
-
-
-def _setup_logging(verbose: bool) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s")
-    for noisy in ("httpx", "datasets", "urllib3", "filelock", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,7 +27,7 @@ def main(verbose: bool) -> None:
       soup-train prepare --preset debug --out data/debug
       soup-train fit --preset debug --data data/debug --out runs/debug
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
 
 @main.command()

@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import replace
@@ -202,8 +201,10 @@ def print_bounds(runs: dict, sec: dict, ratio) -> None:
 
 def print_per_customer(batches: list) -> None:
     """The batch's per-customer file work (CPU time of a metered run, median over rounds): single builds pay it too."""
+    from soup_export.meter import PARTS
+
     med = lambda key: statistics.median(r["per_customer"][key] for r in batches)  # noqa: E731
-    parts = {k: statistics.median(r["per_customer"]["ms"][k] for r in batches) for k in METERED}
+    parts = {k: statistics.median(r["per_customer"]["ms"][k] for r in batches) for k in PARTS}
     print("batch, per customer, CPU time of an extra metered run: " + ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items())
           + f"; {sum(parts.values()):.1f} ms in all, which each single build pays as well (SHA-256 runs at "
           f"{med('sha256_gbps'):.2f} GB/s on this CPU; the data-file writes ran at {med('write_gbps'):.2f} GB/s of CPU "
@@ -215,7 +216,8 @@ def run_job(job: str, root: Path, repeat: int) -> dict:
 
     from soup_export.build import ExportSpec, batch, build
     from soup_export.mix import validate
-    from soup_export.resolve import Bank, resolve_batch
+    from soup_export.bank import Bank
+    from soup_export.resolve import resolve_batch
 
     ckpt = root / "run"
     bank = Bank.open(ckpt)
@@ -305,52 +307,24 @@ def commands_job(ckpt: Path, mixes: list, scratch: Path) -> dict:
     return {"batch": seconds, "singles": singles}
 
 
-# the per-customer file work of an export: (module, class or None, function)
-METERED = {"hashing": ("soup_export.datafile", "HashedDataFile", "_hash"),
-           "data-file writes": ("soup_export.datafile", "HashedDataFile", "_write"),
-           "other files": ("soup_export.emit", None, "_write_small_files"),
-           "manifest": ("soup_export.build", None, "write_manifest")}
-
-
 def per_customer_cpu(run, customers: int) -> dict:
-    """One more (untimed) run of `run` with the CPU time of the per-customer file work metered, in
-    whichever thread it runs: {"ms": {part: ms per customer}, "write_gbps": the data-file bytes
-    written per second of their writes' CPU time, "sha256_gbps": SHA-256's own speed on this CPU}."""
+    """One more (untimed) run of `run` with the CPU time of the per-customer file work metered
+    through the engine's public hooks (`soup_export.meter`), in whichever thread it runs:
+    {"ms": {part: ms per customer}, "write_gbps": the data-file bytes written per second of their
+    writes' CPU time, "sha256_gbps": SHA-256's own speed on this CPU}."""
     import hashlib
-    import importlib
 
-    spent, lock, saved, written = dict.fromkeys(METERED, 0.0), threading.Lock(), {}, [0]
+    from soup_export.meter import PARTS, metering
+    from soup_export.engine.settings import EngineSettings
 
-    from soup_export.datafile import direct_io
-    from soup_export.graph import DATA_FILE
-
-    def metered(part: str, fn):
-        def call(*args, **kwargs):
-            if part == "data-file writes" and args[0].path.name != DATA_FILE:  # write_file's: in "other files"
-                return fn(*args, **kwargs)
-            start = time.thread_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                with lock:
-                    spent[part] += time.thread_time() - start
-                    written[0] += args[2].nbytes if part == "data-file writes" else 0  # _write(self, offset, view)
-        return call
-
-    for part, (module, cls, attr) in METERED.items():
-        owner = importlib.import_module(module)
-        owner = getattr(owner, cls) if cls else owner
-        saved[part] = (owner, attr, getattr(owner, attr))
-        setattr(owner, attr, metered(part, saved[part][2]))
-    try:
+    with metering() as meter:
         run()
-    finally:
-        for owner, attr, fn in saved.values():
-            setattr(owner, attr, fn)
     data = bytes(64 << 20)
     sha_gbps = len(data) / timed(lambda: hashlib.sha256(data).digest(), 3) / 1e9
-    return {"ms": {part: 1e3 * s / customers for part, s in spent.items()}, "sha256_gbps": sha_gbps,
-            "write_gbps": written[0] / spent["data-file writes"] / 1e9, "direct": direct_io()}
+    writes = meter.seconds["data-file writes"]
+    return {"ms": {part: 1e3 * meter.seconds[part] / customers for part in PARTS}, "sha256_gbps": sha_gbps,
+            "write_gbps": meter.bytes["data-file writes"] / writes / 1e9 if writes else 0.0,
+            "direct": EngineSettings.from_env().direct_io}
 
 
 def minor_faults(fn) -> int:
@@ -372,16 +346,17 @@ def fusion_job(bank, one: list, many: list, repeat: int) -> dict:
     matrices it covers (when it is built), torch's fusion for the rest."""
     import numpy as np
 
-    from soup_export import native, resolve
-    from soup_export.emit import fused_weights
-    from soup_export.graph import Arch
-    from soup_export.onnx_dir import graph_bytes
+    from soup_export.engine import native
+    from soup_export.engine.fast import fused_weights
+    from soup_export.graph import compile_graph
+    from soup_export.layout import Arch
     from soup_export.quantize import make_plan
+    from soup_export.safetensors_map import MappedSafetensors
 
-    _, g = graph_bytes(Arch.from_hf(bank.info.run.model.to_hf()), make_plan("int4", {}))
+    _, g = compile_graph(Arch.from_hf(bank.info.run.model.to_hf()), make_plan("int4", {}))
 
-    def bank_pass(alphas: list) -> None:  # the export's own pass, nothing encoded beyond it or written
-        for _ in fused_weights(bank, g, alphas, exact=False):
+    def bank_pass(alphas: list, mapped=None) -> None:  # the export's own pass, nothing encoded beyond it or written
+        for _ in fused_weights(bank, g, alphas, exact=False, mapped=mapped):
             pass
 
     nbytes = bank.weights.stat().st_size
@@ -394,13 +369,9 @@ def fusion_job(bank, one: list, many: list, repeat: int) -> dict:
         fn()  # warm-up: first-call costs
         out[name] = timed(fn, repeat)
     out["pass_16_faults"] = minor_faults(passes["pass_16"])
-    mapped = resolve.MappedSafetensors(bank.weights)
-    fresh, resolve.MappedSafetensors = resolve.MappedSafetensors, lambda path: mapped
-    try:
-        passes["pass_1"]()  # maps the pages once, untimed
-        out["pass_1_mapped"] = timed(passes["pass_1"], repeat)
-    finally:
-        resolve.MappedSafetensors = fresh
+    mapped = MappedSafetensors(bank.weights)
+    bank_pass(one, mapped)  # maps the pages once, untimed
+    out["pass_1_mapped"] = timed(lambda: bank_pass(one, mapped), repeat)
     t_copy = timed(lambda: np.copyto(buf, np.memmap(bank.weights, np.uint8, "r")), repeat)  # a fresh map, like a pass
     t_copy_mapped = timed(lambda: np.copyto(buf, data), repeat)
     return {**out, "fuse_gbps": nbytes / out["pass_1"] / 1e9, "copy_gbps": nbytes / t_copy / 1e9,

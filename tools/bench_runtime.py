@@ -44,7 +44,7 @@ def prepare(root: Path, size: str) -> None:
     genai's own int4 build."""
     from soup_export.build import ExportSpec, build
     from soup_export.mix import validate
-    from soup_export.resolve import Bank
+    from soup_export.bank import Bank
     from soup_train.config import DataConfig, ModelConfig, RunConfig, SoupConfig, TrainConfig
     from soup_train.data.prepare import prepare as prepare_data
     from soup_train.presets import prepare_preset

@@ -129,7 +129,7 @@ def job(args) -> None:
 
     from soup_export.build import ExportSpec, batch, build
     from soup_export.mix import validate
-    from soup_export.resolve import Bank
+    from soup_export.bank import Bank
 
     root, ckpt = args.root, args.root / "run"
     domains = Bank.open(ckpt).info.domains
@@ -186,7 +186,7 @@ def main() -> None:
         info = json.loads((root / "run" / "checkpoints" / "step_0000001" / "config.json").read_text())
         experts = info["run"]["soup"]["n_experts"]
         weights = root / "run" / "checkpoints" / "step_0000001" / "model.safetensors"
-        from soup_export.resolve import safetensors_header
+        from soup_export.safetensors_map import safetensors_header
 
         args.dtype = "bf16" if safetensors_header(weights)[0]["shared.model.norm.weight"]["dtype"] == "BF16" else "fp32"
     else:

@@ -36,12 +36,14 @@ def combine(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alpha: torc
     """One fused tensor S + sum_j alpha_j E_j.
 
     shared: (*shape); alpha: (n,); experts: (E,) with E (n, *shape), or (U, V) with
-    U (n, out, r), V (n, in, r) for a low-rank matrix. Export calls this very function once per
+    U (n, out, r), V (n, in, r) for a low-rank matrix, or () for a dense weight (no experts). Export calls this very function once per
     mix (no batched matrix product): the fused weights are then bit-identical to the ones the
     soup's own forward uses, which is what parity stage (a) checks. `out` (a full bank, no
     autograd): the result is written there by the same two operations, the product (1, n) @ (n, P)
     and then S added (a + b == b + a in IEEE arithmetic), so the bits are the same.
     """
+    if not experts:  # a dense model (export's stage commands): Theta is the weight itself
+        return shared.clone() if out is None else out.view(shared.shape).copy_(shared)
     if len(experts) == 1:
         bank = experts[0]  # (n, *shape)
         flat_bank = bank.reshape(bank.shape[0], shared.numel())  # (n, P)

@@ -10,13 +10,13 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from soup_run.decoder import Decoder
 from soup_run.generate import GenerationConfig
-from soup_run.model import Specialist
 from soup_run.sampling import choose
 
 
 class Conversation:
-    def __init__(self, model: Specialist, cfg: GenerationConfig) -> None:
+    def __init__(self, model: Decoder, cfg: GenerationConfig) -> None:
         self.model, self.cfg = model, cfg
         self.rng = np.random.default_rng(cfg.seed)
         self.reset()
@@ -62,7 +62,7 @@ class Conversation:
         return printed
 
 
-def run_chat(model: Specialist, cfg: GenerationConfig, lines: Iterable[str], emit: Callable[[str], None]) -> None:
+def run_chat(model: Decoder, cfg: GenerationConfig, lines: Iterable[str], emit: Callable[[str], None]) -> None:
     conv = Conversation(model, cfg)
     for line in lines:
         line = line.rstrip("\n")

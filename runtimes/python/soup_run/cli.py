@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from soup_run.errors import RunError
+from soup_run.contract import MODEL_FILE, ORT_FILE
+from soup_run.errors import RunError, read_text
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    "or a mixture directory written by soup-export mixture")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest's SHA-256 check")
-    p.add_argument("--ort-format", action="store_true", help="load model.ort (onnxruntime mobile format)")
+    p.add_argument("--ort-format", action="store_true", help=f"load {ORT_FILE} (onnxruntime mobile format)")
     p.add_argument("--engine", choices=["ort", "genai"], default="ort",
                    help="ort: this runner; genai: onnxruntime-genai on the same files (if installed)")
 
@@ -81,9 +82,8 @@ def _load(args):
 def _prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
-        if not args.prompt_file.is_file():
-            raise RunError(f"--prompt-file {args.prompt_file} does not exist")
-        prompts += [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        text = read_text(args.prompt_file, f"--prompt-file {args.prompt_file}", "pass a text file, one prompt per line")
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise RunError("give at least one --prompt TEXT (or --prompt-file FILE)")
     return prompts
@@ -101,7 +101,7 @@ def _run_mixture(args) -> int:
     if args.engine != "ort":
         raise RunError("a SmallTalk mixture runs on the ort engine only")
     if getattr(args, "ort_format", False):
-        raise RunError("--ort-format is for a single specialist; a mixture loads each model's model.onnx")
+        raise RunError(f"--ort-format is for a single specialist; a mixture loads each model's {MODEL_FILE}")
     cfg = _config(args) if args.command != "score" else None
     prompts = _prompts(args) if args.command == "generate" else []  # bad options fail before any model loads
     mixture = RoutedMixture(args.model, threads=args.threads, verify_files=not args.no_verify)
@@ -119,9 +119,7 @@ def _run_mixture(args) -> int:
 
         rows = []
         for path in args.files:
-            if not Path(path).is_file():
-                raise RunError(f"{path} is not a file; pass text files to score")
-            e, scores = mixture.route(Path(path).read_text(encoding="utf-8", errors="replace"))
+            e, scores = mixture.route(read_text(path, str(path), "pass text files to score"))
             rows += [{**r, "expert": e, "router_scores": scores.tolist()} for r in score_files(mixture.expert(e), [path])]
         if args.json:
             print(json.dumps(rows, indent=2))

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from soup_run.contract import TOKENIZER, Contract, model_dir_of
 from soup_run.errors import RunError
 from soup_run.generate import Event, GenerationConfig
 from soup_run.integrity import verify
-from soup_run.model import Contract, model_dir_of
 
 
 class GenaiSpecialist:
@@ -25,7 +25,7 @@ class GenaiSpecialist:
         self.dir = model_dir_of(path)
         self.verified = verify(self.dir) if verify_files else 0
         self.contract = Contract.read(self.dir)
-        self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_file(str(self.dir / TOKENIZER))
         self.og = og
         self.model = og.Model(str(self.dir))
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from soup_run.decoder import Decoder
 from soup_run.errors import RunError
-from soup_run.model import Specialist
 from soup_run.sampling import Sampling, choose
 
 
@@ -65,7 +65,7 @@ def _held_back(text: str, stop: tuple[str, ...]) -> int:
     return keep
 
 
-def _new_text(model: Specialist, row: _Row, stop: tuple[str, ...], final: bool = False) -> str:
+def _new_text(model: Decoder, row: _Row, stop: tuple[str, ...], final: bool = False) -> str:
     """The part of the row's decoded output that is safe to print now.
 
     Text that could be the start of a stop string is held back until it is resolved, and an
@@ -84,7 +84,7 @@ def _new_text(model: Specialist, row: _Row, stop: tuple[str, ...], final: bool =
     return new
 
 
-def stream(model: Specialist, prompts: list[str] | list[list[int]],
+def stream(model: Decoder, prompts: list[str] | list[list[int]],
            cfg: GenerationConfig = GenerationConfig()) -> Iterator[Event]:
     """Events as tokens are produced; prompts are strings or token id lists."""
     c = model.contract
@@ -128,13 +128,13 @@ def stream(model: Specialist, prompts: list[str] | list[list[int]],
                 yield Event(i, -1, rest)
 
 
-def generate(model: Specialist, prompts: list[str], cfg: GenerationConfig = GenerationConfig()) -> list[str]:
+def generate(model: Decoder, prompts: list[str], cfg: GenerationConfig = GenerationConfig()) -> list[str]:
     texts = ["" for _ in prompts]
     for event in stream(model, prompts, cfg):
         texts[event.row] += event.text
     return texts
 
 
-def generate_ids(model: Specialist, prompt: list[int], cfg: GenerationConfig = GenerationConfig()) -> list[int]:
+def generate_ids(model: Decoder, prompt: list[int], cfg: GenerationConfig = GenerationConfig()) -> list[int]:
     """The token ids generated for one prompt given as ids (cross-runtime comparisons)."""
     return [e.token for e in stream(model, [prompt], cfg) if e.token >= 0]

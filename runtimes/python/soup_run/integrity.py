@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from soup_run.contract import MANIFEST
 from soup_run.errors import RunError
 
 
@@ -25,8 +26,8 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
 def find_manifest(model_dir: Path) -> tuple[Path, str] | None:
     """(manifest path, prefix of the model dir's files in its table), or None."""
     for root, prefix in ((model_dir, ""), (model_dir.parent, model_dir.name + "/")):
-        if (root / "manifest.json").is_file():
-            return root / "manifest.json", prefix
+        if (root / MANIFEST).is_file():
+            return root / MANIFEST, prefix
     return None
 
 
@@ -34,11 +35,11 @@ def verify(model_dir: Path) -> int:
     """Check every file of `model_dir` listed in the manifest; returns how many were checked."""
     found = find_manifest(model_dir)
     if found is None:
-        raise RunError(f"no manifest.json in {model_dir} or its parent, so the model cannot be verified; "
+        raise RunError(f"no {MANIFEST} in {model_dir} or its parent, so the model cannot be verified; "
                        "pass the directory written by `soup-export build`, or --no-verify to run it unverified")
     path, prefix = found
     try:
-        files = json.loads(path.read_text())["files"]
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
     except (ValueError, KeyError) as exc:
         raise RunError(f"{path} is not a soup-export manifest ({exc}); rebuild the export") from None
     listed = {rel[len(prefix):]: entry for rel, entry in files.items() if rel.startswith(prefix)}

@@ -18,21 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
+from soup_run.contract import MANIFEST, MIXTURE_KIND
 from soup_run.errors import RunError
 from soup_run.generate import GenerationConfig
 from soup_run.integrity import sha256
 from soup_run.model import Specialist
 from soup_run.score import token_log_probs
 
-KIND = "smalltalk-mixture"
-
 
 def is_mixture(path: Path) -> bool:
-    manifest = Path(path) / "manifest.json"
+    manifest = Path(path) / MANIFEST
     if not manifest.is_file():
         return False
     try:
-        return json.loads(manifest.read_text()).get("kind") == KIND
+        return json.loads(manifest.read_text(encoding="utf-8")).get("kind") == MIXTURE_KIND
     except ValueError:
         return False
 
@@ -42,7 +41,7 @@ class RoutedMixture:
 
     def __init__(self, path: Path, *, threads: int = 0, verify_files: bool = True) -> None:
         self.dir = Path(path)
-        self.manifest = json.loads((self.dir / "manifest.json").read_text())
+        self.manifest = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
         self.prefix_len = int(self.manifest["prefix_len"])
         self.threads, self.verify_files = threads, verify_files
         if verify_files:
@@ -54,13 +53,13 @@ class RoutedMixture:
     def _members(self, kind: str) -> list[dict]:
         found = sorted((m for m in self.manifest["models"] if m["kind"] == kind), key=lambda m: m["index"])
         if not found:
-            raise RunError(f"{self.dir}/manifest.json lists no {kind}; rebuild with `soup-export mixture`")
+            raise RunError(f"{self.dir}/{MANIFEST} lists no {kind}; rebuild with `soup-export mixture`")
         return found
 
     def _verify_members(self) -> None:
         files = self.manifest.get("files", {})
         for m in self.manifest["models"]:
-            rel = f"{m['path']}/manifest.json"
+            rel = f"{m['path']}/{MANIFEST}"
             target = self.dir / rel
             if rel not in files or not target.is_file() or sha256(target) != files[rel]["sha256"]:
                 raise RunError(f"{target} is missing or does not match the mixture's manifest: the mixture was "

@@ -1,6 +1,6 @@
-"""A specialist on disk: its I/O contract, tokenizer and onnxruntime session, and one decoder step.
+"""A specialist on disk: its tokenizer and onnxruntime session, and one decoder step (a `Decoder`).
 
-The I/O contract (what `soup-export` writes, read from `genai_config.json`):
+The I/O contract (what `soup-export` writes, read from `genai_config.json`; names in `contract.py`):
     inputs  input_ids (B, S) int64, attention_mask (B, P+S) int64, position_ids (B, S) int64,
             past_key_values.{i}.key|value (B, KV, P, head) float32
     outputs logits (B, S, V) float32, present.{i}.key|value (B, KV, P+S, head) float32
@@ -13,69 +13,15 @@ read in place from preallocated arrays and its logits land in a preallocated (B,
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from soup_run.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, MODEL_FILE, ORT_FILE, POSITION_IDS, TOKENIZER,
+                               Contract, model_dir_of)
 from soup_run.errors import RunError
+from soup_run.generate import generate, stream
 from soup_run.integrity import verify
-
-
-@dataclass(frozen=True)
-class Contract:
-    layers: int
-    kv_heads: int
-    head_size: int
-    vocab: int
-    context: int
-    eos: int
-    pad: int
-    past_key: str
-    past_value: str
-    present_key: str
-    present_value: str
-
-    @classmethod
-    def read(cls, model_dir: Path) -> "Contract":
-        path = model_dir / "genai_config.json"
-        if not path.is_file():
-            raise RunError(f"{model_dir} has no genai_config.json; pass an export directory (or its onnx/) "
-                           "written by `soup-export build`")
-        m = json.loads(path.read_text())["model"]
-        d = m["decoder"]
-        return cls(d["num_hidden_layers"], d["num_key_value_heads"], d["head_size"], m["vocab_size"],
-                   m["context_length"], m["eos_token_id"], m.get("pad_token_id", m["eos_token_id"]),
-                   d["inputs"]["past_key_names"], d["inputs"]["past_value_names"],
-                   d["outputs"]["present_key_names"], d["outputs"]["present_value_names"])
-
-    def past_names(self) -> list[str]:
-        return [n % i for i in range(self.layers) for n in (self.past_key, self.past_value)]
-
-    def present_names(self) -> list[str]:
-        return [n % i for i in range(self.layers) for n in (self.present_key, self.present_value)]
-
-
-def model_dir_of(path: Path) -> Path:
-    """The directory holding model.onnx / model.ort: the export's onnx/ or the path itself."""
-    path = Path(path)
-    found = _model_dir(path)
-    if found is not None:
-        return found
-    customers = sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and _model_dir(p)) \
-        if path.is_dir() else []
-    hint = f" (this holds {len(customers)} exports: pass one, e.g. {path / customers[0]})" if customers else ""
-    raise RunError(f"no model.onnx or model.ort under {path}; pass the directory written by `soup-export build`{hint}")
-
-
-def _model_dir(path: Path) -> Path | None:
-    """The export's onnx/ or the path itself, whichever holds model.onnx / model.ort, else None."""
-    path = Path(path)
-    for candidate in (path / "onnx", path):
-        if (candidate / "model.onnx").is_file() or (candidate / "model.ort").is_file():
-            return candidate
-    return None
 
 
 class Specialist:
@@ -88,7 +34,7 @@ class Specialist:
         self.dir = model_dir_of(path)
         self.verified = verify(self.dir) if verify_files else 0
         self.contract = Contract.read(self.dir)
-        self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_file(str(self.dir / TOKENIZER))
         model_file = self._model_file(ort_format)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -104,9 +50,9 @@ class Specialist:
         self._ort = ort
 
     def _model_file(self, ort_format: bool | None) -> Path:
-        onnx, ort_file = self.dir / "model.onnx", self.dir / "model.ort"
+        onnx, ort_file = self.dir / MODEL_FILE, self.dir / ORT_FILE
         if ort_format is True and not ort_file.is_file():
-            raise RunError(f"{self.dir} has no model.ort; export with `soup-export build --ort-format`")
+            raise RunError(f"{self.dir} has no {ORT_FILE}; export with `soup-export build --ort-format`")
         if ort_format is True or (ort_format is None and not onnx.is_file()):
             return ort_file
         return onnx
@@ -119,13 +65,9 @@ class Specialist:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def stream(self, prompts, cfg):
-        from soup_run.generate import stream
-
         return stream(self, prompts, cfg)
 
     def generate(self, prompts, cfg):
-        from soup_run.generate import generate
-
         return generate(self, prompts, cfg)
 
     # ------------------------------------------------------------------ steps
@@ -182,18 +124,18 @@ class KVCache:
             raise RunError(f"{total} tokens exceed the model's context of {self.model.contract.context}")
         bind = self.binding
         self._mask = self._value(np.ascontiguousarray(mask, dtype=np.int64))
-        bind.bind_ortvalue_input("attention_mask", self._mask)
+        bind.bind_ortvalue_input(ATTENTION_MASK, self._mask)
         if s == 1:
             self._ids[:], self._positions[:] = ids, positions
             if self._bound != "decode":
-                bind.bind_ortvalue_input("input_ids", self._step_values[0])
-                bind.bind_ortvalue_input("position_ids", self._step_values[1])
-                bind.bind_ortvalue_output("logits", self._step_logits)
+                bind.bind_ortvalue_input(INPUT_IDS, self._step_values[0])
+                bind.bind_ortvalue_input(POSITION_IDS, self._step_values[1])
+                bind.bind_ortvalue_output(LOGITS, self._step_logits)
                 self._bound = "decode"
         else:
-            bind.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-            bind.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-            bind.bind_output("logits")  # a new shape every prefill: onnxruntime allocates it
+            bind.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
+            bind.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(positions, dtype=np.int64))
+            bind.bind_output(LOGITS)  # a new shape every prefill: onnxruntime allocates it
             self._bound = "prefill"
         self.model.session.run_with_iobinding(bind)
         self.length = total

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import numpy as np
 
-from soup_run.errors import RunError
-from soup_run.model import Specialist
+from soup_run.decoder import Decoder
+from soup_run.errors import RunError, read_text
 
 
-def nll(model: Specialist, ids: list[int]) -> tuple[float, int]:
+def nll(model: Decoder, ids: list[int]) -> tuple[float, int]:
     """(summed next-token NLL in nats, predicted tokens) over windows of the context length."""
     total, count = 0.0, 0
     window = model.contract.context
@@ -32,12 +32,10 @@ def token_log_probs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return logp[np.arange(len(targets)), targets]
 
 
-def score_files(model: Specialist, paths: list[Path]) -> list[dict]:
+def score_files(model: Decoder, paths: list[Path]) -> list[dict]:
     rows = []
     for path in paths:
-        if not Path(path).is_file():
-            raise RunError(f"{path} is not a file; pass text files to score")
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        text = read_text(path, str(path), "pass text files to score")
         ids = model.encode(text)
         if len(ids) < 2:
             raise RunError(f"{path} has fewer than 2 tokens; nothing to score")

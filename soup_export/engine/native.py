@@ -32,7 +32,7 @@ bytes, but which is faster depends on the processor's prefetchers, not on its in
 A 16-mix pass over the benchmark's bank took 93-94 ms in place against 112 ms through the copies
 on an Intel Xeon with AVX-512, and 122-124 ms against 74-84 ms on an AMD EPYC Zen 5 with AVX-512.
 So `reads_in_place()` measures both once per machine, before the first batch's pass, and keeps
-the answer beside the library (`SOUP_NATIVE_READS=copy|in-place` decides instead).
+the answer beside the library (an export's settings can decide instead: SOUP_NATIVE_READS).
 """
 from __future__ import annotations
 
@@ -50,8 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soup_export.resolve import cached_json, user_cache
-from soup_train.errors import ConfigError
+from soup_export.cache import cached_json, user_cache
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,9 @@ BLOCK, BITS = 32, 4
 
 
 def kernel():
-    """The loaded library (`fuse_q4`, `quantize_q4`), or None (no compiler, a failed build, or SOUP_NATIVE=0)."""
-    return None if os.environ.get("SOUP_NATIVE", "1") == "0" else _load()
+    """The loaded library (`fuse_q4`, `quantize_q4`), or None (no compiler, or a failed build).
+    Whether an export uses it is its settings' choice (`EngineSettings.kernel`)."""
+    return _load()
 
 
 @functools.lru_cache(maxsize=1)
@@ -161,28 +161,14 @@ def quantizes(rep, shape: tuple[int, ...]) -> bool:
             and shape[1] % BLOCK == 0 and kernel() is not None)
 
 
-READS_ENV = "SOUP_NATIVE_READS"
 READS = {"in-place": True, "copy": False}
-
-
-def check_settings() -> bool | None:
-    """The reads $SOUP_NATIVE_READS forces (True: in place), None if unset; a ConfigError for a
-    wrong value (checked at the start of every export, whether or not a batch's kernel reads it)."""
-    forced = os.environ.get(READS_ENV, "")
-    if forced and forced not in READS:
-        raise ConfigError(f"{READS_ENV}={forced!r}: expected one of {', '.join(READS)}, or unset it "
-                          "to use the reads measured on this machine")
-    return READS[forced] if forced else None
 
 
 def reads_in_place(threads: int) -> bool:
     """Whether a batch's tiles, on `threads` threads, read the bank where it is mapped (True) rather
-    than a copy of each chunk: $SOUP_NATIVE_READS if set, else what `calibrate_reads` measured on
-    this machine with as many threads (once, kept in the user cache beside the built library; an
-    unwritable cache is measured again once per process). Both give the same bytes."""
-    forced = check_settings()
-    if forced is not None:
-        return forced
+    than a copy of each chunk, as `calibrate_reads` measured on this machine with as many threads
+    (once, kept in the user cache beside the built library; an unwritable cache is measured again
+    once per process). Both give the same bytes."""
     return kernel() is not None and _measured_reads(threads)["in_place"]
 
 

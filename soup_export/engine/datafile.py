@@ -19,7 +19,8 @@ by page), which is more than half of a batch's work per customer; a direct write
 0.5 ms of CPU (the writes' CPU per customer in a batch went from 10.8 ms to 0.6 ms). A batch of
 many customers then also leaves the bank's pages in the cache. The file is readable at once as
 usual; the first reader (parity, a runtime) reads it from the device. A file system that refuses
-O_DIRECT (EINVAL, when opening or writing) gets ordinary writes, and so does `SOUP_DIRECT_IO=0`.
+O_DIRECT (EINVAL, when opening or writing) gets ordinary writes, and so does an export whose
+settings turn direct I/O off (`EngineSettings.direct_io`, SOUP_DIRECT_IO=0).
 
 Background writes: a direct write waits for the device (about 0.9 ms per 1 MB chunk here), so
 each full chunk is handed to the process's I/O threads (IO_THREADS) and the next one is staged
@@ -41,25 +42,22 @@ from pathlib import Path
 
 import numpy as np
 
+from soup_export.meter import section
+
 ALIGN = 4096  # direct I/O: the buffer's address, file offsets and lengths are multiples of this
 CHUNK = 1 << 20  # bytes staged before a write (a multiple of ALIGN; 1 MB writes: 4 ms of CPU per 80 MB)
 IO_THREADS = 4  # threads that make the chunks' writes, for every file of the process
 
 
-def direct_io() -> bool:
-    """Whether data files are written with O_DIRECT (where the system has it; SOUP_DIRECT_IO=0: never)."""
-    return hasattr(os, "O_DIRECT") and os.environ.get("SOUP_DIRECT_IO", "1") != "0"
-
-
 DIRECT_MIN = 1 << 16  # bytes: a smaller file written from memory is written as usual (a direct write waits for the device)
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """`data` as the file `path`, the way a data file is written (direct I/O) if it is large."""
-    if len(data) < DIRECT_MIN or not direct_io():
+def write_file(path: Path, data: bytes, direct: bool) -> None:
+    """`data` as the file `path`, the way a data file is written (with `direct`: direct I/O) if it is large."""
+    if len(data) < DIRECT_MIN or not direct or not hasattr(os, "O_DIRECT"):
         Path(path).write_bytes(data)
         return
-    fh = HashedDataFile(path, direct=True, hashed=False)
+    fh = HashedDataFile(path, direct=True, hashed=False, metered=None)
     try:
         fh.write_at(0, data)
         fh.finish(len(data))
@@ -96,9 +94,14 @@ def _aligned_buffer() -> np.ndarray:
 
 
 class HashedDataFile:
-    def __init__(self, path: Path, direct: bool | None = None, hashed: bool = True) -> None:
+    """A file written at increasing offsets through staged chunks, hashed on the way (see the module
+    docstring). `direct`: O_DIRECT where the system has it; `metered`: the meter part its writes
+    count to (`engine.meter`; None: its caller's)."""
+
+    def __init__(self, path: Path, direct: bool, hashed: bool = True, metered: str | None = "data-file writes") -> None:
         self.path = Path(path)
-        self.direct = (direct_io() if direct is None else direct) and hasattr(os, "O_DIRECT")
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self.metered = metered
         self.fd: int | None = None  # opened at the first write (by the thread that writes it, once its directory exists)
         self.hash: hashlib._Hash | None = hashlib.sha256() if hashed else None
         self.pos = 0  # where the previous write ended
@@ -207,9 +210,16 @@ class HashedDataFile:
 
     def _hash(self, view: memoryview) -> None:
         if self.hash is not None:
-            self.hash.update(view)
+            with section("hashing"):
+                self.hash.update(view)
 
     def _write(self, offset: int, view: memoryview) -> None:
+        if self.metered is None:
+            return self._pwrite(offset, view)
+        with section(self.metered, view.nbytes):
+            return self._pwrite(offset, view)
+
+    def _pwrite(self, offset: int, view: memoryview) -> None:
         fd, done = self._open(), 0
         while done < view.nbytes:  # one positioned write (a short one continues)
             try:
