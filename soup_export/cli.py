@@ -34,7 +34,7 @@ def mix_options(f):
 def engine_option(f):
     return click.option("--engine", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
                         help="Executor of the bank pass: fast (compiled int4 kernel, writer threads, direct I/O) or "
-                             "reference (plain torch, the specification; slower). Recorded in the manifest.")(f)
+                             "reference (plain torch, the specification; slower). An export records it in its manifest.")(f)
 
 
 def export_options(f):

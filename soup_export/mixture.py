@@ -9,7 +9,7 @@ Layout of a mixture directory:
                            manifest.json of its own, the layout `soup-export build` writes, so
                            `soup-run` runs any one of them alone
 `soup-run generate DIR` on the mixture scores the prompt's prefix under every router and
-generates with the best router's expert (method.md section 3).
+generates with the best router's expert (docs/method.md section 4).
 
 Choices:
 - One tier for every model, counted over the whole mixture: `auto` picks the highest precision

@@ -5,7 +5,7 @@ Design choices:
 - A run is `RunConfig(model, soup, meta, data, train)`; it is saved as `config.json` next to
   every checkpoint and read back strictly (unknown keys are errors, not silently ignored).
 - CLI overrides are dotted keys (`train.lr=3e-4`, `soup.n_experts=16`), parsed by field type.
-- Where the papers are silent (method.md "[choice]"), the default here is the documented choice.
+- Where the papers are silent, the default here is the choice docs/method.md records ([choice] below).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from typing import Any, Literal
 from soup_train.errors import ConfigError
 
 
-def _check(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """A ConfigError carrying `message` unless `ok` (the configs' validation)."""
     if not ok:
         raise ConfigError(message)
 
@@ -42,14 +43,14 @@ class ModelConfig:
     init_std: float = 0.02  # normal init of every matrix (as HF `initializer_range`)
 
     def __post_init__(self) -> None:
-        _check(self.vocab_size >= 0, f"model.vocab_size must be >= 0, got {self.vocab_size}")
-        _check(self.d_model > 0 and self.n_layers > 0 and self.d_ff > 0,
+        require(self.vocab_size >= 0, f"model.vocab_size must be >= 0, got {self.vocab_size}")
+        require(self.d_model > 0 and self.n_layers > 0 and self.d_ff > 0,
                "model.d_model, model.n_layers and model.d_ff must be positive")
-        _check(self.n_heads > 0 and self.d_model % self.n_heads == 0,
+        require(self.n_heads > 0 and self.d_model % self.n_heads == 0,
                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
-        _check(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
+        require(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
                f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
-        _check((self.d_model // self.n_heads) % 2 == 0, "the head size must be even for RoPE")
+        require((self.d_model // self.n_heads) % 2 == 0, "the head size must be even for RoPE")
 
     @property
     def head_dim(self) -> int:
@@ -80,15 +81,15 @@ class SoupConfig:
     expert_rank: int = 0  # 0 = full experts; r > 0 = low-rank experts E_j = U_j V_j^T
 
     def __post_init__(self) -> None:
-        _check(self.n_experts >= 0, f"soup.n_experts must be >= 0 (0 = a dense model), got {self.n_experts}")
-        _check(self.coef_layers >= 1 and self.coef_hidden >= 1,
+        require(self.n_experts >= 0, f"soup.n_experts must be >= 0 (0 = a dense model), got {self.n_experts}")
+        require(self.coef_layers >= 1 and self.coef_hidden >= 1,
                "soup.coef_layers and soup.coef_hidden must be >= 1")
-        _check(self.expert_rank >= 0, f"soup.expert_rank must be >= 0, got {self.expert_rank}")
+        require(self.expert_rank >= 0, f"soup.expert_rank must be >= 0, got {self.expert_rank}")
 
 
 @dataclass(frozen=True)
 class MetaConfig:
-    """The meta-distribution pi over domain weights h (method.md section 1 defaults)."""
+    """The meta-distribution pi over domain weights h (docs/method.md lists the defaults)."""
 
     s_max: int = 4  # support size s ~ Uniform{1..s_max} [choice]
     beta: float = 1.0  # Dirichlet concentration on the s chosen domains [choice]
@@ -98,11 +99,11 @@ class MetaConfig:
     # and rank, as if each micro-batch were its own data-parallel rank [choice]
 
     def __post_init__(self) -> None:
-        _check(self.s_max >= 1, f"meta.s_max must be >= 1, got {self.s_max}")
-        _check(self.beta > 0, f"meta.beta must be > 0, got {self.beta}")
-        _check(0.0 <= self.p_nat <= 1.0, f"meta.p_nat must be in [0, 1], got {self.p_nat}")
+        require(self.s_max >= 1, f"meta.s_max must be >= 1, got {self.s_max}")
+        require(self.beta > 0, f"meta.beta must be > 0, got {self.beta}")
+        require(0.0 <= self.p_nat <= 1.0, f"meta.p_nat must be in [0, 1], got {self.p_nat}")
         if self.fixed_h is not None:
-            _check(all(x >= 0 for x in self.fixed_h) and sum(self.fixed_h) > 0,
+            require(all(x >= 0 for x in self.fixed_h) and sum(self.fixed_h) > 0,
                    "meta.fixed_h must be non-negative weights, not all zero")
 
 
@@ -115,7 +116,7 @@ class DataConfig:
     seq_len: int = 0  # training context; 0 = the prepared window length
 
     def __post_init__(self) -> None:
-        _check(self.seq_len >= 0, f"data.seq_len must be >= 0, got {self.seq_len}")
+        require(self.seq_len >= 0, f"data.seq_len must be >= 0, got {self.seq_len}")
 
 
 @dataclass(frozen=True)
@@ -146,14 +147,14 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard events (needs `tensorboard`)
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
-        _check(self.batch_size >= 1 and self.grad_accum >= 1,
+        require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        require(self.batch_size >= 1 and self.grad_accum >= 1,
                "train.batch_size and train.grad_accum must be >= 1")
-        _check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "train.lr must be > 0 and "
+        require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "train.lr must be > 0 and "
                "train.min_lr_ratio in [0, 1]")
-        _check(self.warmup_steps >= 0 and self.keep_last >= 1 and self.ckpt_every >= 1,
+        require(self.warmup_steps >= 0 and self.keep_last >= 1 and self.ckpt_every >= 1,
                "train.warmup_steps must be >= 0, train.keep_last and train.ckpt_every >= 1")
-        _check(self.log_every >= 1 and self.eval_every >= 0 and self.eval_batches >= 1,
+        require(self.log_every >= 1 and self.eval_every >= 0 and self.eval_batches >= 1,
                "train.log_every and train.eval_batches must be >= 1, train.eval_every >= 0")
 
 
@@ -347,9 +348,9 @@ class PrepareConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.test_fraction < 1.0, f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        _check(self.vocab_size >= 300, f"vocab_size must be >= 300 (256 bytes + merges), got {self.vocab_size}")
-        _check(self.seq_len >= 8, f"seq_len must be >= 8, got {self.seq_len}")
-        _check(self.k_clusters >= 2, f"k_clusters must be >= 2, got {self.k_clusters}")
-        _check(self.source_centroids >= 1, f"source_centroids must be >= 1, got {self.source_centroids}")
-        _check(self.max_test_docs >= 1 and self.doc_chars >= 200, "max_test_docs must be >= 1 and doc_chars >= 200")
+        require(0.0 < self.test_fraction < 1.0, f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        require(self.vocab_size >= 300, f"vocab_size must be >= 300 (256 bytes + merges), got {self.vocab_size}")
+        require(self.seq_len >= 8, f"seq_len must be >= 8, got {self.seq_len}")
+        require(self.k_clusters >= 2, f"k_clusters must be >= 2, got {self.k_clusters}")
+        require(self.source_centroids >= 1, f"source_centroids must be >= 1, got {self.source_centroids}")
+        require(self.max_test_docs >= 1 and self.doc_chars >= 200, "max_test_docs must be >= 1 and doc_chars >= 200")

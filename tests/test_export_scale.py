@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from soup_export.cli import main
-from soup_export.resolve import Bank
+from soup_export.bank import Bank
 from soup_train.checkpoint import CHECKSUMS, FORMAT, load_soup, resolve_checkpoint
 from soup_train.errors import CheckpointError
 
@@ -106,13 +106,13 @@ def test_a_16_bit_bank_fuses_as_its_fp32_values(debug_ckpt, tmp_path, monkeypatc
     columns (tiny here too): a build and a batch write the int4 bytes of the same values stored in
     fp32, `combine` agrees with the whole bank converted at once, and parity (a) holds against the
     16-bit soup."""
-    from soup_export import emit
     from soup_export.build import ExportSpec, batch, build
+    from soup_export.engine import fast
     from soup_export.mix import validate
     from soup_train.model import soup_math
 
     half, f32r = half_pair(debug_ckpt, tmp_path, dtype)
-    monkeypatch.setattr(emit, "UPCAST_ROWS_VALUES", 64)
+    monkeypatch.setattr(fast, "UPCAST_ROWS_VALUES", 64)
     monkeypatch.setattr(soup_math, "UPCAST_VALUES", 256)
     bank16, bank32 = Bank.open(half), Bank.open(f32r)
     assert all(e.dtype == dtype for _, _, experts in bank16.tensors() for e in experts)
@@ -138,7 +138,7 @@ def test_a_16_bit_bank_fuses_as_its_fp32_values(debug_ckpt, tmp_path, monkeypatc
 def test_the_kernel_widens_bf16_words_to_the_bytes_of_their_fp32_values():
     """native.fuse_quantize of a bf16 bank (uint16 words) equals that of the same values in fp32, bit
     for bit, for one mix and for a batch (whose tiles read a widened copy even when told in place)."""
-    from soup_export import native
+    from soup_export.engine import native
 
     if native.kernel() is None:
         pytest.skip("no C compiler: the torch path runs")
@@ -222,13 +222,15 @@ def test_a_synthetic_checkpoint_is_complete_and_records_its_hash(big_bank):
 
 # ------------------------------------------------------------------ the checkpoint's recorded hash
 def test_export_uses_the_recorded_hash_and_verifies_it_only_when_asked(debug_ckpt, tmp_path, monkeypatch):
-    import soup_export.resolve as resolve
+    import soup_export.bank as bank_mod
+    import soup_export.cache as cache
 
     ckpt = copy_ckpt(debug_ckpt, tmp_path / "ckpt")
     recorded = json.loads((ckpt / CHECKSUMS).read_text())["model.safetensors"]["sha256"]
     assert recorded == hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
     with monkeypatch.context() as m:
-        m.setattr(resolve, "file_sha256", lambda path: pytest.fail("the bank was hashed"))
+        for module in (bank_mod, cache):
+            m.setattr(module, "file_sha256", lambda path: pytest.fail("the bank was hashed"))
         assert Bank.open(ckpt).sha256 == recorded
     assert Bank.open(ckpt, verify=True).sha256 == recorded
     weights = ckpt / "model.safetensors"
@@ -272,7 +274,7 @@ def test_a_quantized_build_without_held_out_text_fails_before_the_bank_pass(debu
     config = json.loads((ckpt / "config.json").read_text())
     config["run"]["data"]["path"] = str(tmp_path / "not-here")
     (ckpt / "config.json").write_text(json.dumps(config))
-    monkeypatch.setattr(build_mod, "emit", lambda *a, **k: pytest.fail("the bank pass started"))
+    monkeypatch.setattr(build_mod, "run_pass", lambda *a, **k: pytest.fail("the bank pass started"))
     result = run("build", ckpt, "--mix", "licences=1", "--out", tmp_path / "x", "--quant", "int4")
     assert result.exit_code == 1 and "needs held-out text" in result.output and "--eval-texts" in result.output
     assert not (tmp_path / "x").exists()
@@ -281,14 +283,13 @@ def test_a_quantized_build_without_held_out_text_fails_before_the_bank_pass(debu
 def test_a_full_disk_is_one_line_and_leaves_nothing(debug_ckpt, tmp_path, monkeypatch, capsys):
     """ENOSPC in the middle of an export: one line naming the file and what to do, exit 1, no
     traceback, and no staging directory left."""
-    import soup_export.build as build_mod
     from soup_export.cli import run as cli_run
+    from soup_export.engine.datafile import HashedDataFile
 
-    def full(bank, mixes, roots, *args, **kwargs):
-        (roots[0] / "onnx").mkdir(parents=True)
-        raise OSError(errno.ENOSPC, "No space left on device", str(roots[0] / "onnx" / "model.onnx.data"))
+    def full(self, offset, view):  # the data file's writes, on the writer's I/O threads
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
-    monkeypatch.setattr(build_mod, "emit", full)
+    monkeypatch.setattr(HashedDataFile, "_pwrite", full)
     monkeypatch.setattr(sys, "argv", ["soup-export", "build", str(debug_ckpt), "--mix", "licences=1",
                                       "--out", str(tmp_path / "x"), "--no-parity"])
     with pytest.raises(SystemExit) as exc:
@@ -333,11 +334,11 @@ def test_the_bank_is_read_ahead_one_tensor_before_its_fusion(debug_ckpt, monkeyp
     tensor already in the page cache is not asked for."""
     import time
 
-    import soup_export.resolve as resolve
+    import soup_export.safetensors_map as smap
 
     asked = []
-    monkeypatch.setattr(resolve, "READ_AHEAD", 1 << 12)
-    monkeypatch.setattr(resolve.os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length)))
+    monkeypatch.setattr(smap, "READ_AHEAD", 1 << 12)
+    monkeypatch.setattr(smap.os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length)))
     bank = Bank.open(debug_ckpt)
     mapped = bank.map()
     assert all(mapped._cached(k) for k in mapped.header)  # just written: in the page cache, nothing to ask for
@@ -367,9 +368,10 @@ def test_the_bank_is_read_ahead_one_tensor_before_its_fusion(debug_ckpt, monkeyp
 def test_an_unwritable_out_fails_before_the_bank_is_opened(debug_ckpt, tmp_path, monkeypatch):
     """(The suite runs as root, whom permissions do not stop: the check itself is what is tested.)"""
     import soup_export.build as build_mod
+    import soup_export.output as output
 
-    real = build_mod.os.access
-    monkeypatch.setattr(build_mod.os, "access", lambda path, mode: False if Path(path) == tmp_path else real(path, mode))
+    real = output.os.access
+    monkeypatch.setattr(output.os, "access", lambda path, mode: False if Path(path) == tmp_path else real(path, mode))
     monkeypatch.setattr(build_mod, "export", lambda *a, **k: pytest.fail("the export started"))
     result = run("build", debug_ckpt, "--mix", "licences=1", "--out", tmp_path / "x" / "acme", "--no-parity")
     assert result.exit_code == 1 and f"{tmp_path} is not writable" in result.output

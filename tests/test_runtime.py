@@ -23,7 +23,7 @@ def exports(debug_ckpt, debug_data, tmp_path_factory):
     """An fp32 and an int4 export (the int4 one with the ORT format), parity on."""
     from soup_export.build import ExportSpec, build
     from soup_export.mix import validate
-    from soup_export.resolve import Bank
+    from soup_export.bank import Bank
 
     root = tmp_path_factory.mktemp("runtime")
     bank = Bank.open(debug_ckpt)

@@ -24,7 +24,7 @@ def export(debug_ckpt, debug_data, tmp_path_factory):
     """An fp32 specialist with its HF directory (the transformers reference)."""
     from soup_export.build import ExportSpec, build
     from soup_export.mix import validate
-    from soup_export.resolve import Bank
+    from soup_export.bank import Bank
 
     root = tmp_path_factory.mktemp("truth")
     bank = Bank.open(debug_ckpt)

@@ -21,7 +21,6 @@ import functools
 import hashlib
 import math
 import os
-import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,7 +71,7 @@ def run(source, job, outputs, settings, progress: bool = False):
                 hf_writers.append(SafetensorsWriter(o.hf / HF_WEIGHTS, specs, {"format": "pt"}))
             weights = fused_weights(source, g, alphas, exact=bool(hf_writers), progress=progress, kernel=kernel,
                                     in_place=in_place)
-            _write_weights(weights, hf_writers, writer, files)
+            _write_weights(weights, hf_writers, writer, kernel)
             writer.submit(_finish, g.data_size())
         for w in hf_writers:
             w.close()
@@ -141,39 +140,14 @@ def _digest(data: bytes) -> tuple[str, int]:
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
-class _TorchEncoder:
-    """Mix m's stored arrays of one fused tensor (mixes, *shape). Block quantizations are made for
-    every mix at once (small: a fraction of the fused bytes); other encodings one mix at a time, as
-    each thread asks for its mixes in order (an fp32 copy of every mix would double a batch's
-    memory). The writer's lanes call it at the same time."""
-
-    def __init__(self, fused, kernel: bool) -> None:
-        self.fused, self.batched, self.kernel = fused, {}, kernel
-        self.lock, self.local = threading.Lock(), threading.local()  # local: the calling thread's last mix
-
-    def __call__(self, m: int, s) -> dict[str, np.ndarray]:
-        key = (s.how, s.rep)
-        if s.how.startswith("nbits") and self.fused.dim() == 3:
-            with self.lock:
-                if key not in self.batched:
-                    self.batched[key] = encode_mixes(self.fused.numpy(), s, self.kernel)
-            return self.batched[key][m]
-        local = self.local
-        if getattr(local, "mix", None) != m:
-            local.single, local.mix = {}, m
-        if key not in local.single:
-            local.single[key] = encode_one(self.fused[m].numpy(), s)
-        return local.single[key]
-
-
 class Weight(NamedTuple):
     """One stored weight of the bank pass, fused for every mix."""
 
     name: str
     parts: list  # its stored parts with their offsets in the data file
-    encoded: Callable  # encoded(m, stored part) -> mix m's arrays
+    encoded: Callable | None  # encoded(m, stored part) -> mix m's arrays; None: `fused` is to be encoded
     fused: object  # the (mixes, *shape) fp32 fusion (a torch tensor), or None (kernel outputs, rotary tables)
-    fresh: bool  # whether `encoded` stays valid after the next weight (False: it reads the reused workspace)
+    fresh: bool  # whether `fused` stays valid after the next weight (False: it lives in the reused workspace)
 
 
 def fused_weights(source, g: DecoderGraph, alphas, exact: bool, progress: bool = False, kernel: bool = True,
@@ -200,7 +174,7 @@ def fused_weights(source, g: DecoderGraph, alphas, exact: bool, progress: bool =
             yield Weight(name, parts, functools.partial(_every_mix, rotary_table(g.arch, name.split(".")[1])), None, True)
             continue
         if name in early:
-            yield Weight(name, parts, _TorchEncoder(early[name], kernel), early[name], True)
+            yield Weight(name, parts, None, early[name], True)
             continue
         dense, shared, experts = next(tensors)
         assert dense == name, (dense, name)
@@ -214,7 +188,7 @@ def fused_weights(source, g: DecoderGraph, alphas, exact: bool, progress: bool =
             fused = combine_many(shared, experts, alphas, workspace=workspace, exact=exact)  # (mixes, *shape)
         if small:
             fused = fused.clone()
-        yield Weight(name, parts, _TorchEncoder(fused, kernel), fused, small)
+        yield Weight(name, parts, None, fused, small)
 
 
 def _kernel_fusion(shared, bank, coefs: np.ndarray, in_place: bool | None) -> tuple[np.ndarray, np.ndarray]:
@@ -288,26 +262,48 @@ def _one_torch_thread(small: bool):
         torch.set_num_threads(before)
 
 
-def _write_weights(weights: Iterator[Weight], hf_writers, writer: "_Writer", files) -> None:
+def _write_weights(weights: Iterator[Weight], hf_writers, writer: "_Writer", kernel: bool) -> None:
     """Every stored tensor in the graph's storage order, so each data file is written front to back
-    (and hashed on the way). Fresh arrays are written by a background thread while the next tensor
-    is fused (what it writes is bound into each task by `fused_weights`). A fusion that lives in the
-    reused workspace is written here, once the writer has finished with everything before it (a
-    wait that the norms, copied out, no longer cause: they had made the main thread wait for the
-    writer 17 times a pass, about 40 ms of a 16-mix batch's 320). HF weights are written here, in
-    order. With HF weights (parity, or no --no-hf), every mix is fused by `combine` itself:
-    bit-identical to its single build, so parity (a) compares the very weights a single build
-    would ship (a batch's other orders of summation moved the demo's logits by up to 1.05e-5, past
-    the 1e-5 bound)."""
+    (and hashed on the way) by the writer's threads while the next tensor is fused. Everything is
+    encoded here, before a writer sees it: the kernel's outputs and the rotary tables arrive
+    encoded; a torch fusion is encoded mix by mix (block quantizations for every mix at once) and
+    each mix's arrays go to its writer as soon as they are made, with at most PENDING_BYTES of them
+    waiting (an encoded copy of every mix at once would double a batch's memory). Encoded arrays
+    never point into the reused workspace (raw ones are copied out of it), so the next fusion never
+    waits for a writer. HF weights are written here, in order. With HF weights (parity, or no
+    --no-hf), every mix is fused by `combine` itself: bit-identical to its single build, so parity
+    (a) compares the very weights a single build would ship (a batch's other orders of summation
+    moved the demo's logits by up to 1.05e-5, past the 1e-5 bound)."""
     for w in weights:
         stopping.check()
         for hf, tensor in zip(hf_writers, w.fused if hf_writers and w.fused is not None else ()):  # (iter() of a tensor unbinds it)
             hf.write(w.name, tensor)
-        if w.fresh:
+        if w.encoded is not None:
             writer.submit(_write_parts, w.parts, w.encoded)
             continue
-        writer.wait()  # in storage order, after everything before it
-        _write_parts(files, w.parts, w.encoded)
+        writer.start_weight()
+        for m, arrays in _encoded_mixes(w.fused, w.parts, kernel, copy_raw=not w.fresh):
+            writer.submit_mix(m, _write_parts, w.parts, functools.partial(_lookup, arrays),
+                              nbytes=sum(a.nbytes for enc in arrays.values() for a in enc.values()))
+
+
+def _encoded_mixes(fused, parts, kernel: bool, copy_raw: bool) -> Iterator[tuple[int, dict]]:
+    """(m, {(how, rep): mix m's arrays}) of a torch fusion (mixes, *shape), one mix at a time; block
+    quantizations are made for every mix at once (a fraction of the fused bytes). With `copy_raw`,
+    raw arrays are copied out of the fusion (it lives in the reused workspace)."""
+    kinds = {(s.how, s.rep): s for s, _ in parts}
+    batched = {k: encode_mixes(fused.numpy(), s, kernel) for k, s in kinds.items()
+               if s.how.startswith("nbits") and fused.dim() == 3}
+    for m in range(fused.shape[0]):
+        arrays = {}
+        for k, s in kinds.items():
+            enc = batched[k][m] if k in batched else encode_one(fused[m].numpy(), s)
+            arrays[k] = {p: a.copy() for p, a in enc.items()} if copy_raw and s.how == "raw" else enc
+        yield m, arrays
+
+
+def _lookup(arrays: dict, m: int, s) -> dict[str, np.ndarray]:
+    return arrays[(s.how, s.rep)]
 
 
 def _every_mix(table: np.ndarray, m: int, s) -> dict[str, np.ndarray]:
@@ -325,6 +321,7 @@ def _write_parts(files, parts, encoded) -> None:
 
 
 PENDING = 4  # weights submitted and not yet written, at most: memory holds up to PENDING + 1 tensors' outputs
+PENDING_BYTES = 256 << 20  # a torch fusion's encoded mixes waiting for their writers, at most (one mix beyond)
 MAX_LANES = 8  # writer threads, at most (one per core the export's threads use, and no more than the customers)
 
 
@@ -334,24 +331,46 @@ class _Writer:
     weights waiting or being written: the main thread goes on fusing while the writers catch up.
     Two lanes on two cores halve the writing and hashing that is left when the fusion is done
     (the last tensors of a batch, 16 customers' worth). `submit(fn, *args)` runs fn(lane's
-    [(m, data file)], *args) in every lane. A failed write raises in the submitting thread, at the
-    next `submit` or `wait`."""
+    [(m, data file)], *args) in every lane; `submit_mix(m, fn, *args, nbytes=)` runs fn([(m, data
+    file)], *args) in mix m's lane, for the weight begun by `start_weight`. A failed write raises
+    in the submitting thread, at the next `submit`, `submit_mix` or `wait`."""
 
     def __init__(self, files: list, lanes: int) -> None:
         k = max(1, min(lanes, len(files)))
+        self.files, self.k = files, k
         self.lanes = [files[i::k] for i in range(k)]
         self.pools = [ThreadPoolExecutor(1, thread_name_prefix=f"soup-export-writer-{i}") for i in range(k)]
-        self.pending = deque()  # per weight: its futures, one per lane
+        self.pending = deque()  # per weight: its [(future, bytes it holds)]
 
     def submit(self, fn, *args) -> None:
         self.wait(left=PENDING - 1)
-        self.pending.append([pool.submit(fn, lane, *args) for pool, lane in zip(self.pools, self.lanes)])
+        self.pending.append([(pool.submit(fn, lane, *args), 0) for pool, lane in zip(self.pools, self.lanes)])
+
+    def start_weight(self) -> None:
+        self.wait(left=PENDING - 1)
+        self.pending.append([])
+
+    def submit_mix(self, m: int, fn, *args, nbytes: int = 0) -> None:
+        while sum(b for weight in self.pending for _, b in weight) + nbytes > PENDING_BYTES and self._oldest():
+            pass
+        self.pending[-1].append((self.pools[m % self.k].submit(fn, [self.files[m]], *args), nbytes))
+
+    def _oldest(self) -> bool:
+        """Wait for the oldest pending write; False if there is none."""
+        while self.pending and not self.pending[0]:
+            if len(self.pending) == 1:
+                return False
+            self.pending.popleft()
+        if not self.pending:
+            return False
+        future, _ = self.pending[0].pop(0)
+        future.result()
+        return True
 
     def wait(self, left: int = 0) -> None:
         while len(self.pending) > left:
-            for future in self.pending.popleft():
+            for future, _ in self.pending.popleft():
                 future.result()
-
     def __enter__(self) -> "_Writer":
         return self
 

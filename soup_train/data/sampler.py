@@ -1,7 +1,7 @@
 """The meta-distribution pi over domain weights h, and Algorithm 1: batches from mix(h).
 
 Design choices:
-- pi (method.md section 1): with probability p_nat the natural frequencies; otherwise a support
+- pi (docs/method.md section 1): with probability p_nat the natural frequencies; otherwise a support
   size s ~ Uniform{1..s_max}, s domains uniformly without replacement, Dirichlet(beta) weights.
 - Algorithm 1 per row: a domain i ~ Categorical(h), then a window uniformly from domain i
   (sampling with replacement: no epoch bookkeeping, any h is exact).

@@ -2,7 +2,7 @@
 
 Design choices:
 - S *is* a dense `Llama` (`self.shared`), so its parameter names are HF Llama names and its
-  init is a normal transformer's (method.md "[choice]").
+  init is a normal transformer's (a choice: docs/method.md, "Choices").
 - The bank mirrors the dense names (`experts.model.layers.0.mlp.up_proj.weight`, shape (n, ...)),
   registered in nested containers so `state_dict()` is exactly the checkpoint layout.
 - Every dense tensor is in the soup (embeddings and norms included) [choice].

@@ -1,4 +1,4 @@
-"""Typed, frozen configuration of a SmallTalk LM run (method.md section 3) and its presets.
+"""Typed, frozen configuration of a SmallTalk LM run (docs/method.md section 4) and its presets.
 
 A run is E tiny router LMs trained by EM on sequence prefixes, then E experts trained on the
 sequences the routers assign them, each as an independent job. Both kinds of model are the same
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from soup_train.config import DataConfig, ModelConfig, TrainConfig, _check
+from soup_train.config import DataConfig, ModelConfig, TrainConfig, require
 from soup_train.errors import ConfigError
 
 
@@ -36,13 +36,13 @@ class EMConfig:
     score_batch: int = 256  # sequences per router forward when scoring prefixes
 
     def __post_init__(self) -> None:
-        _check(self.experts >= 1, f"em.experts must be >= 1, got {self.experts}")
-        _check(self.prefix_len >= 1, f"em.prefix_len must be >= 1, got {self.prefix_len}")
-        _check(self.rounds >= 0 and self.steps_per_round >= 1,
+        require(self.experts >= 1, f"em.experts must be >= 1, got {self.experts}")
+        require(self.prefix_len >= 1, f"em.prefix_len must be >= 1, got {self.prefix_len}")
+        require(self.rounds >= 0 and self.steps_per_round >= 1,
                "em.rounds must be >= 0 and em.steps_per_round >= 1")
-        _check(self.sequences_per_round >= self.experts,
+        require(self.sequences_per_round >= self.experts,
                f"em.sequences_per_round ({self.sequences_per_round}) must be >= em.experts ({self.experts})")
-        _check(self.budget >= 0 and self.score_batch >= 1, "em.budget must be >= 0, em.score_batch >= 1")
+        require(self.budget >= 0 and self.score_batch >= 1, "em.budget must be >= 0, em.score_batch >= 1")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Router training by EM (method.md section 3), and the assignment of the expert budget.
+"""Router training by EM (docs/method.md section 4), and the assignment of the expert budget.
 
 Round 0 splits `sequences_per_round` random sequences evenly at random. Each round then
 (M) trains every router for `steps_per_round` steps on the prefixes of its shard, and

@@ -4,7 +4,7 @@
   prefix "of length M" uses M + 1 tokens; shorter sequences use what they have. The score is the
   mean log-likelihood per predicted token (every router sees the same tokens, so the argmax is
   the same as with sums).
-- Training-time assignment is balanced (method.md section 3): sequences sorted by their best
+- Training-time assignment is balanced (docs/method.md section 4): sequences sorted by their best
   score, most confident first, each to its best router that still has capacity.
 - Inference-time routing is the plain argmax: no balancing.
 """
