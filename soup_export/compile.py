@@ -19,13 +19,13 @@ def write_tier(src: Path, out: Path, tier: str, params: dict | None = None,
                settings: EngineSettings | None = None, arch: Arch | None = None) -> Path:
     """The ONNX specialist of the dense model in `src` at `tier` (declared `params`), as `out/onnx`'s
     files written directly into `out` (which may exist): model.onnx, model.onnx.data, the runtime
-    configs, and the side files `src` holds."""
+    configs, and the side files `src` holds. `settings`: the engine's (default: the environment's)."""
     arch = arch or read_arch(src)[0]
     files = side_files_of(src)
     spec = files.pop(SPEC_FILE, None)
     job = Job(compile_graph(arch, make_plan(tier, params)), files)
     run_pass(DenseSource(src), job, [Output(Path(out), _no_alpha(), spec, flat=True)],
-             settings or EngineSettings())
+             settings or EngineSettings.from_env())
     return Path(out)
 
 

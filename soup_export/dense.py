@@ -24,7 +24,7 @@ class DenseSource:
 
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory)
-        self.weight, self.shapes = dense_weights(self.path)
+        self.weight, self.shapes = _open(self.path)
 
     def tensors(self, names: list[str] | None = None, progress: bool = False,
                 mapped: object = None) -> Iterator[tuple[str, torch.Tensor, tuple]]:
@@ -39,7 +39,12 @@ class DenseSource:
         return torch.empty(mixes * max((math.prod(self.shapes[n]) for n in names or self.shapes), default=0))
 
 
-def dense_weights(directory: Path) -> tuple[Callable[[str], np.ndarray], dict[str, tuple[int, ...]]]:
+def dense_weights(directory: Path) -> Callable[[str], np.ndarray]:
+    """fp32 weights by HF name, of an HF directory or an fp32 ONNX directory."""
+    return _open(Path(directory))[0]
+
+
+def _open(directory: Path) -> tuple[Callable[[str], np.ndarray], dict[str, tuple[int, ...]]]:
     """(fp32 weights by HF name, their shapes) of an HF directory or an fp32 ONNX directory."""
     directory = Path(directory)
     if (directory / HF_WEIGHTS).is_file():

@@ -5,7 +5,10 @@ A tier is a `Plan`: how each role of weight is stored in the ONNX graph.
   lm_head: the output projection (shares the embedding's bytes when tied and stored alike).
 - RMSNorm weights and the rotary tables always stay fp32 (a few KB).
 
-Storage kinds (`Rep`), all weight-only (activations stay fp32):
+Storage kinds (`Rep`), all weight-only (activations are fp32 at the graph's inputs; onnxruntime's
+MatMulNBits at accuracy level 4 quantizes them to int8 inside the kernel, and onnxruntime fuses the
+int8 tier's DequantizeLinear -> MatMul into MatMulNBits, which does the same unless the session
+sets `session.qdq_matmulnbits_accuracy_level`):
 - float (fp32, or fp16 with a Cast that onnxruntime folds at load),
 - int8-channel: symmetric int8 per output channel, DequantizeLinear -> MatMul,
 - nbits: block-wise 4- or 8-bit, `com.microsoft.MatMulNBits` for matrices and

@@ -70,3 +70,16 @@ def smalltalk_run(debug_data, tmp_path_factory) -> Path:
     for e in range(run.experts):
         train_expert(run, e, progress=False)
     return run.path
+
+
+@pytest.fixture(scope="session")
+def hf_dir(debug_ckpt, tmp_path_factory) -> Path:
+    """The debug soup resolved at python-code/licences 0.5/0.5: an HF Llama directory."""
+    from soup_export.bank import Bank
+    from soup_export.mix import validate
+    from soup_export.resolve import resolve_batch
+
+    bank = Bank.open(debug_ckpt)
+    out = tmp_path_factory.mktemp("hf") / "hf"
+    resolve_batch(debug_ckpt, [validate({"python-code": 0.5, "licences": 0.5}, bank.info.domains)], [out])
+    return out

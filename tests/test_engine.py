@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from soup_export.bank import Bank
-from soup_export.build import ExportSpec, batch, build
+from soup_export.build import ExportSpec, batch
 from soup_export.engine import EngineSettings
 from soup_export.mix import validate
-from soup_export.quantize import TIERS
+from soup_export.quantize import TIERS, make_plan
 
 # A shipping-only fast batch fuses every mix in one matrix product (or the int4 kernel) instead of
 # `combine` per mix: the same sums in another order. Measured on the 16-expert synthetic soup below:
@@ -161,3 +162,62 @@ def test_single_build_and_its_stage_commands_write_the_same_onnx(debug_ckpt, tmp
         assert r.exit_code == 0, r.output
     built, staged = files(tmp_path / "b" / "onnx"), files(tmp_path / "q")
     assert built == staged
+
+
+def test_the_bank_pass_fuses_small_tensors_on_one_torch_thread_and_restores_the_count(debug_ckpt, monkeypatch):
+    """The norms' vectors are fused with torch on one thread (a parallel region's workers would spin
+    on the cores the kernel needs next), larger tensors with every thread; the count is restored
+    after each, even when a fusion raises."""
+    from soup_export.engine import fast as emit
+    from soup_export.graph import compile_graph
+    from soup_export.layout import Arch
+
+    bank = Bank.open(debug_ckpt)
+    _, g = compile_graph(Arch.from_hf(bank.info.run.model.to_hf()), make_plan("fp32", {}))
+    alphas = [bank.alpha(np.array([0.5, 0.25, 0.25], np.float32))] * 2
+    seen, real = {}, emit.combine_many
+
+    def spy(shared, *args, **kwargs):
+        seen[shared.numel()] = torch.get_num_threads()
+        return real(shared, *args, **kwargs)
+
+    monkeypatch.setattr(emit, "combine_many", spy)
+    monkeypatch.setattr(emit, "SMALL", 1000)  # the debug model's tensors are all small: split them here
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in emit.fused_weights(bank, g, alphas, exact=True):
+            assert torch.get_num_threads() == 2
+        assert {n < 1000 for n in seen} == {True, False}
+        assert all(threads == (1 if n < 1000 else 2) for n, threads in seen.items()), seen
+
+        def boom(shared, *_, **__):
+            if shared.numel() < 1000:
+                raise OSError("disk gone")
+            return real(shared, *_, **__)
+
+        monkeypatch.setattr(emit, "combine_many", boom)
+        with pytest.raises(OSError):
+            for _ in emit.fused_weights(bank, g, alphas, exact=True):
+                pass
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_batchs_kernel_reads_as_its_settings_say_and_the_manifest_records_it(bank16, tmp_path):
+    """SOUP_NATIVE_READS (EngineSettings.reads) decides how a shipping-only batch's kernel reads the
+    bank: both ways give the same bytes, and each manifest says which was used."""
+    from soup_export.engine import native
+
+    if native.kernel() is None:
+        pytest.skip("no compiled kernel on this machine")
+    ms = mixes(bank16)
+    for reads in ("in-place", "copy"):
+        spec = ExportSpec(quant="int4", parity=False, keep_hf=False, engine=EngineSettings(reads=reads))
+        batch(bank16, ms, tmp_path / reads, spec, progress=False)
+        for m in ms:
+            assert json.loads((tmp_path / reads / m.name / "manifest.json").read_text())["engine"]["reads"] == reads
+    assert files(tmp_path / "in-place").keys() == files(tmp_path / "copy").keys()
+    differ = [k for k, v in files(tmp_path / "in-place").items() if files(tmp_path / "copy")[k] != v and k != "batch.json"]
+    assert differ == []
