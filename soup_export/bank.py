@@ -29,6 +29,7 @@ from soup_train.model.soup import CoefficientMLP
 from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine_many, expert_keys, instantiate
 
 log = logging.getLogger(__name__)
+WEIGHTS, TOKENIZER = "model.safetensors", "tokenizer.json"  # a checkpoint's files (soup_train.checkpoint writes them)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Bank:
         compares (a full read of the bank). A checkpoint with no record is hashed once (cached)."""
         ckpt = resolve_checkpoint(Path(path))
         info = read_info(ckpt)
-        weights = ckpt / "model.safetensors"
+        weights = ckpt / WEIGHTS
         header = safetensors_header(weights)[0]
         other = sorted({e["dtype"] for e in header.values()} - set(BANK_DTYPES))
         if other:
@@ -55,14 +56,20 @@ class Bank:
                                   "checkpoints: convert it to one of those")
         stored = {k: tuple(entry["shape"]) for k, entry in header.items()}
         check_complete(ckpt, info, stored)
-        if not (ckpt / "tokenizer.json").is_file():
+        if not (ckpt / TOKENIZER).is_file():
             raise CheckpointError(f"{ckpt} has no tokenizer.json; the checkpoint is incomplete: copy it again")
         shapes = {k[len(SHARED_PREFIX):]: s for k, s in stored.items() if k.startswith(SHARED_PREFIX)}
         return cls(ckpt, info, weights_sha256(weights, verify), shapes)
 
     @property
     def weights(self) -> Path:
-        return self.path / "model.safetensors"
+        """The checkpoint's weights (the bank)."""
+        return self.path / WEIGHTS
+
+    @property
+    def tokenizer(self) -> Path:
+        """The checkpoint's tokenizer.json."""
+        return self.path / TOKENIZER
 
     def alpha(self, h: np.ndarray) -> torch.Tensor:
         """alpha = w(h) with the checkpoint's coefficient MLP (fp32)."""
@@ -142,8 +149,8 @@ class Bank:
               names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensor-major: (dense name, Theta_m[name] stacked over the alphas m: (mixes, *shape)) in fp32,
         one tensor at a time, in checkpoint order or the order of `names`. Each yielded tensor lives in
-        one reused workspace (fresh memory for every tensor cost as much as the fusion itself): it is
-        valid until the next one is asked for."""
+        one reused workspace (fresh memory for every tensor would cost as much as the fusion itself,
+        in page faults): it is valid until the next one is asked for."""
         workspace = self.workspace(len(alphas), names)
         for name, shared, experts in self.tensors(names, progress):
             yield name, combine_many(shared, experts, alphas, workspace=workspace)  # the bank is read once for all mixes

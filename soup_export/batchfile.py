@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from soup_export.errors import MixError
-from soup_export.files import file_sha256, read_json
-from soup_export.mix import Mix, errors_in, mix_from_mapping, mix_from_texts, read_mix_file
 from soup_export.bank import Bank
+from soup_export.errors import MixError
+from soup_export.cache import file_sha256
+from soup_export.files import read_json
+from soup_export.layout import BATCH_FILE
+from soup_export.mix import Mix, errors_in, mix_from_mapping, mix_from_texts, read_mix_file
 from soup_train.data.local import NAME_RE
 
 
@@ -64,7 +66,7 @@ def customer_entries(path: Path) -> dict[str, object]:
         name = str(name)
         if name in entries:  # e.g. YAML's 1 and '1'
             raise MixError(f"{path}: customer name {name!r} is given twice; give each customer once")
-        if not NAME_RE.fullmatch(name) or name == "batch.json":
+        if not NAME_RE.fullmatch(name) or name == BATCH_FILE:
             raise MixError(f"{path}: customer name {name!r} must be letters, digits, '.', '_' or '-' "
                            "(and not batch.json)")
         entries[name] = entry
@@ -98,9 +100,9 @@ def batch_status(path: Path, dirs: list[Path]) -> tuple[list[str], list[str], li
     names, digest = list(customer_entries(path)), file_sha256(Path(path))
     found: set[str] = set()
     for d in dirs:
-        if not (Path(d) / "batch.json").is_file():
+        if not (Path(d) / BATCH_FILE).is_file():
             raise MixError(f"{d} is not a batch directory (no batch.json); pass the --out of each `soup-export batch`")
-        shard = read_json(Path(d) / "batch.json").get("shard") or {}
+        shard = read_json(Path(d) / BATCH_FILE).get("shard") or {}
         if shard.get("customers_file_sha256", digest) != digest:
             raise MixError(f"{d} is shard {shard.get('index')}/{shard.get('count')} of another version of {path} "
                            "(its SHA-256 differs): export that shard again from this file")

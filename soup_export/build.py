@@ -28,7 +28,7 @@ from soup_export.check import check_held_out, held_out, parity
 from soup_export.engine import EngineSettings, Job, Output, run_pass
 from soup_export.errors import MixError
 from soup_export.graph import DecoderGraph, compile_graph
-from soup_export.layout import BATCH_FILE, TOKENIZER, Arch, hf_dir, hf_side_files, json_bytes, onnx_dir, spec_bytes, \
+from soup_export.layout import BATCH_FILE, Arch, hf_dir, hf_side_files, json_bytes, onnx_dir, spec_bytes, \
     write_manifest
 from soup_export.mix import Mix
 from soup_export.mobile import write_ort_format
@@ -118,7 +118,7 @@ def preflight(bank: Bank, mixes: list[Mix], spec: ExportSpec) -> Plan:
     graph = compile_graph(arch, make_plan(tier, params if spec.quant != "auto" else {}))
     windows: list = [None] * len(mixes)
     if spec.parity or spec.data or spec.eval_texts:
-        windows = [held_out(bank, mix, bank.path / TOKENIZER, spec, arch) for mix in mixes]
+        windows = [held_out(bank, mix, bank.tokenizer, spec, arch) for mix in mixes]
         for _, source in windows if spec.parity else ():
             check_held_out(source, tier)
     return Plan(arch, tier, preds, graph, windows)
@@ -133,7 +133,7 @@ def export(bank: Bank, mixes: list[Mix], roots: list[Path], spec: ExportSpec, pr
     plan = preflight(bank, mixes, spec)
     alphas = [bank.alpha(m.h) for m in mixes]
     ref = checkpoint_ref(bank)
-    job = Job(plan.graph, hf_side_files(bank.info.run.model, bank.path / TOKENIZER, "float32"),
+    job = Job(plan.graph, hf_side_files(bank.info.run.model, bank.tokenizer, "float32"),
               write_hf=spec.keep_hf or spec.parity, link_shared=link_shared)
     outputs = [Output(root, alpha, spec_bytes(mix, alpha, ref, "float32")) for root, mix, alpha in zip(roots, mixes, alphas)]
     known, used = [], {}

@@ -16,7 +16,7 @@ import numpy as np
 from soup_export import parity as P
 from soup_export.errors import ExportInputError, ParityError
 from soup_export.evaltext import from_data, from_texts, random_tokens, resolve_data_dir
-from soup_export.layout import HF_CONFIG, Arch, hf_dir, onnx_dir, read_arch, read_manifest, read_spec, read_tier, \
+from soup_export.layout import HF_CONFIG, TOKENIZER, Arch, hf_dir, onnx_dir, read_arch, read_manifest, read_spec, read_tier, \
     spec_mix, verify_files
 
 
@@ -100,7 +100,7 @@ def check_export(export_dir: Path, ckpt: Path | None, data: Path | None, eval_te
         raise ExportInputError(f"{ckpt} is not the checkpoint this export was built from (SHA-256 differs)")
     export_spec = ExportSpec(data=str(data) if data else None, eval_texts=tuple(str(t) for t in eval_texts))
     arch = read_arch(hf)[0]
-    windows, source = held_out(bank, mix, hf / "tokenizer.json", export_spec, arch)
+    windows, source = held_out(bank, mix, hf / TOKENIZER, export_spec, arch)
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".check-") as scratch:
         report = parity(bank, mix.h, hf, onnx, arch, tier, windows, source, export_spec.parity_cfg,
                         export_spec.engine, Path(scratch) / "fp32")

@@ -422,11 +422,11 @@ def inspect(export_dir):
       soup-export inspect out/acme
       soup-export inspect out/batch
     """
-    from soup_export.layout import MANIFEST, read_manifest
+    from soup_export.layout import BATCH_FILE, MANIFEST, read_manifest
 
     subs = sorted(p for p in export_dir.iterdir()  # not staging directories (.NAME.tmp, .NAME.old)
                   if not p.name.startswith(".") and (p / MANIFEST).is_file()) if export_dir.is_dir() else []
-    if subs and ((export_dir / "batch.json").is_file() or not (export_dir / MANIFEST).is_file()):
+    if subs and ((export_dir / BATCH_FILE).is_file() or not (export_dir / MANIFEST).is_file()):
         for sub in subs:
             click.echo(_describe(read_manifest(sub), detail=False))
         return

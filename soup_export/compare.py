@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from soup_export.evaltext import from_data
-from soup_export.layout import read_manifest
+from soup_export.layout import onnx_dir, read_manifest
 from soup_export.ort_model import OrtDecoder
 from soup_export.parity import log_softmax, target_log_probs
 
@@ -57,7 +57,7 @@ def compare(exports: list[Path], ckpt: Path, data: Path, windows: int = 32, leng
         c = m["parity"].get("c_quantized_vs_fp32", {})
         rows.append({"name": m["mix"]["name"], "mix": ", ".join(f"{d} {x:.2f}" for d, x in m["mix"]["weights"].items() if x >= 0.005),
                      "source": m["mix"]["source"], "tier": m["tier"], "bytes": m["size"]["actual"],
-                     "dppl": c.get("dppl", 0.0), "specialist": onnx_loss(OrtDecoder(export / "onnx"), w),
+                     "dppl": c.get("dppl", 0.0), "specialist": onnx_loss(OrtDecoder(onnx_dir(export)), w),
                      "generic": dense_loss(skeleton, generic, w)})
     return rows
 

@@ -1,10 +1,8 @@
 """File helpers shared by the export stages, importable without torch or onnx (so that
 `soup-export inspect` reads a specialist's or a batch's manifest in a tenth of a second, not after
-importing both): a JSON object from a file a user pointed at, a file's SHA-256, and a byte count
-for people."""
+importing both): a JSON object from a file a user pointed at, and a byte count for people."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -20,12 +18,6 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ExportInputError(f"{path} holds {type(data).__name__}, expected a JSON object; rebuild it")
     return data
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read through one small reused buffer (hashlib.file_digest)."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def human(n: int) -> str:

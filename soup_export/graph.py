@@ -331,7 +331,7 @@ def external_tensor(s: Stored, offset: int, data_file: str) -> TensorProto:
 def rotary_table(arch: Arch, fn: str) -> np.ndarray:
     """cos or sin of position * inv_freq, (max_pos, head_dim / 2), computed as transformers does (fp32).
     Cached per architecture (read-only): every export of a process writes the same table, and
-    computing it took a single build 3-7 ms."""
+    computing it is a noticeable part of a single build (measured: docs/internals.md)."""
     import torch
 
     inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, arch.head_dim, 2, dtype=torch.int64).float() / arch.head_dim))

@@ -66,6 +66,14 @@ def io_names(layers: int) -> dict[str, list[str]]:
             "outputs": [LOGITS, *(p % i for i in range(layers) for p in PRESENT)]}
 
 
+def decoder_feeds(ids, mask, positions, past: list) -> dict:
+    """The decoder's inputs by name; `past`: 2 x layers arrays, each layer's key then value."""
+    feeds = dict(zip(INPUTS, (ids, mask, positions)))
+    for i in range(len(past) // 2):
+        feeds[PAST[0] % i], feeds[PAST[1] % i] = past[2 * i], past[2 * i + 1]
+    return feeds
+
+
 def onnx_dir(root: Path) -> Path:
     return Path(root) / ONNX_DIR
 
@@ -226,7 +234,8 @@ def hf_side_files(model: ModelConfig, tokenizer: Path, dtype: str) -> dict[str, 
 def hf_config_files(model: ModelConfig, eos: int, dtype: str) -> dict[str, bytes]:
     """config.json and generation_config.json as transformers writes them (its LlamaConfig and
     GenerationConfig), cached in the user cache by their inputs and transformers' version: importing
-    transformers took 2.6-3.4 s of every export command that needed nothing else from it."""
+    transformers costs seconds, which an export command that needs nothing else from it does not
+    pay (measured: docs/internals.md)."""
     inputs = json.loads(json.dumps({"model": model.to_hf(), "eos": eos, "dtype": dtype,
                                     "transformers": library_version("transformers")}))
     name = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
@@ -251,9 +260,9 @@ _ADDED_TOKENS = re.compile(r'"added_tokens"\s*:\s*\[')
 
 
 def added_tokens(tokenizer_json: str) -> list[dict]:
-    """The `added_tokens` array of a tokenizer.json, decoded alone: the whole file (half a MB of
-    vocabulary and merges at 8k tokens) took 12 ms to parse, most of the side files' cost. Falls
-    back to the full parse when the array is not where a JSON key can be."""
+    """The `added_tokens` array of a tokenizer.json, decoded alone: parsing the whole file (half a
+    MB of vocabulary and merges at 8k tokens) would be most of the side files' cost (measured:
+    docs/internals.md). Falls back to the full parse when the array is not where a JSON key can be."""
     match = _ADDED_TOKENS.search(tokenizer_json)
     if match:
         try:

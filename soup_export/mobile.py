@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from soup_export.errors import ExportInputError
+from soup_export.layout import MODEL_FILE, ORT_FILE
 
 
 class _Collect(logging.Handler):
@@ -34,7 +35,7 @@ def write_ort_format(onnx_dir: Path) -> dict:
     """Convert onnx_dir/model.onnx to onnx_dir/model.ort; return the converter's and checker's report."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-    source = Path(onnx_dir) / "model.onnx"
+    source = Path(onnx_dir) / MODEL_FILE
     noisy = logging.getLogger("ort_format_model.utils")
     level = noisy.level
     noisy.setLevel(logging.WARNING)
@@ -44,9 +45,9 @@ def write_ort_format(onnx_dir: Path) -> dict:
         produced = sorted(Path(tmp).glob("*.ort"))
         if len(produced) != 1:
             raise ExportInputError(f"onnxruntime's converter produced {len(produced)} .ort files for {source}")
-        shutil.move(str(produced[0]), Path(onnx_dir) / "model.ort")
+        shutil.move(str(produced[0]), Path(onnx_dir) / ORT_FILE)
     noisy.setLevel(level)
-    return {"file": "model.ort", "bytes": (Path(onnx_dir) / "model.ort").stat().st_size,
+    return {"file": ORT_FILE, "bytes": (Path(onnx_dir) / ORT_FILE).stat().st_size,
             "max_abs_logit_diff_vs_onnx": _same_logits(Path(onnx_dir)), "usability": mobile_usability(source)}
 
 
@@ -74,16 +75,14 @@ def mobile_usability(model: Path) -> dict:
 def _same_logits(onnx_dir: Path) -> float:
     import onnxruntime as ort
 
-    from soup_export.layout import read_arch
+    from soup_export.layout import LOGITS, decoder_feeds, read_arch
 
     arch, _ = read_arch(onnx_dir)
-    feeds = {"input_ids": np.arange(1, 9, dtype=np.int64)[None] % arch.vocab,
-             "attention_mask": np.ones((1, 8), np.int64), "position_ids": np.arange(8, dtype=np.int64)[None]}
-    for i in range(arch.layers):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, arch.kv_heads, 0, arch.head_dim), np.float32)
+    past = [np.zeros((1, arch.kv_heads, 0, arch.head_dim), np.float32) for _ in range(2 * arch.layers)]
+    feeds = decoder_feeds(np.arange(1, 9, dtype=np.int64)[None] % arch.vocab, np.ones((1, 8), np.int64),
+                          np.arange(8, dtype=np.int64)[None], past)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    a = ort.InferenceSession(str(onnx_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
-    b = ort.InferenceSession(str(onnx_dir / "model.ort"), opts, providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    a, b = (ort.InferenceSession(str(onnx_dir / name), opts, providers=["CPUExecutionProvider"]).run([LOGITS], feeds)[0]
+            for name in (MODEL_FILE, ORT_FILE))
     return float(np.abs(a - b).max())

@@ -167,7 +167,7 @@ def optimize_mix(ckpt, start: Mix, texts: list[Path], cfg: MixSearchConfig = Mix
     run = bank.info.run
     length = min(cfg.window, run.data.seq_len or run.model.max_seq_len)  # the trained context
     try:
-        windows = from_texts(read_texts(texts), bank.path / "tokenizer.json", windows_wanted(cfg), length)
+        windows = from_texts(read_texts(texts), bank.tokenizer, windows_wanted(cfg), length)
     except ParityError:
         raise MixError(f"--optimize-mix needs at least 2 windows of {length + 1} tokens of the customer's text; "
                        "pass more text") from None

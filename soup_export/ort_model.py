@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soup_export.layout import MODEL_FILE, read_arch
+from soup_export.layout import MODEL_FILE, decoder_feeds, read_arch
 
 
 class OrtDecoder:
@@ -27,10 +27,7 @@ class OrtDecoder:
                 past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """ids/positions (B, S), mask (B, P+S) -> logits (B, S, V), present (2 * layers arrays)."""
         past = past if past is not None else self.empty_past(len(ids))
-        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
-                 "position_ids": positions.astype(np.int64)}
-        for i in range(self.arch.layers):
-            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+        feeds = decoder_feeds(ids.astype(np.int64), mask.astype(np.int64), positions.astype(np.int64), past)
         out = self.session.run(None, feeds)
         return out[0], out[1:]
 

@@ -20,9 +20,9 @@ sets `session.qdq_matmulnbits_accuracy_level`):
   more bits per weight at int4). The grid starts as the block's range widened to hold 0, (max -
   min) / (2^bits - 1), then its scale and zero point are refitted by least squares
   (`FIT_ROUNDS`). The levels cover only the range the block occupies, where the symmetric grid
-  leaves the half opposite an outlier mostly unused. Measured on the capacity-regime soup of
-  tools/reproduce_soup.py (d64: every row is two blocks): int4 weight error -16% against
-  symmetric, and a smaller loss increase over fp32 on every specialist (docs/results/soup).
+  leaves the half opposite an outlier mostly unused; on the reproduction's capacity-regime soup
+  this lowers the int4 weight error and every specialist's loss increase over fp32
+  (docs/results/soup; measured: docs/internals.md).
 A dimension that is not a multiple of the block is zero-padded (MatMulNBits); an embedding
 whose width is not a multiple of the block is stored fp16 instead (GatherBlockQuantized needs it).
 
@@ -180,8 +180,8 @@ def quantize_nbits(w: np.ndarray, rep: Rep) -> dict[str, np.ndarray]:
     fights torch's for the two cores when the two interleave.)
 
     Rows are independent, so a batch quantizes all customers' rows of a tensor in one call; they
-    go through in chunks of about CHUNK_VALUES, whose temporaries stay in cache (1.7x faster than
-    one pass over a large stack, measured on 16 customers' tensors).
+    go through in chunks of about CHUNK_VALUES, whose temporaries stay in cache (faster than one
+    pass over a large stack: docs/internals.md).
     """
     import torch
 
@@ -237,10 +237,9 @@ def _asymmetric(low, high, bits: int):
     return scales, torch.div(-low, scales).round_().clamp_(0, 2 ** bits - 1)
 
 
-# Least-squares refinements of an asymmetric grid. On the reproduction's d64 soup, 4 rounds cut the
-# int4 weight error by 5% beyond the plain [min, max] grid (8 rounds: 5.2%) and lowered the loss
-# increase on each of the 4 worst specialists (e.g. licences +3.11% -> +2.89%). They cost about
-# 13x the symmetric encoding's time, which is why asymmetric is opt-in.
+# Least-squares refinements of an asymmetric grid: 4 rounds give nearly all of what more rounds
+# would (measured: docs/internals.md). They cost about 13x the symmetric encoding's time, which
+# is why asymmetric is opt-in.
 FIT_ROUNDS = 4
 
 
@@ -275,7 +274,7 @@ def _fit_asymmetric(blocks, scales, zero, bits: int, rounds: int):
 def _packed(levels, bits: int):
     """Integer-valued float levels (..., even) as the values of the stored bytes: one per byte
     (8 bits), or two per byte (4 bits: element 2i in the low nibble, 2i+1 in the high). Packing in
-    float (exact below 256) is one pass over half the values, where packing uint8 levels took five."""
+    float (exact below 256) is one pass over half the values, where packing uint8 levels takes five."""
     import torch
 
     return torch.add(levels[..., 0::2], levels[..., 1::2], alpha=16) if bits == 4 else levels

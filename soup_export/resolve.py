@@ -55,7 +55,7 @@ def resolve_batch(ckpt: Path, mixes: list[Mix], outs: list[Path], dtype: str = "
         for writer in writers:
             writer.abort()
         raise
-    side = hf_side_files(bank.info.run.model, bank.path / "tokenizer.json", dtype)
+    side = hf_side_files(bank.info.run.model, bank.tokenizer, dtype)
     for out, mix, alpha in zip(outs, mixes, alphas):
         write_files(out, {**side, SPEC_FILE: spec_bytes(mix, alpha, checkpoint_ref(bank), dtype)})
     return outs

@@ -52,8 +52,8 @@ class MappedSafetensors:
         given, on one background thread: asking blocks while the device is busy), so that a bank
         read from disk arrives while the tensor before is fused. Each tensor is asked for once, and
         only if its bytes are not already in the page cache (`_cached`: a warm bank pays no thread
-        and no system calls; on a page-cached 43 MB bank they had made a 16-mix pass take 0.019 s
-        instead of 0.010). A no-op where the system has no fadvise."""
+        and no system calls, which would slow a warm pass markedly; measured: docs/internals.md).
+        A no-op where the system has no fadvise."""
         wanted = [k for group in groups for k in group if k not in self._prefetched]
         if not wanted or not hasattr(os, "posix_fadvise"):
             return

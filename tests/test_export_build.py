@@ -90,7 +90,7 @@ def test_build_under_a_budget_picks_int4_and_passes_parity(built, debug_ckpt, de
     assert c["top1_agreement"] == pytest.approx(float((lf.argmax(-1) == lq.argmax(-1)).double().mean()))
     print(f"(a) recomputed {a:.3g}; (c) dPPL {c['dppl']:.6g} vs {float(torch.exp(nll_q - nll_f)) - 1:.6g}, "
           f"KL {c['mean_kl']:.6g} vs {float((lf.exp() * (lf - lq)).sum(-1).mean()):.6g}")
-    from soup_export.files import file_sha256
+    from soup_export.cache import file_sha256
 
     assert m["checkpoint"]["model_sha256"] == file_sha256(debug_ckpt / "checkpoints" / "step_0000080" / "model.safetensors")
     for rel, entry in m["files"].items():

@@ -1,35 +1,33 @@
 """An external-data file written at increasing offsets and hashed as it is written.
 
 Export writes each specialist's `model.onnx.data` tensor after tensor in the graph's storage
-order; hashing the bytes on their way to the file saves the manifest reading every file back
-(about 3 ms per 5 MB specialist, which in a batch is a large part of each customer's cost).
-The hash covers exactly the file's bytes: alignment holes are zeros in the file and in the hash,
-and the file ends where `finish` says. A write that goes back before the end of the previous one
+order; hashing the bytes on their way to the file saves the manifest reading every file back,
+which in a batch is a large part of each customer's cost (measured: docs/internals.md). The hash
+covers exactly the file's bytes: alignment holes are zeros in the file and in the hash, and the
+file ends where `finish` says. A write that goes back before the end of the previous one
 (emit never makes one) drops the running hash, and the manifest then reads the file.
 
 Every byte goes through a staging buffer of CHUNK bytes (holes as zeros), hashed and written
-whole: a specialist's 130 tensors (the norms and scales a few KB each) had cost as many system
-calls and hash updates.
+whole: a specialist's 130 tensors (the norms and scales a few KB each) would otherwise cost as
+many system calls and hash updates.
 
 Direct I/O: where the system has O_DIRECT (Linux) the file is opened with it, and each chunk goes
-from the buffer to the device without a copy into the page cache. In the export benchmark, the
-copies into the page cache took 10-12 ms of CPU per 5 MB specialist (0.43-0.49 GB/s: on the
-virtual machines measured, memory that had been handed back to the host is faulted in again page
-by page), which is more than half of a batch's work per customer; a direct write costs about
-0.5 ms of CPU (the writes' CPU per customer in a batch went from 10.8 ms to 0.6 ms). A batch of
-many customers then also leaves the bank's pages in the cache. The file is readable at once as
-usual; the first reader (parity, a runtime) reads it from the device. A file system that refuses
-O_DIRECT (EINVAL, when opening or writing) gets ordinary writes, and so does an export whose
-settings turn direct I/O off (`EngineSettings.direct_io`, SOUP_DIRECT_IO=0).
+from the buffer to the device without a copy into the page cache. On the virtual machines
+measured, that copy is more than half of a batch's CPU work per customer, because memory handed
+back to the host is faulted in again page by page; a direct write costs a small fraction of it
+(docs/internals.md). A batch of many customers then also leaves the bank's pages in the cache.
+The file is readable at once as usual; the first reader (parity, a runtime) reads it from the
+device. A file system that refuses O_DIRECT (EINVAL, when opening or writing) gets ordinary
+writes, and so does an export whose settings turn direct I/O off (`EngineSettings.direct_io`,
+SOUP_DIRECT_IO=0).
 
-Background writes: a direct write waits for the device (about 0.9 ms per 1 MB chunk here), so
-each full chunk is handed to the process's I/O threads (IO_THREADS) and the next one is staged
-in a second buffer meanwhile; a file has at most one chunk being written. In a 16-customer batch
-export's writer threads had spent about 85 ms of its 250 waiting in writes. A failed write is
-raised at the file's next wait (the next chunk, or `finish`); `close` waits for the chunk being
-written before closing the descriptor. The last chunk's unaligned end is written without
-O_DIRECT, so the file ends where its bytes do: shrinking it by a truncation after a padded
-direct write had cost about 1 ms of waiting per file.
+Background writes: a direct write waits for the device, so each full chunk is handed to the
+process's I/O threads (IO_THREADS) and the next one is staged in a second buffer meanwhile,
+rather than export's writer threads waiting in writes; a file has at most one chunk being
+written. A failed write is raised at the file's next wait (the next chunk, or `finish`); `close`
+waits for the chunk being written before closing the descriptor. The last chunk's unaligned end
+is written without O_DIRECT, so the file ends where its bytes do: shrinking it by a truncation
+after a padded direct write would wait for the device again (measured: docs/internals.md).
 """
 from __future__ import annotations
 
@@ -45,7 +43,7 @@ import numpy as np
 from soup_export.meter import section
 
 ALIGN = 4096  # direct I/O: the buffer's address, file offsets and lengths are multiples of this
-CHUNK = 1 << 20  # bytes staged before a write (a multiple of ALIGN; 1 MB writes: 4 ms of CPU per 80 MB)
+CHUNK = 1 << 20  # bytes staged before a write (a multiple of ALIGN; large, so the writes' system calls cost little)
 IO_THREADS = 4  # threads that make the chunks' writes, for every file of the process
 
 
@@ -169,7 +167,7 @@ class HashedDataFile:
         before is still being written. With direct I/O a chunk is padded with zeros to a multiple
         of ALIGN (which later writes or `finish`'s truncation replace), except the `last` one: its
         aligned part is written direct and the rest with an ordinary write, so the file ends where
-        its bytes do (shrinking it by a truncation had cost about 1 ms of waiting per file)."""
+        its bytes do (shrinking it by a truncation would wait for the device again)."""
         if not self.staged:
             return
         data = memoryview(self.buf)[:self.staged]

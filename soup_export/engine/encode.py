@@ -64,7 +64,7 @@ def encode_mixes(fused: np.ndarray, s: Stored, kernel: bool) -> list[dict[str, n
     mixes, rows, cols = fused.shape
     if kernel and native.quantizes(s.rep, (rows, cols)):
         # one thread: between two of torch's matrix products, its OpenMP workers still spin on the
-        # other core (two threads took a single build from 0.20 to 0.29 s; one, to 0.18-0.19 s)
+        # other core, which a second thread would compete with (measured: docs/internals.md)
         q, scales = native.quantize(fused.reshape(mixes * rows, cols), 1)
         q, scales = q.reshape(mixes, rows, *q.shape[1:]), scales.reshape(mixes, rows, -1)
         return [kernel_parts(q, scales, m, s) for m in range(mixes)]

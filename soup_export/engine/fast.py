@@ -62,7 +62,8 @@ def run(source, job, outputs, settings, progress: bool = False):
     try:
         with _Writer(files, lanes=min(torch.get_num_threads(), MAX_LANES)) as writer:
             # every output's directories and small files, made by the writer's lanes while the first
-            # tensors are fused (on this machine's disk, creating files took 1-3 ms per customer)
+            # tensors are fused (creating a customer's files takes milliseconds on some file systems:
+            # docs/internals.md)
             writer.submit(_write_small_files, outputs, job.side_files, small, job.write_hf, job.link_shared,
                           settings.direct_io)
             specs = [(name, torch.float32, source.shapes[name]) for name in weight_order(g) if not name.startswith("@")]
@@ -121,8 +122,8 @@ def _write_small_files(lane, outputs, side_files, small, write_hf, link_shared: 
 
 def _link(existing: Path, path: Path) -> bool:
     """Whether `path` could be made a hard link to `existing` (a file with the same bytes): one copy
-    on disk for every customer of a batch, and no inode to allocate (on ext4, after many deletions,
-    creating a file took 0.2-0.4 ms). False where the file system has no hard links (or refuses
+    on disk for every customer of a batch, and no inode to allocate (slow on ext4 after many
+    deletions: docs/internals.md). False where the file system has no hard links (or refuses
     more): the caller writes the file instead."""
     try:
         os.link(existing, path)
@@ -225,9 +226,9 @@ def _small_fusions(source, mapped, by_weight: dict, alphas, workspace, exact: bo
     """{name: (mixes, size) fused copy} of the small vectors (the norms'; no kernel takes them),
     fused one after another on one torch thread before the pass (kept until their turn: a few KB
     per mix; small matrices are fused in their turn, as they could be the whole model). Fused between two
-    kernel calls, each had taken about 0.2 ms (the bank's pages and the caches cold after a
-    matrix's pass), 3.7 ms of an 80 ms single build; together, a few tenths of a millisecond.
-    The same `combine_many` calls, so the same bytes."""
+    kernel calls, each would find the bank's pages and the caches cold after a matrix's pass;
+    fused together, they cost little (measured: docs/internals.md). The same `combine_many`
+    calls, so the same bytes."""
     names = [name for name in by_weight if not name.startswith("@") and len(source.shapes[name]) == 1
              and math.prod(source.shapes[name]) < SMALL]
     if not names:
@@ -246,9 +247,8 @@ SMALL = 1 << 16
 @contextlib.contextmanager
 def _one_torch_thread(small: bool):
     """Torch on one thread for a small fusion (the norms' vectors). A parallel region's OpenMP
-    workers spin for milliseconds after it ends, on the cores that the kernel's threads need next:
-    in a 16-mix pass of the benchmark's bank, the 17 norms' regions left a worker spinning for a
-    quarter of the pass's CPU time, and running them on one thread made the pass 20% faster."""
+    workers spin for milliseconds after it ends, on the cores that the kernel's threads need next
+    (measured: docs/internals.md)."""
     import torch
 
     before = torch.get_num_threads()
@@ -272,14 +272,18 @@ def _write_weights(weights: Iterator[Weight], hf_writers, writer: "_Writer", ker
     never point into the reused workspace (raw ones are copied out of it), so the next fusion never
     waits for a writer. HF weights are written here, in order. With HF weights (parity, or no
     --no-hf), every mix is fused by `combine` itself: bit-identical to its single build, so parity
-    (a) compares the very weights a single build would ship (a batch's other orders of summation
-    moved the demo's logits by up to 1.05e-5, past the 1e-5 bound)."""
+    (a) compares the very weights a single build would ship (other orders of summation can move
+    the logits past parity (a)'s 1e-5 bound: docs/internals.md)."""
     for w in weights:
         stopping.check()
         for hf, tensor in zip(hf_writers, w.fused if hf_writers and w.fused is not None else ()):  # (iter() of a tensor unbinds it)
             hf.write(w.name, tensor)
         if w.encoded is not None:
             writer.submit(_write_parts, w.parts, w.encoded)
+            continue
+        if w.fresh:  # small (the norms): every mix's arrays in one task per lane, as a whole weight
+            encoded = dict(_encoded_mixes(w.fused, w.parts, kernel, copy_raw=False))
+            writer.submit(_write_parts, w.parts, functools.partial(_lookup_mix, encoded))
             continue
         writer.start_weight()
         for m, arrays in _encoded_mixes(w.fused, w.parts, kernel, copy_raw=not w.fresh):
@@ -304,6 +308,10 @@ def _encoded_mixes(fused, parts, kernel: bool, copy_raw: bool) -> Iterator[tuple
 
 def _lookup(arrays: dict, m: int, s) -> dict[str, np.ndarray]:
     return arrays[(s.how, s.rep)]
+
+
+def _lookup_mix(encoded: dict, m: int, s) -> dict[str, np.ndarray]:
+    return encoded[m][(s.how, s.rep)]
 
 
 def _every_mix(table: np.ndarray, m: int, s) -> dict[str, np.ndarray]:

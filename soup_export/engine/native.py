@@ -23,16 +23,14 @@ int4 tier and the mixed tier's body, the defaults); asymmetric storage and other
 
 The source is written once for the CPU's vector width (AVX-512, AVX2, or 4-wide SSE/NEON) and
 register count: a batch's tile of mixes keeps its sums in registers (8 mixes x 32 columns with
-AVX-512, 6 x 16 with AVX2). Measured on an AMD EPYC (Zen 3, AVX2, no AVX-512), the tiles sized
-for AVX-512 had spilled every sum to the stack: a 16-customer pass over the benchmark's bank took
-2.8 s; sized for 16 registers it takes 0.13-0.30 s (the machine's speed drifts).
+AVX-512, 6 x 16 with AVX2). A tile larger than the register file spills every sum to the stack
+on every expert, which makes a pass an order of magnitude slower (measured: docs/internals.md).
 
 A batch's tiles read the bank either where it is mapped or from a copy of each chunk: the same
-bytes, but which is faster depends on the processor's prefetchers, not on its instruction set.
-A 16-mix pass over the benchmark's bank took 93-94 ms in place against 112 ms through the copies
-on an Intel Xeon with AVX-512, and 122-124 ms against 74-84 ms on an AMD EPYC Zen 5 with AVX-512.
-So `reads_in_place()` measures both once per machine, before the first batch's pass, and keeps
-the answer beside the library (an export's settings can decide instead: SOUP_NATIVE_READS).
+bytes, but which is faster depends on the processor's prefetchers, not on its instruction set
+(two AVX-512 machines measured opposite winners: docs/internals.md). So `reads_in_place()`
+measures both once per machine, before the first batch's pass, and keeps the answer beside the
+library (an export's settings can decide instead: SOUP_NATIVE_READS).
 """
 from __future__ import annotations
 
@@ -172,8 +170,8 @@ def reads_in_place(threads: int) -> bool:
     return kernel() is not None and _measured_reads(threads)["in_place"]
 
 
-# the calibration's matrix: a bank of 128 MB, past the caches as an export's bank is (on the AMD
-# EPYC measured, 32-64 MB banks showed the same winner by a smaller margin), and a batch of 16
+# the calibration's matrix: a bank of 128 MB, past the caches as an export's bank is (a smaller
+# bank narrows the margin: docs/internals.md), and a batch of 16
 CALIBRATION = {"experts": 32, "rows": 1024, "cols": 1024, "mixes": 16, "rounds": 5}
 
 

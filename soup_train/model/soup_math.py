@@ -94,12 +94,12 @@ def combine_many(shared: torch.Tensor, experts: tuple[torch.Tensor, ...], alphas
     forward. For several mixes, a full bank is cut into blocks of columns (about `block_bytes` of
     bank each) and each block is fused for all mixes by one matrix product, shared + A @ block with
     A the (mixes, n) alphas: the bank is read from memory once, and the product runs at matrix
-    speed instead of one vector product per mix (3x faster at 16 mixes of 32 experts). Each
+    speed instead of one vector product per mix (measured: docs/internals.md). Each
     output is the same sum in another order, so it equals `combine` to fp32 rounding (tests bound
     it); the same batch gives the same bytes every time. Low-rank experts are small and are
     combined whole, per mix. `workspace` (fp32, at least mixes x numel) receives the products
     instead of fresh memory: a caller fusing tensor after tensor saves the page faults of new
-    memory, which cost about as much as the products themselves (the result is a view of it).
+    memory, which would cost about as much as the products themselves (the result is a view of it).
     `exact`: every mix by `combine` itself, bit-identical to its single build (the bank is then read
     once per mix).
     """
