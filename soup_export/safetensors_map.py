@@ -44,6 +44,7 @@ class MappedSafetensors:
         self.path = path
         self._prefetched: set[str] = set()
         self._ahead: queue.SimpleQueue | None = None  # (offset, length) ranges for the read-ahead thread
+        self._warm: bool | None = None  # whether the whole file looked resident when first asked
         # a plain ndarray over the map (which it keeps open): slicing np.memmap runs a Python hook per view
         self.map = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
 
@@ -55,7 +56,7 @@ class MappedSafetensors:
         and no system calls, which would slow a warm pass markedly; measured: docs/internals.md).
         A no-op where the system has no fadvise."""
         wanted = [k for group in groups for k in group if k not in self._prefetched]
-        if not wanted or not hasattr(os, "posix_fadvise"):
+        if not wanted or not hasattr(os, "posix_fadvise") or self.warm():
             return
         self._prefetched.update(wanted)
         wanted = [k for k in wanted if not self._cached(k)]
@@ -70,16 +71,29 @@ class MappedSafetensors:
             for offset, length in self._read_order(k):
                 self._ahead.put((offset, length))
 
+    def warm(self) -> bool:
+        """Whether the whole bank looks resident (asked once per map, at WARM_PROBES points spread
+        over its data): a warm bank is read with no read-ahead and no per-tensor probes."""
+        if self._warm is None:
+            start, end = self.base, self.map.size
+            step = max(1, (end - start) // WARM_PROBES)
+            self._warm = self._resident(list(range(start, end, step)) + [end - 1] if end > start else [])
+        return self._warm
+
     def _cached(self, key: str) -> bool:
-        """Whether a tensor's bytes look resident: a one-byte read that must not wait for the disk
-        (RWF_NOWAIT) at its first, middle and last byte. False where that cannot be asked."""
+        """Whether a tensor's bytes look resident: its first, middle and last byte."""
         start, end = (self.base + o for o in self.header[key]["data_offsets"])
-        if end <= start or not hasattr(os, "RWF_NOWAIT"):
-            return end <= start
+        return end <= start or self._resident([start, (start + end) // 2, end - 1])
+
+    def _resident(self, offsets: list[int]) -> bool:
+        """Whether every one of these bytes is in the page cache: a one-byte read that must not wait
+        for the disk (RWF_NOWAIT) at each. False where that cannot be asked."""
+        if not hasattr(os, "RWF_NOWAIT"):
+            return not offsets
         byte = bytearray(1)
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            for offset in (start, (start + end) // 2, end - 1):
+            for offset in offsets:
                 os.preadv(fd, [byte], offset, os.RWF_NOWAIT)
             return True
         except OSError:  # EAGAIN: on disk; EOPNOTSUPP: the file system cannot say
@@ -112,6 +126,7 @@ class MappedSafetensors:
         return tensor.view(torch.bfloat16) if entry["dtype"] == "BF16" else tensor
 
 
+WARM_PROBES = 64  # bytes probed over a whole bank to tell a warm one (a cold or partly cached one reads ahead)
 READ_AHEAD = 4 << 20  # bytes asked for per fadvise call (per expert, in an expert bank's windows)
 
 
