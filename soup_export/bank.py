@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from soup_export.cache import cached_sha256, file_sha256
-from soup_export.safetensors_map import BANK_DTYPES, MappedSafetensors, safetensors_header
+from soup_train.safetensors_map import BANK_DTYPES, MappedSafetensors, safetensors_header
 from soup_train.checkpoint import CHECKSUMS, CheckpointInfo, read_info, recorded_checksum, resolve_checkpoint
 from soup_train.config import ModelConfig, SoupConfig
 from soup_train.errors import CheckpointError

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import click
 
 from soup_export import stopping
+from soup_train.errors import user_error
 from soup_train.logs import setup_logging
 
 _path = click.Path(path_type=Path)
@@ -472,22 +472,6 @@ def run() -> None:
             raise
         click.echo(f"soup-export: {user_error(exc)}", err=True)
         raise SystemExit(1) from None
-
-
-def user_error(exc: OSError | UnicodeDecodeError) -> str:
-    """One line for a file the command could not read or write: what, where, and what to do."""
-    if isinstance(exc, UnicodeDecodeError):
-        return (f"a text file is not UTF-8 ({exc.reason} at byte {exc.start}); convert it to UTF-8 "
-                "(e.g. iconv -t utf-8) or leave it out")
-    where = f": {exc.filename}" if exc.filename else ""
-    todo = {errno.ENOSPC: "free disk space or choose another --out",
-            errno.EDQUOT: "free disk space or choose another --out",
-            errno.EROFS: "choose an --out on a writable file system",
-            errno.EACCES: "fix the permissions of that path (or choose another --out, if it is the output)",
-            errno.EPERM: "fix the permissions of that path (or choose another --out, if it is the output)",
-            errno.ENOENT: "check the path", errno.ENOTDIR: "a part of that path is a file, not a directory",
-            errno.EISDIR: "pass a file, not a directory"}.get(exc.errno, "check that path")
-    return f"{exc.strerror or exc}{where}; {todo}. Nothing half-written was left."
 
 
 if __name__ == "__main__":

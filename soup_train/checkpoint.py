@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from soup_train.config import RESUME_MUTABLE, RunConfig, flat_items, from_dict, to_dict
@@ -101,17 +101,21 @@ def write_step(run_dir: Path, step: int, model_sd: dict, optim_sd: dict, state: 
     final = step_dir(run_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "train_state").mkdir(parents=True)
-    if side_files is not None:
-        side_files(tmp)
-    write_weights(tmp / "model.safetensors", model_sd, {"format": FORMAT})
-    tensors = {f"{p}::{name}": t.contiguous() for p, st in optim_sd["state"].items()
-               for name, t in st.items() if isinstance(t, torch.Tensor)}
-    save_file(tensors, str(tmp / "train_state" / "optimizer.safetensors"))
-    record = {**state, "step": step, "param_groups": optim_sd["param_groups"]}
-    (tmp / "train_state" / "state.json").write_text(json.dumps(record) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    try:  # a failed save (a full disk, a kill) leaves no staging directory and the previous `latest`
+        (tmp / "train_state").mkdir(parents=True)
+        if side_files is not None:
+            side_files(tmp)
+        write_weights(tmp / "model.safetensors", model_sd, {"format": FORMAT})
+        tensors = {f"{p}::{name}": t.contiguous() for p, st in optim_sd["state"].items()
+                   for name, t in st.items() if isinstance(t, torch.Tensor)}
+        write_tensors(tmp / "train_state" / "optimizer.safetensors", tensors)
+        record = {**state, "step": step, "param_groups": optim_sd["param_groups"]}
+        (tmp / "train_state" / "state.json").write_text(json.dumps(record) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     write_latest(run_dir, final.name)
     _prune(run_dir, keep_last)
     return final
@@ -134,6 +138,18 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
         raise
     record_checksum(path, digest)
     return digest
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file written tensor by tensor (its errors are OSErrors: a full disk is one line)."""
+    writer = SafetensorsWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
+    try:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def record_checksum(path: Path, digest: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import click
 
 from dataclasses import replace
 
+from soup_train.errors import user_error
 from soup_train.logs import setup_logging
 from soup_train.config import PrepareConfig, RunConfig, apply_overrides, load_config_file
 
@@ -201,9 +203,46 @@ def presets() -> None:
     click.echo("run presets (fit --preset):      " + ", ".join(RUN_PRESETS))
 
 
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Release directory to create.")
+@click.option("--step", type=int, default=None, help="The checkpoint of this step (default: the latest).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Weights as trained, or in bf16 (half the bytes; the coefficient MLP stays fp32).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def release(run: Path, out: Path, step: int | None, dtype: str, force: bool) -> None:
+    """Write what the export servers need from a run: weights (no optimizer state), tokenizer,
+    domains, config, and the weights' SHA-256. soup-export takes it wherever it takes a checkpoint.
+
+    \b
+    Example:
+      soup-train release runs/demo --out banks/demo
+      soup-train release runs/110m --step 20000 --dtype bf16 --out /banks/soup-110m
+      soup-export build /banks/soup-110m --mix austen=1 --out exports/austen
+    """
+    from soup_train.release import release as run_release
+
+    target = run_release(run, out, step, dtype, force)
+    size = (target / "model.safetensors").stat().st_size
+    click.echo(f"wrote {out}: {dtype} weights, {size / 1e9:.2f} GB, SHA-256 recorded")
+
+
 from soup_train.smalltalk.cli import smalltalk  # noqa: E402 - registered after the soup commands
 
 main.add_command(smalltalk)
 
+
+def run() -> None:
+    """The `soup-train` command: `main`, with a file the command could not read or write (a full
+    disk, a missing permission) reported in one line, exit 1, instead of a traceback (`-v` shows it)."""
+    try:
+        main()
+    except (OSError, UnicodeDecodeError) as exc:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        click.echo(f"soup-train: {user_error(exc)}", err=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    main()
+    run()

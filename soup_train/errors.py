@@ -6,6 +6,8 @@ Internal invariants use `assert` instead.
 """
 from __future__ import annotations
 
+import errno
+
 import click
 
 
@@ -27,3 +29,20 @@ class CheckpointError(SoupError):
 
 class ResumeError(CheckpointError):
     """A run cannot be resumed with the configuration it was given."""
+
+
+def user_error(exc: OSError | UnicodeDecodeError) -> str:
+    """One line for a file a command could not read or write: what, where, and what to do (the
+    commands' error boundary prints it instead of a traceback)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"a text file is not UTF-8 ({exc.reason} at byte {exc.start}); convert it to UTF-8 "
+                "(e.g. iconv -t utf-8) or leave it out")
+    where = f": {exc.filename}" if exc.filename else ""
+    todo = {errno.ENOSPC: "free disk space or choose another --out",
+            errno.EDQUOT: "free disk space or choose another --out",
+            errno.EROFS: "choose an --out on a writable file system",
+            errno.EACCES: "fix the permissions of that path (or choose another --out, if it is the output)",
+            errno.EPERM: "fix the permissions of that path (or choose another --out, if it is the output)",
+            errno.ENOENT: "check the path", errno.ENOTDIR: "a part of that path is a file, not a directory",
+            errno.EISDIR: "pass a file, not a directory"}.get(exc.errno, "check that path")
+    return f"{exc.strerror or exc}{where}; {todo}. Nothing half-written was left."

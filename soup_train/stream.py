@@ -70,7 +70,7 @@ class SafetensorsWriter:
         for piece in pieces:
             data = piece.detach().to(dtype).contiguous().cpu()
             if data.numel():
-                self._put(memoryview(data.view(torch.uint8).numpy()))
+                self._put(memoryview(data.reshape(-1).view(torch.uint8).numpy()))  # 0-dim too (AdamW step)
             written += data.numel() * data.element_size()
         assert written == nbytes, f"{name}: {written} bytes written, its shape {shape} needs {nbytes}"
         self.next += 1

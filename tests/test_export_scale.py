@@ -340,7 +340,7 @@ def test_the_bank_is_read_ahead_one_tensor_before_its_fusion(debug_ckpt, monkeyp
     bank already in the page cache is not asked for, and costs no per-tensor probe."""
     import time
 
-    import soup_export.safetensors_map as smap
+    import soup_train.safetensors_map as smap
 
     asked = []
     monkeypatch.setattr(smap, "READ_AHEAD", 1 << 12)

@@ -351,7 +351,7 @@ def fusion_job(bank, one: list, many: list, repeat: int) -> dict:
     from soup_export.graph import compile_graph
     from soup_export.layout import Arch
     from soup_export.quantize import make_plan
-    from soup_export.safetensors_map import MappedSafetensors
+    from soup_train.safetensors_map import MappedSafetensors
 
     _, g = compile_graph(Arch.from_hf(bank.info.run.model.to_hf()), make_plan("int4", {}))
 

@@ -186,7 +186,7 @@ def main() -> None:
         info = json.loads((root / "run" / "checkpoints" / "step_0000001" / "config.json").read_text())
         experts = info["run"]["soup"]["n_experts"]
         weights = root / "run" / "checkpoints" / "step_0000001" / "model.safetensors"
-        from soup_export.safetensors_map import safetensors_header
+        from soup_train.safetensors_map import safetensors_header
 
         args.dtype = "bf16" if safetensors_header(weights)[0]["shared.model.norm.weight"]["dtype"] == "BF16" else "fp32"
     else:
