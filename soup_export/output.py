@@ -3,12 +3,12 @@ into place only when every stage succeeded (a replaced output is kept until then
 from __future__ import annotations
 
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from soup_export import stopping
 from soup_export.errors import OutputExistsError, OutputWriteError
+from soup_train.staging import staged
 
 
 def check_output_path(out: Path, force: bool) -> Path:
@@ -34,22 +34,8 @@ def check_output_path(out: Path, force: bool) -> Path:
 
 @contextmanager
 def staged_output(out: Path, force: bool):
-    """Yield a temporary directory beside `out`; only if the body succeeds, move any old `out`
-    aside, rename the new one in, then delete the old one (never a half-replaced output)."""
-    target = check_output_path(out, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """Yield a temporary directory beside `out`; only if the body succeeds (and no stop was asked
+    for: `stopping.check`), move any old `out` aside, rename the new one in, then delete the old one
+    (never a half-replaced output; see `soup_train.staging`)."""
+    with staged(check_output_path(out, force), stopping.check) as tmp:
         yield tmp
-        stopping.check()  # a stop asked for (even one whose exception was lost): nothing committed
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-    finally:
-        if old.exists() and not target.exists():  # stopped between the two renames: the old output back
-            old.rename(target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)

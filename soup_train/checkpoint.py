@@ -33,6 +33,7 @@ from soup_train.data.domains import copy_domain_files
 from soup_train.distributed import unwrap
 from soup_train.errors import CheckpointError, ConfigError, ResumeError
 from soup_train.model.soup import SoupModel
+from soup_train.staging import staged
 from soup_train.stream import SafetensorsWriter
 
 FORMAT = "soup-checkpoint-v1"
@@ -99,10 +100,8 @@ def write_step(run_dir: Path, step: int, model_sd: dict, optim_sd: dict, state: 
     `side_files(tmp)` may add files before the directory is renamed into place.
     """
     final = step_dir(run_dir, step)
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:  # a failed save (a full disk, a kill) leaves no staging directory and the previous `latest`
-        (tmp / "train_state").mkdir(parents=True)
+    with staged(final) as tmp:  # a failed save (a full disk, a kill) leaves the previous `latest` and no staging
+        (tmp / "train_state").mkdir()
         if side_files is not None:
             side_files(tmp)
         write_weights(tmp / "model.safetensors", model_sd, {"format": FORMAT})
@@ -111,11 +110,6 @@ def write_step(run_dir: Path, step: int, model_sd: dict, optim_sd: dict, state: 
         write_tensors(tmp / "train_state" / "optimizer.safetensors", tensors)
         record = {**state, "step": step, "param_groups": optim_sd["param_groups"]}
         (tmp / "train_state" / "state.json").write_text(json.dumps(record) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_latest(run_dir, final.name)
     _prune(run_dir, keep_last)
     return final
@@ -128,28 +122,33 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     """A safetensors file written tensor by tensor (never a second copy of the state in memory) and
     hashed on the way; its SHA-256 and size are recorded in CHECKSUMS beside it, so that export
     never reads a bank once more only to hash it. Returns the digest."""
-    writer = SafetensorsWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata, hashed=True)
-    try:
-        for name, tensor in tensors.items():
-            writer.write(name, tensor)
-        digest = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    digest = stream_tensors(path, _specs(tensors), tensors.items(), metadata, hashed=True)
     record_checksum(path, digest)
     return digest
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """A safetensors file written tensor by tensor (its errors are OSErrors: a full disk is one line)."""
-    writer = SafetensorsWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
+    stream_tensors(path, _specs(tensors), tensors.items())
+
+
+def stream_tensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors,
+                   metadata: dict[str, str] | None = None, hashed: bool = False) -> str | None:
+    """The (name, tensor) pairs of `tensors`, made one at a time in the order of `specs`, as the
+    safetensors file `path` (written to a temporary name, renamed when complete); its SHA-256 if
+    `hashed`."""
+    writer = SafetensorsWriter(path, specs, metadata, hashed=hashed)
     try:
-        for name, tensor in tensors.items():
+        for name, tensor in tensors:
             writer.write(name, tensor)
-        writer.close()
+        return writer.close()
     except BaseException:
         writer.abort()
         raise
+
+
+def _specs(tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    return [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
 
 
 def record_checksum(path: Path, digest: str) -> None:

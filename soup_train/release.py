@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from soup_train.checkpoint import FORMAT, read_info, record_checksum, resolve_checkpoint, step_dir
+from soup_train.checkpoint import FORMAT, read_info, record_checksum, resolve_checkpoint, step_dir, stream_tensors
 from soup_train.errors import CheckpointError
 from soup_train.model.soup_math import COEF_PREFIX
 from soup_train.safetensors_map import MappedSafetensors
-from soup_train.stream import SafetensorsWriter
+from soup_train.staging import staged
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHTS, TOKENIZER, DOMAINS = "model.safetensors", "tokenizer.json", "domains"
@@ -34,25 +34,13 @@ def release(run: Path, out: Path, step: int | None = None, dtype: str = "fp32", 
     ckpt = _checkpoint(Path(run), step)
     info = read_info(ckpt)
     target = _target(Path(out), ckpt, force)
-    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(target) as tmp:
         config = {**info.to_dict(), "release": {"checkpoint": ckpt.name, "dtype": dtype}}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copy2(ckpt / TOKENIZER, tmp / TOKENIZER)
         if (ckpt / DOMAINS).is_dir():
             shutil.copytree(ckpt / DOMAINS, tmp / DOMAINS)
         copy_weights(ckpt / WEIGHTS, tmp / WEIGHTS, DTYPES[dtype])
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-    finally:
-        if old.exists() and not target.exists():  # stopped between the two renames: the old release back
-            old.rename(target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -61,23 +49,14 @@ def copy_weights(src: Path, dest: Path, dtype: torch.dtype) -> str:
     stays fp32: it is small, and alpha is computed from it for every customer); the SHA-256 is
     recorded beside `dest`. Returns it."""
     mapped = MappedSafetensors(src)
-    names = list(mapped.header)
 
-    def stored(name: str, t_dtype: torch.dtype) -> torch.dtype:
+    def stored(name: str) -> torch.dtype:
+        t_dtype = mapped[name].dtype
         return dtype if t_dtype.is_floating_point and not name.startswith(COEF_PREFIX) else t_dtype
 
-    specs = []
-    for name in names:
-        t = mapped[name]
-        specs.append((name, stored(name, t.dtype), tuple(t.shape)))
-    writer = SafetensorsWriter(dest, specs, {"format": FORMAT}, hashed=True)
-    try:
-        for name, (_, want, _) in zip(names, specs):
-            writer.write(name, mapped[name].to(want))
-        digest = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    specs = [(name, stored(name), tuple(mapped.header[name]["shape"])) for name in mapped.header]
+    digest = stream_tensors(dest, specs, ((name, mapped[name].to(want)) for name, want, _ in specs),
+                            {"format": FORMAT}, hashed=True)
     record_checksum(dest, digest)
     return digest
 
