@@ -102,9 +102,12 @@ def wrap(model: nn.Module, env: DistEnv, parallel: str) -> nn.Module:
     if env.backend is None:
         return model
     if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        return fully_shard(model)
+        # the mesh on the run's device: FSDP's default mesh is CUDA's whenever a GPU is visible, even
+        # for train.device=cpu over gloo
+        return fully_shard(model, mesh=init_device_mesh(env.device.type, (env.world_size,)))
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
@@ -137,6 +140,16 @@ def mean_over_ranks(value: float, env: DistEnv) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
     return t.item() / env.world_size
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """Whether `flag` is set on any rank, the same answer on every rank (a stop asked of one rank
+    is agreed by all before any of them enters a save's collectives)."""
+    if env.backend is None:
+        return flag
+    t = torch.tensor([float(flag)], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def gather_objects(obj: Any, env: DistEnv) -> list[Any]:

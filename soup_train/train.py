@@ -29,7 +29,7 @@ from soup_train.config import RunConfig, TrainConfig, save_json, to_dict
 from soup_train.data.sampler import MetaDistribution, MixSampler
 from soup_train.data.shards import DomainShards, read_index
 from soup_train.distributed import (
-    DistEnv, gather_objects, grad_sync, mean_over_ranks, process_group, unwrap, wrap,
+    DistEnv, any_rank, gather_objects, grad_sync, mean_over_ranks, process_group, unwrap, wrap,
 )
 from soup_train.errors import ConfigError
 from soup_train.evaluate import evaluate_domains
@@ -75,9 +75,10 @@ def lr_at(step: int, t: TrainConfig) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (dense matrices, their expert banks, MLP weights); not vectors or biases."""
+    """Decay matrices (dense matrices, their expert banks, MLP weights); not vectors or biases. Judged
+    by the soup's own names (DDP's `module.` prefix removed), so every wrapping decays the same tensors."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in unwrap(model).named_parameters():
         dense_ndim = p.ndim - 1 if name.startswith("experts.") and not name.endswith(("_u", "_v")) else p.ndim
         (decay if dense_ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -237,13 +238,13 @@ class Trainer:
                 if (t.eval_every and self.step % t.eval_every == 0) or last:
                     result.evaluation = self.evaluate()
                     runlog.write({"kind": "eval", "step": self.step, "domains": result.evaluation})
-                stopping = preempt.requested or (stop_after is not None and self.step >= stop_after)
-                if self.step % t.ckpt_every == 0 or last or preempt.requested:
+                requested = any_rank(preempt.requested, self.env)  # every rank stops at the same step
+                stopping = requested or (stop_after is not None and self.step >= stop_after)
+                if self.step % t.ckpt_every == 0 or last or requested:
                     result.checkpoint = self.save()
                 clock = clock if since else time.perf_counter()  # tokens/s excludes eval and saving
                 if stopping:
-                    log.warning("stopping at step %d (%s)", self.step,
-                                "SIGTERM" if preempt.requested else "stop_after")
+                    log.warning("stopping at step %d (%s)", self.step, "SIGTERM" if requested else "stop_after")
                     break
         finally:
             bar.close()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import faulthandler
+import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +31,17 @@ def main(data: str, out: str, stop_after: str, *overrides: str) -> None:
 
 def train_and_dump(cfg, out: Path, stop_after: str, env) -> None:
     trainer = Trainer(resolve_config(cfg), out, env, progress=False)
+    if stop_after.startswith("sigterm-rank1@"):  # SIGTERM to rank 1 alone, after that step
+        at, step = int(stop_after.split("@")[1]), trainer.train_step
+
+        def step_then_signal():
+            result = step()
+            if env.rank == 1 and trainer.step == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return result
+
+        trainer.train_step = step_then_signal
+        stop_after = "none"
     trainer.run(int(stop_after) if stop_after != "none" else None)
     params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous()
               for k, v in unwrap(trainer.model).named_parameters()}  # FSDP2: gather DTensors

@@ -93,6 +93,18 @@ def test_resume_under_a_different_world_size_is_refused(debug_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stop_asked_of_one_rank_is_agreed_by_every_rank(debug_data, tmp_path):
+    """SIGTERM reaches rank 1 alone after step 3: both ranks stop at step 3 and save it together (each
+    rank deciding alone would leave rank 1 in the save's collectives and rank 0 in step 4's: a hang)."""
+    run = tmp_path / "run"
+    launch(2, debug_data, run, "train.steps=8", "train.ckpt_every=100", "train.eval_every=0", "train.log_every=1",
+           stop_after="sigterm-rank1@3")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    assert max(losses(run)) == 3 and max_diff(params(run / "params_rank0.safetensors"),
+                                              params(run / "params_rank1.safetensors")) == 0.0
+
+
+@pytest.mark.slow
 def test_fsdp_matches_ddp_and_resumes(debug_data, tmp_path):
     common = ("train.steps=4", "train.ckpt_every=2", "train.log_every=1", "train.eval_every=0")
     launch(2, debug_data, tmp_path / "ddp", *common)

@@ -188,3 +188,21 @@ def test_window_losses_are_each_windows_cross_entropy_and_average_to_loss_at():
             ref = F.cross_entropy(soup(row[None, :12], h)[0], row[1:13])
             assert abs(per[i] - float(ref)) <= 1e-5
     assert per.shape == (7,) and abs(loss_at(soup, windows, h.numpy(), 3, 12, torch.device("cpu")) - per.mean()) <= 1e-9
+
+
+def test_theta_is_instantiated_in_fp32_under_bf16_autocast_as_export_fuses_it(debug_ckpt):
+    """Training's Theta(h) under bf16 autocast (the GPU default) equals export's fp32 fusion of the
+    same checkpoint bit for bit: alpha and the expert sum are never rounded to bf16."""
+    from soup_export.bank import Bank
+    from soup_train.checkpoint import load_soup
+
+    soup, info = load_soup(debug_ckpt)
+    bank = Bank.open(debug_ckpt)
+    h = torch.tensor([0.6, 0.3, 0.1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theta = soup.instantiate(h)
+        logits = soup(torch.tensor([[1, 2, 3, 4]]), h)
+    assert logits.dtype == torch.bfloat16  # the matrix products still run in bf16
+    exported = bank.instantiate(bank.alpha(h.numpy()))
+    for name, tensor in exported.items():
+        assert theta[name].dtype == torch.float32 and torch.equal(theta[name], tensor), name

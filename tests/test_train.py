@@ -158,3 +158,55 @@ def test_h_per_micro_batch_draws_one_h_per_micro_batch(debug_data, tmp_path, mon
     assert len(seen) == 3
     for got, want in zip(seen, expected):
         assert len(got) == 3 and all(np.allclose(g.numpy(), w, atol=1e-7) for g, w in zip(got, want))
+
+
+def test_weight_decay_groups_are_the_same_single_under_ddp_and_under_fsdp():
+    """Decay is judged by the soup's own names: DDP's `module.` prefix must not move the experts'
+    norm banks into the decayed group (one gloo process in a group of one)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from soup_train.config import ModelConfig, SoupConfig
+    from soup_train.model.soup import SoupModel
+    from soup_train.train import param_groups
+
+    def groups(model, names) -> list[set[str]]:
+        by_id = {id(p): n for n, p in names}
+        return [{by_id[id(p)] for p in g["params"]} for g in param_groups(model, 0.1)]
+
+    def soup():
+        torch.manual_seed(0)
+        return SoupModel(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64),
+                         SoupConfig(n_experts=2), 3)
+
+    single = soup()
+    want = groups(single, single.named_parameters())
+    assert any(n.startswith("experts.") and "norm" in n for n in want[1])  # norm banks: not decayed
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        inner = soup()
+        ddp = torch.nn.parallel.DistributedDataParallel(inner)
+        assert groups(ddp, inner.named_parameters()) == want
+        fsdp = fully_shard(soup())
+        assert groups(fsdp, fsdp.named_parameters()) == want
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_builds_its_mesh_on_the_runs_device_even_where_a_gpu_is_visible(monkeypatch):
+    import torch.distributed as dist
+
+    from soup_train.config import ModelConfig, SoupConfig
+    from soup_train.distributed import DistEnv, wrap
+    from soup_train.model.soup import SoupModel
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))  # a GPU host, device=cpu
+        env = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
+        model = wrap(SoupModel(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64),
+                               SoupConfig(n_experts=2), 3), env, "fsdp")
+        meshes = {p.device_mesh.device_type for p in model.parameters()}
+        assert meshes == {"cpu"}
+    finally:
+        dist.destroy_process_group()

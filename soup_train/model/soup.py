@@ -125,8 +125,12 @@ class SoupModel(nn.Module):
         return theta
 
     def instantiate(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The dense HF Llama state dict Theta(h)."""
-        return self.instantiate_alpha(self.alpha(h))
+        """The dense HF Llama state dict Theta(h), computed in fp32 whatever autocast region it is
+        called in: alpha and the sum S + sum_j alpha_j E_j are the very values export fuses (under
+        bf16 autocast they would be rounded, and the whole bank copied to bf16 for backward); the
+        dense model's matrix products then cast Theta as autocast says."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.instantiate_alpha(self.alpha(h.float()))
 
     def forward(self, input_ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T), h (k,) -> logits (B, T, vocab) of the dense model at Theta(h)."""
