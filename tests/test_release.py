@@ -101,18 +101,17 @@ def test_a_save_that_fails_keeps_the_previous_checkpoint_and_leaves_no_staging(d
                                                                              capsys):
     """A full disk while fit saves: one line naming the file and what to do, exit 1, `latest` still
     the previous checkpoint, and no `.step_NNNNNNN.tmp` left behind."""
-    from soup_train import checkpoint
     from soup_train.cli import run
+    from soup_train.stream import SafetensorsWriter
 
-    real, calls = checkpoint.write_weights, []
+    real = SafetensorsWriter.write
 
-    def second_fails(path, tensors, metadata):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, tensors, metadata)
+    def second_save_fails(self, name, tensor):  # the disk fills up during the save of step 4
+        if ".step_0000004.tmp" in str(self.path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.tmp))
+        return real(self, name, tensor)
 
-    monkeypatch.setattr(checkpoint, "write_weights", second_fails)
+    monkeypatch.setattr(SafetensorsWriter, "write", second_save_fails)
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["soup-train", "fit", "--preset", "debug", "--data", str(debug_data),
                                       "--out", str(out), "--no-progress", "--set", "train.steps=4",
