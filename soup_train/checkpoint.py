@@ -1,20 +1,19 @@
-"""Checkpoints: one directory per step, written atomically, loaded without unpickling anything.
+"""Checkpoints: one directory per step, written atomically, the export's files loaded without unpickling.
 
 Layout of `RUN/checkpoints/step_0000100/`:
     config.json              run config, domain names and view, natural frequencies, step
-    model.safetensors        S (`shared.*`), experts (`experts.*`), coefficient MLP (`coef.*`)
+    model.safetensors        S (`shared.*`), experts (`experts.*`), coefficient MLP (`coef.*`): what export reads
     checksums.json           model.safetensors' SHA-256 and size, computed while it was written
     tokenizer.json, domains/ the data's tokenizer, embedder and centroids (Algorithm 3)
-    train_state/optimizer.safetensors   AdamW moments, keyed `{param}::{name}`
-    train_state/state.json              step, param groups, every rank's sampler state
-`RUN/checkpoints/latest` names the newest one. The last `keep_last` are kept.
+    train_state/state.json   step, param groups, every rank's sampler state
+    train_state/optimizer/   AdamW's moments, one shard per rank (`sharded`: torch.distributed.checkpoint)
+`RUN/checkpoints/latest` names the newest one. The last `keep_last` are kept. Training saves and
+resumes through `sharded` (no rank gathers the model or the optimizer); this module owns the
+directory, its export files and their checksums, and still reads the first layout, whose full
+optimizer state sits in train_state/optimizer.safetensors (`restore_step`).
 
-Design choices:
-- Full (unsharded) state dicts through `torch.distributed.checkpoint.state_dict`, so DDP, FSDP2
-  and single-process runs write the same files; only rank 0 writes. Every rank reads them back
-  (a shared filesystem across nodes is assumed, as usual for torchrun clusters).
-- Resuming requires the same world size and accumulation (each rank's sampler streams are part
-  of the state) and the same config except the fields in `config.RESUME_MUTABLE`.
+Resuming requires the same world size and accumulation (each rank's sampler streams are part of
+the state) and the same config except the fields in `config.RESUME_MUTABLE`.
 """
 from __future__ import annotations
 
@@ -82,14 +81,21 @@ def collect_state(model: nn.Module, optim: torch.optim.Optimizer) -> tuple[dict,
     return {k: model_sd[k].contiguous() for k in names if k in model_sd}, optim_sd
 
 
-def write_checkpoint(run_dir: Path, info: CheckpointInfo, model_sd: dict, optim_sd: dict,
-                     samplers: list[dict], data_dir: Path, keep_last: int) -> Path:
-    """Write one soup checkpoint atomically (rank 0 only); prune to the last `keep_last`."""
+def soup_side_files(info: CheckpointInfo, data_dir: Path):
+    """`side_files(tmp)` of a soup checkpoint: its config.json, the data's tokenizer and domain map."""
     def side_files(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(info.to_dict(), indent=2) + "\n")
         copy_domain_files(data_dir, tmp)
 
-    return write_step(run_dir, info.step, model_sd, optim_sd, {"samplers": samplers}, keep_last, side_files)
+    return side_files
+
+
+def write_checkpoint(run_dir: Path, info: CheckpointInfo, model_sd: dict, optim_sd: dict,
+                     samplers: list[dict], data_dir: Path, keep_last: int) -> Path:
+    """Write one soup checkpoint of the first layout atomically (one process holding the full state;
+    training saves with `sharded.save_step`); prune to the last `keep_last`."""
+    return write_step(run_dir, info.step, model_sd, optim_sd, {"samplers": samplers}, keep_last,
+                      soup_side_files(info, data_dir))
 
 
 def write_step(run_dir: Path, step: int, model_sd: dict, optim_sd: dict, state: dict, keep_last: int,
@@ -281,12 +287,14 @@ def check_resumable(saved: RunConfig, current: RunConfig, ckpt: Path) -> None:
 
 def restore_train_state(ckpt: Path, model: nn.Module, optim: torch.optim.Optimizer,
                         world_size: int) -> tuple[int, list[dict]]:
-    """Load a soup checkpoint's model + optimizer state; returns (step, sampler states)."""
+    """Load a soup checkpoint's model + optimizer state (each rank its part); returns (step, sampler states)."""
+    from soup_train.sharded import load_step
+
     state = json.loads((ckpt / "train_state" / "state.json").read_text())
     if len(state["samplers"]) != world_size:
         raise ResumeError(f"{ckpt} was written by {len(state['samplers'])} process(es), this run has "
                           f"{world_size}; resume with the same torchrun --nproc_per_node/--nnodes")
-    state = restore_step(ckpt, model, optim)
+    state = load_step(ckpt, model, optim)
     return int(state["step"]), state["samplers"]
 
 

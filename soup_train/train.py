@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -179,15 +178,14 @@ class Trainer:
         return self.step
 
     def save(self) -> Path | None:
-        model_sd, optim_sd = ckpt_io.collect_state(self.model, self.optim)
+        """A checkpoint of this step, every rank writing its part (`sharded.save_step`)."""
+        from soup_train.sharded import save_step
+
         samplers = gather_objects(self.sampler.state_dict(), self.env)
-        path = None
-        if self.env.is_main:
-            info = ckpt_io.CheckpointInfo(self.cfg, self.train_shards.names, self.cfg.data.domains,
-                                          [float(x) for x in self.natural], self.step)
-            path = ckpt_io.write_checkpoint(self.out, info, model_sd, optim_sd, samplers,
-                                            self.data_dir, self.cfg.train.keep_last)
-        return path
+        info = ckpt_io.CheckpointInfo(self.cfg, self.train_shards.names, self.cfg.data.domains,
+                                      [float(x) for x in self.natural], self.step)
+        return save_step(self.out, self.step, self.model, self.optim, {"samplers": samplers},
+                         self.cfg.train.keep_last, self.env, ckpt_io.soup_side_files(info, self.data_dir))
 
     # ----------------------------------------------------------------------------- one step
     def train_step(self) -> tuple[float, float]:

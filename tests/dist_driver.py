@@ -42,10 +42,45 @@ def train_and_dump(cfg, out: Path, stop_after: str, env) -> None:
 
         trainer.train_step = step_then_signal
         stop_after = "none"
+    if stop_after == "measure-save":  # rank's peak memory while it saves, beside its shard and the largest tensor
+        trainer.save = measured(trainer, trainer.save, out, env)
+        stop_after = "none"
     trainer.run(int(stop_after) if stop_after != "none" else None)
     params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous()
               for k, v in unwrap(trainer.model).named_parameters()}  # FSDP2: gather DTensors
     save_file(params, str(out / f"params_rank{env.rank}.safetensors"))
+
+
+def measured(trainer, save, out: Path, env):
+    """`save`, with this process's resident memory before it and at its peak (the peak reset first:
+    /proc/self/clear_refs) written to save_memory_rank{R}.json, with its shard's and the largest
+    tensor's bytes."""
+    import json
+
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    def status(key: str) -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+        return int(line.split()[1]) * 1024
+
+    def local(t) -> int:
+        return (t.to_local() if isinstance(t, DTensor) else t).nbytes
+
+    def run():
+        params = list(unwrap(trainer.model).named_parameters())
+        shard = sum(local(p) for _, p in params) + sum(local(v) for st in trainer.optim.state.values()
+                                                      for v in st.values() if isinstance(v, torch.Tensor))
+        largest = max(p.numel() * p.element_size() for _, p in params)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = status("VmRSS")
+        path = save()
+        record = {"before": before, "peak": status("VmHWM"), "shard": shard, "largest": largest,
+                  "soup": sum(p.numel() * p.element_size() for _, p in params)}
+        (out / f"save_memory_rank{env.rank}.json").write_text(json.dumps(record))
+        return path
+
+    return run
 
 
 if __name__ == "__main__":

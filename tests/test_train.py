@@ -45,7 +45,7 @@ def test_training_lowers_the_loss_and_writes_checkpoints(debug_run):
     assert steps == ["step_0000020", "step_0000030"]  # keep_last=2 of 10, 20, 30
     ckpt = out / "checkpoints" / "step_0000030"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "domains/centroids.safetensors",
-                 "domains/embedder.json", "train_state/optimizer.safetensors", "train_state/state.json"):
+                 "domains/embedder.json", "train_state/optimizer/.metadata", "train_state/state.json"):
         assert (ckpt / name).is_file(), name
     info = read_info(ckpt)
     assert info.step == 30 and info.domains == result.domains and len(info.domains) >= 3
@@ -210,3 +210,32 @@ def test_fsdp_builds_its_mesh_on_the_runs_device_even_where_a_gpu_is_visible(mon
         assert meshes == {"cpu"}
     finally:
         dist.destroy_process_group()
+
+
+def test_a_checkpoint_of_the_first_layout_still_resumes_exactly(debug_data, tmp_path, monkeypatch):
+    """A run saved by the first layout (the full optimizer state in train_state/optimizer.safetensors,
+    written by one process) resumes under the sharded layout and continues the same loss curve."""
+    from soup_train import checkpoint as ckpt_io
+    from soup_train.train import Trainer
+
+    overrides = ("train.steps=6", "train.ckpt_every=3", "train.log_every=1", "train.eval_every=0")
+    whole = tmp_path / "whole"
+    fit(debug_cfg(debug_data, *overrides), whole, progress=False)
+
+    def first_layout_save(self):
+        model_sd, optim_sd = ckpt_io.collect_state(self.model, self.optim)
+        info = ckpt_io.CheckpointInfo(self.cfg, self.train_shards.names, self.cfg.data.domains,
+                                      [float(x) for x in self.natural], self.step)
+        return ckpt_io.write_checkpoint(self.out, info, model_sd, optim_sd, [self.sampler.state_dict()],
+                                        self.data_dir, self.cfg.train.keep_last)
+
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "save", first_layout_save)
+        fit(debug_cfg(debug_data, *overrides), cut, stop_after=3, progress=False)
+    assert (cut / "checkpoints" / "step_0000003" / "train_state" / "optimizer.safetensors").is_file()
+    fit(debug_cfg(debug_data, *overrides), cut, progress=False)  # resumes at step 3 from the first layout
+    a, b = train_losses(whole), train_losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert max(abs(a[s] - b[s]) for s in a) <= RESUME_TOL
+    assert (cut / "checkpoints" / "step_0000006" / "train_state" / "optimizer" / ".metadata").is_file()

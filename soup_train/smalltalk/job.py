@@ -27,6 +27,7 @@ from soup_train.distributed import DistEnv, barrier, gather_objects, mean_over_r
 from soup_train.errors import ResumeError
 from soup_train.model.llama import Llama
 from soup_train.runlog import RunLog
+from soup_train.sharded import load_step, save_step
 from soup_train.smalltalk.run import Pool, save_model
 from soup_train.train import _Preemption, autocast_for, lr_at, make_optimizer, optimizer_step
 
@@ -95,7 +96,7 @@ class _Runner:
         found = ckpt_io.latest_checkpoint(self.out)
         if found is None:
             return None
-        state = ckpt_io.restore_step(found, self.model, self.optim)
+        state = load_step(found, self.model, self.optim)
         if state.get("job") != self.job.identity():
             raise ResumeError(f"{found} was written by another job configuration; delete {self.out} "
                               "to start this job again, or run it with its original settings")
@@ -108,11 +109,9 @@ class _Runner:
         return self.step
 
     def save(self) -> None:
-        model_sd, optim_sd = ckpt_io.collect_state(self.model, self.optim)
         samplers = gather_objects(self.rng.bit_generator.state, self.env)
-        if self.env.is_main:
-            ckpt_io.write_step(self.out, self.step, model_sd, optim_sd,
-                               {"samplers": samplers, "job": self.job.identity()}, self.job.train.keep_last)
+        save_step(self.out, self.step, self.model, self.optim, {"samplers": samplers, "job": self.job.identity()},
+                  self.job.train.keep_last, self.env)
 
     def run(self, stop_after: int | None, progress: bool) -> JobResult:
         t = self.job.train

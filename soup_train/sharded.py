@@ -1,0 +1,175 @@
+"""Resumable state at the preset's scale: no rank ever holds the whole model or optimizer.
+
+Layout of `RUN/checkpoints/step_0000100/` (the export files as in `checkpoint`, plus):
+    train_state/state.json       step, param groups, every rank's sampler state, "optimizer": "sharded"
+    train_state/optimizer/       the optimizer's moments, one file per rank (torch.distributed.checkpoint)
+
+Saving is collective (every rank calls `save_step`):
+- the weights for export go to `model.safetensors` one tensor at a time: each parameter is gathered
+  (an all-gather under FSDP2, nothing under DDP or one process) and written by rank 0, so the
+  writing rank holds its shard plus one full tensor;
+- the optimizer's moments are written by every rank as its own shard, through
+  torch.distributed.checkpoint (DCP), which no rank gathers; the param groups go to state.json;
+- the directory is staged (`.step_N.tmp`) and renamed by rank 0 only once every rank has written
+  its part; a failure on any rank (a full disk) is agreed by all, removes the staging directory,
+  keeps the previous `latest`, and raises on every rank.
+Resuming (`load_step`) reads each rank's part: the weights through a shared read-only map of
+`model.safetensors` (each rank keeps its shard; the pages are page cache, not a copy per rank),
+the moments from the DCP shards (resharded by DCP if the sharding changed). A checkpoint of the
+first layout (`train_state/optimizer.safetensors`, full state) is still read, by `restore_step`.
+DCP records its metadata with pickle: only a run's own train_state is read this way (export never
+reads train_state).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from soup_train.checkpoint import FORMAT, _prune, record_checksum, restore_step, step_dir, write_latest
+from soup_train.distributed import DistEnv, any_rank, barrier, unwrap
+from soup_train.errors import CheckpointError
+from soup_train.stream import SafetensorsWriter
+
+OPTIMIZER_DIR = "optimizer"
+LAYOUT = "sharded"
+
+
+def save_step(run_dir: Path, step: int, model: nn.Module, optim: torch.optim.Optimizer, state: dict,
+              keep_last: int, env: DistEnv, side_files=None) -> Path | None:
+    """`run_dir/checkpoints/step_N` from every rank's part (collective: every rank calls it); returns
+    the directory on rank 0, None elsewhere. `state` (JSON) joins the step in state.json;
+    `side_files(tmp)` (rank 0) adds files before the directory is renamed into place."""
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    failed: BaseException | None = None
+    if hasattr(model, "reshard"):  # FSDP2 keeps a root unit unsharded after a no-grad forward (evaluation)
+        model.reshard()
+    try:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "train_state").mkdir(parents=True)
+            if side_files is not None:
+                side_files(tmp)
+    except Exception as exc:  # noqa: BLE001 - agreed below, raised on every rank
+        failed = exc
+    if not any_rank(failed is not None, env):
+        barrier(env)  # the staging directory exists for every rank
+        try:
+            write_full_weights(tmp / "model.safetensors", model, env)
+            groups = save_optimizer(tmp / "train_state" / OPTIMIZER_DIR, model, optim)
+            if env.is_main:
+                record = {**state, "step": step, "param_groups": groups, "optimizer": LAYOUT}
+                (tmp / "train_state" / "state.json").write_text(json.dumps(record) + "\n")
+        except Exception as exc:  # noqa: BLE001 - agreed below, raised on every rank
+            failed = exc
+    if any_rank(failed is not None, env):
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier(env)
+        if failed is not None:
+            raise failed
+        raise CheckpointError(f"another rank failed to save step {step} (its error is in its log); "
+                              f"the previous checkpoint is kept")
+    if env.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        write_latest(run_dir, final.name)
+        _prune(run_dir, keep_last)
+    barrier(env)  # every rank returns with the checkpoint in place
+    return final if env.is_main else None
+
+
+def write_full_weights(path: Path, model: nn.Module, env: DistEnv) -> None:
+    """Every parameter (tied ones once, canonical names) gathered one at a time and written by rank 0
+    to `path`, hashed, its SHA-256 recorded. A write error on rank 0 does not stop the gathers (the
+    other ranks are in them): it is raised once every tensor went by."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(unwrap(model).named_parameters())
+    writer = error = None
+    if env.is_main:
+        writer = SafetensorsWriter(path, [(n, p.dtype, tuple(p.shape)) for n, p in params], {"format": FORMAT},
+                                   hashed=True)
+    with torch.no_grad():
+        for name, p in params:
+            full = p.full_tensor() if isinstance(p, DTensor) else p.detach()  # collective under FSDP2
+            if writer is not None and error is None:
+                try:
+                    writer.write(name, full.cpu())
+                except Exception as exc:  # noqa: BLE001 - raised after the last gather
+                    error = exc
+            del full
+    if writer is None:
+        return
+    if error is not None:
+        writer.abort()
+        raise error
+    record_checksum(path, writer.close())
+
+
+def save_optimizer(path: Path, model: nn.Module, optim: torch.optim.Optimizer) -> list[dict]:
+    """The optimizer's tensors, each rank its own shard, by DCP into the directory `path`; returns
+    the param groups (JSON, for state.json)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optim)
+    with _one_process_is_fine():
+        dcp.save({"state": osd["state"]}, checkpoint_id=str(path))
+    return json.loads(json.dumps(osd["param_groups"]))
+
+
+def load_full_weights(path: Path, model: nn.Module) -> None:
+    """Every parameter of a (wrapped) model from `path` in place: each rank copies its own shard out
+    of a shared read-only map of the file (a sharded parameter reads only its rows' pages)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from soup_train.safetensors_map import MappedSafetensors
+
+    mapped = MappedSafetensors(path)
+    params = dict(unwrap(model).named_parameters())
+    missing, extra = sorted(set(params) - set(mapped.header)), sorted(set(mapped.header) - set(params))
+    if missing or extra:
+        raise CheckpointError(f"{path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            full = mapped[name]
+            if tuple(full.shape) != tuple(p.shape):
+                raise CheckpointError(f"{path}: tensor {name} has shape {tuple(full.shape)}, the model {tuple(p.shape)}")
+            if isinstance(p, DTensor):
+                local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                p.to_local().copy_(local)
+            else:
+                p.copy_(full)
+
+
+def load_step(ckpt: Path, model: nn.Module, optim: torch.optim.Optimizer) -> dict:
+    """Load a checkpoint's model and optimizer state into a (wrapped) model, each rank its part;
+    returns its state.json. The first layout (full state in one file) is read by `restore_step`."""
+    state = json.loads((ckpt / "train_state" / "state.json").read_text())
+    if state.get("optimizer") != LAYOUT:
+        return restore_step(ckpt, model, optim)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    load_full_weights(ckpt / "model.safetensors", model)
+    osd = get_optimizer_state_dict(model, optim)
+    target = {"state": osd["state"]}
+    with _one_process_is_fine():
+        dcp.load(target, checkpoint_id=str(ckpt / "train_state" / OPTIMIZER_DIR))
+    set_optimizer_state_dict(model, optim, {"state": target["state"], "param_groups": state["param_groups"]})
+    return state
+
+
+@contextlib.contextmanager
+def _one_process_is_fine():
+    """DCP warns that it assumes one process when there is no process group: that is the case meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
