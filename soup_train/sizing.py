@@ -6,6 +6,11 @@ gathers the full soup (4 bytes per parameter) transiently to instantiate Theta(h
 instantiated model (4 bytes per parameter, plus its gradient) and activations, estimated as
 B*T*d*(34 + 5*heads*T/d) bytes per layer (Korthikanti et al. 2022, bf16, no recomputation) plus
 the logits (B*T*vocab*6 bytes).
+
+Checkpoints (`sharded`): model.safetensors holds every parameter in fp32 (4 bytes each), the
+optimizer's two moments (8 bytes per parameter) are written by every rank as its own shard
+(1/world of them), and the writing rank gathers one full tensor at a time beyond its shard: at
+most the largest soup tensor.
 """
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ def plan(cfg: RunConfig, n_domains: int, world_size: int) -> dict[str, float]:
     return {**{f"params_{k}": v for k, v in counts.items()},
             "tokens_per_step": t.batch_size * seq * t.grad_accum * world_size,
             "gb_per_gpu_ddp": ddp / GB, "gb_per_gpu_fsdp": fsdp / GB, "gb_activations": act / GB,
+            "gb_checkpoint_weights": counts["total"] * 4 / GB, "gb_checkpoint_optimizer": counts["total"] * 8 / GB,
+            "gb_checkpoint_optimizer_per_rank": counts["total"] * 8 / world_size / GB,
+            "gb_save_extra_rank0": counts["largest"] * 4 / GB,
             "world_size": world_size, "n_domains": n_domains}
 
 
@@ -41,4 +49,9 @@ def describe(p: dict[str, float]) -> list[str]:
         f"tokens per optimizer step:  {p['tokens_per_step']:,}",
         f"memory per GPU, DDP:        {p['gb_per_gpu_ddp']:,.1f} GB",
         f"memory per GPU, FSDP2:      {p['gb_per_gpu_fsdp']:,.1f} GB (activations {p['gb_activations']:.1f} GB)",
+        f"checkpoint on disk:         {p['gb_checkpoint_weights']:,.1f} GB weights (model.safetensors, what export "
+        f"reads) + {p['gb_checkpoint_optimizer']:,.1f} GB optimizer, {p['gb_checkpoint_optimizer_per_rank']:,.2f} GB "
+        "written by each rank",
+        f"checkpoint memory per rank: its own shard, nothing gathered; the writing rank (0) also one full tensor "
+        f"at a time, at most {p['gb_save_extra_rank0']:,.2f} GB (the largest)",
     ]

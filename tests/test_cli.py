@@ -37,6 +37,18 @@ def test_dry_run_sizes_the_paper_preset_for_a_cluster():
     assert "tokens per optimizer step:  131,072" in result.output
     line = next(l for l in result.output.splitlines() if l.startswith("instantiated model"))
     assert 100 <= float(line.split()[2].rstrip("M")) <= 120  # about 110M parameters
+    lines = {l.split(":")[0]: l for l in result.output.splitlines()}
+    total = float(lines["soup total (S + bank + MLP)"].split(":")[1].split("M")[0].replace(",", "")) * 1e6
+    disk = lines["checkpoint on disk"].split(":")[1].split()
+    weights, optimizer, per_rank = float(disk[0]), float(disk[8]), float(disk[11])
+    assert abs(weights - total * 4 / 1024**3) < 0.06 and abs(optimizer - 2 * weights) < 0.11
+    assert abs(per_rank - optimizer / 8) < 0.01  # world size 8: each rank writes an eighth
+    extra = float(lines["checkpoint memory per rank"].split("at most ")[1].split()[0])
+    from soup_train.presets import run_preset
+
+    m, n = run_preset("paper-110m").model, run_preset("paper-110m").soup.n_experts
+    assert abs(extra - n * m.vocab_size * m.d_model * 4 / 1024**3) < 0.01  # the embedding's expert bank
+    assert extra < weights / 4  # one tensor: far below the gathered soup and its moments
 
 
 def test_estimate_and_eval_and_plot_on_real_artifacts(debug_data, tmp_path):

@@ -181,4 +181,5 @@ def count_parameters(model_cfg: ModelConfig, soup_cfg: SoupConfig, n_domains: in
     soup = meta_soup(model_cfg, soup_cfg, n_domains)
     total = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return {"instantiated": total(soup.shared), "shared": total(soup.shared),
-            "experts": total(soup.experts), "coef_mlp": total(soup.coef), "total": total(soup)}
+            "experts": total(soup.experts), "coef_mlp": total(soup.coef), "total": total(soup),
+            "largest": max(p.numel() for p in soup.parameters())}
