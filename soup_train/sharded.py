@@ -85,17 +85,17 @@ def save_step(run_dir: Path, step: int, model: nn.Module, optim: torch.optim.Opt
     return final if env.is_main else None
 
 
-def write_full_weights(path: Path, model: nn.Module, env: DistEnv) -> None:
+def write_full_weights(path: Path, model: nn.Module, env: DistEnv, metadata: dict | None = None) -> None:
     """Every parameter (tied ones once, canonical names) gathered one at a time and written by rank 0
-    to `path`, hashed, its SHA-256 recorded. A write error on rank 0 does not stop the gathers (the
-    other ranks are in them): it is raised once every tensor went by."""
+    to `path` (collective: every rank calls it), hashed, its SHA-256 recorded. A write error on rank 0
+    does not stop the gathers (the other ranks are in them): it is raised once every tensor went by."""
     from torch.distributed.tensor import DTensor
 
     params = list(unwrap(model).named_parameters())
     writer = error = None
     if env.is_main:
-        writer = SafetensorsWriter(path, [(n, p.dtype, tuple(p.shape)) for n, p in params], {"format": FORMAT},
-                                   hashed=True)
+        writer = SafetensorsWriter(path, [(n, p.dtype, tuple(p.shape)) for n, p in params],
+                                   metadata or {"format": FORMAT}, hashed=True)
     with torch.no_grad():
         for name, p in params:
             full = p.full_tensor() if isinstance(p, DTensor) else p.detach()  # collective under FSDP2

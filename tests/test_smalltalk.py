@@ -130,10 +130,10 @@ def test_budget_assignment_is_balanced_over_the_whole_pool(smalltalk_run):
 
 
 # ----------------------------------------------------------------------------- expert jobs
-def assigned_run(debug_data: Path, out: Path) -> SmallTalkRun:
+def assigned_run(debug_data: Path, out: Path, *overrides: str) -> SmallTalkRun:
     from soup_train.smalltalk.routers import assign_budget, train_routers
 
-    run = new_run(debug_data, out, "em.rounds=1")
+    run = new_run(debug_data, out, "em.rounds=1", *overrides)
     train_routers(run, progress=False)
     assign_budget(run)
     return run
@@ -194,6 +194,21 @@ def test_each_expert_is_its_own_torchrun_job_with_its_own_process_group(debug_da
     for e in range(2):
         job = json.loads((run.expert_dir(e) / "job.json").read_text())
         assert job["world_size"] == 2 and job["name"] == f"expert_{e:02d}"  # 2 ranks each, not 4
+
+
+def test_an_expert_trained_with_fsdp_is_saved_whole(debug_data, tmp_path):
+    """Under FSDP2 an expert's parameters are shards: every rank joins the gathers and rank 0 writes
+    the whole model, which loads with its config's shapes (rank 0 alone had saved its shards, or hung)."""
+    from soup_train.smalltalk.launch import expert_argv
+    from soup_train.smalltalk.run import load_model
+
+    run = assigned_run(debug_data, tmp_path / "run", "expert_train.parallel=fsdp")
+    argv = expert_argv(run, 0, nproc=2)
+    argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:], "--quiet"]
+    proc = run_command(argv, {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = load_model(run.config.expert, run.expert_file(0))
+    assert sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_a_job_refuses_to_resume_with_another_config(debug_data, tmp_path):

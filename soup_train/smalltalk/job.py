@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from soup_train import checkpoint as ckpt_io
 from soup_train.config import ModelConfig, TrainConfig, save_json, to_dict
-from soup_train.distributed import DistEnv, barrier, gather_objects, mean_over_ranks, process_group, unwrap, wrap
+from soup_train.distributed import DistEnv, barrier, gather_objects, mean_over_ranks, process_group, wrap
 from soup_train.errors import ResumeError
 from soup_train.model.llama import Llama
 from soup_train.runlog import RunLog
-from soup_train.sharded import load_step, save_step
-from soup_train.smalltalk.run import Pool, save_model
+from soup_train.sharded import load_step, save_step, write_full_weights
+from soup_train.smalltalk.run import FORMAT as RUN_FORMAT
+from soup_train.smalltalk.run import Pool
 from soup_train.train import _Preemption, autocast_for, lr_at, make_optimizer, optimizer_step
 
 log = logging.getLogger(__name__)
@@ -149,11 +150,13 @@ class _Runner:
             bar.close()
             runlog.close()
             preempt.restore()
-        if self.step >= t.steps and self.env.is_main:
-            save_model(unwrap(self.model), self.out / "model.safetensors")
-            save_json(self.out / "job.json", {**self.job.identity(), "steps_done": self.step,
-                                              "world_size": self.env.world_size,
-                                              "tokens": self.step * tokens})
+        if self.step >= t.steps:  # every rank: an FSDP expert's parameters are gathered one at a time
+            if hasattr(self.model, "reshard"):
+                self.model.reshard()
+            write_full_weights(self.out / "model.safetensors", self.model, self.env, {"format": RUN_FORMAT})
+            if self.env.is_main:
+                save_json(self.out / "job.json", {**self.job.identity(), "steps_done": self.step,
+                                                  "world_size": self.env.world_size, "tokens": self.step * tokens})
         barrier(self.env)
         result.step = self.step
         return result
