@@ -15,6 +15,8 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import datetime
+import functools
 import gc
 import os
 import traceback
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from soup_train.errors import ConfigError
+from soup_train.errors import ConfigError, DistributedError
 
 
 @dataclass(frozen=True)
@@ -164,3 +166,24 @@ def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
 def barrier(env: DistEnv) -> None:
     if env.backend is not None:
         dist.barrier()
+
+
+def wait_for_all(env: DistEnv, seconds: float, what: str) -> None:
+    """Every rank waits here for the others, at most `seconds` (sized by the caller for the work some
+    rank does alone, e.g. writing a checkpoint), on a gloo group of its own with that timeout: a rank
+    that does not arrive in time fails the others with a message, rather than a hang or the default
+    group's timeout (NCCL's 10 minutes, inside the next step's collective)."""
+    if env.backend is None:
+        return
+    try:
+        dist.barrier(group=_wait_group(round(seconds)))
+    except RuntimeError as exc:
+        raise DistributedError(f"rank {env.rank} waited {round(seconds)} s for the other ranks at {what} and they did not "
+                           f"arrive ({' '.join(str(exc).split())[:200]}); a rank failed or the file system is slower "
+                           "than assumed") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _wait_group(seconds: int):
+    """A gloo group over every rank whose operations time out after `seconds` (made by every rank)."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=seconds))

@@ -31,6 +31,10 @@ class ResumeError(CheckpointError):
     """A run cannot be resumed with the configuration it was given."""
 
 
+class DistributedError(SoupError):
+    """A rank of a distributed run did not arrive in time, or the ranks disagree."""
+
+
 def user_error(exc: OSError | UnicodeDecodeError) -> str:
     """One line for a file a command could not read or write: what, where, and what to do (the
     commands' error boundary prints it instead of a traceback)."""

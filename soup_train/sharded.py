@@ -32,11 +32,20 @@ import torch
 from torch import nn
 
 from soup_train.checkpoint import FORMAT, _prune, record_checksum, restore_step, step_dir, write_latest
-from soup_train.distributed import DistEnv, any_rank, barrier, unwrap
+from soup_train.distributed import DistEnv, any_rank, unwrap, wait_for_all
 from soup_train.errors import CheckpointError
 from soup_train.stream import SafetensorsWriter
 
 OPTIMIZER_DIR = "optimizer"
+MIN_WAIT = 600.0  # seconds a rank waits for the others at a save, at least
+WAIT_BYTES_PER_SECOND = 20e6  # ... and more for a larger state: a slow shared file system's write speed
+
+
+def save_seconds(model: nn.Module) -> float:
+    """How long a rank waits for the others at a save: the time a slow file system takes to write
+    the weights and their two moments (rank 0 writes the weights alone, and prunes old checkpoints)."""
+    nbytes = sum(p.numel() * p.element_size() for p in unwrap(model).parameters())
+    return MIN_WAIT + 3 * nbytes / WAIT_BYTES_PER_SECOND
 LAYOUT = "sharded"
 
 
@@ -47,6 +56,7 @@ def save_step(run_dir: Path, step: int, model: nn.Module, optim: torch.optim.Opt
     `side_files(tmp)` (rank 0) adds files before the directory is renamed into place."""
     final = step_dir(run_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
+    seconds = save_seconds(model)
     failed: BaseException | None = None
     if hasattr(model, "reshard"):  # FSDP2 keeps a root unit unsharded after a no-grad forward (evaluation)
         model.reshard()
@@ -59,7 +69,7 @@ def save_step(run_dir: Path, step: int, model: nn.Module, optim: torch.optim.Opt
     except Exception as exc:  # noqa: BLE001 - agreed below, raised on every rank
         failed = exc
     if not any_rank(failed is not None, env):
-        barrier(env)  # the staging directory exists for every rank
+        wait_for_all(env, seconds, f"the start of the save of step {step}")  # the staging directory exists
         try:
             write_full_weights(tmp / "model.safetensors", model, env)
             groups = save_optimizer(tmp / "train_state" / OPTIMIZER_DIR, model, optim)
@@ -71,7 +81,7 @@ def save_step(run_dir: Path, step: int, model: nn.Module, optim: torch.optim.Opt
     if any_rank(failed is not None, env):
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        barrier(env)
+        wait_for_all(env, seconds, f"a failed save of step {step}")
         if failed is not None:
             raise failed
         raise CheckpointError(f"another rank failed to save step {step} (its error is in its log); "
@@ -81,7 +91,7 @@ def save_step(run_dir: Path, step: int, model: nn.Module, optim: torch.optim.Opt
         tmp.rename(final)
         write_latest(run_dir, final.name)
         _prune(run_dir, keep_last)
-    barrier(env)  # every rank returns with the checkpoint in place
+    wait_for_all(env, seconds, f"the end of the save of step {step}")  # rank 0 renamed it and pruned old ones
     return final if env.is_main else None
 
 

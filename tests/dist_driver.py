@@ -42,6 +42,15 @@ def train_and_dump(cfg, out: Path, stop_after: str, env) -> None:
 
         trainer.train_step = step_then_signal
         stop_after = "none"
+    if stop_after == "slow-writer":  # rank 0 takes 8 s to commit a save; the others wait 2 s at most
+        import time
+
+        from soup_train import sharded
+
+        sharded.MIN_WAIT, sharded.WAIT_BYTES_PER_SECOND = 2.0, 1e18
+        commit = sharded.write_latest
+        sharded.write_latest = lambda *args: (env.rank == 0 and time.sleep(8)) or commit(*args)
+        stop_after = "none"
     if stop_after == "measure-save":  # rank's peak memory while it saves, beside its shard and the largest tensor
         trainer.save = measured(trainer, trainer.save, out, env)
         stop_after = "none"

@@ -128,6 +128,18 @@ def test_a_save_holds_rank_0_to_its_shard_and_one_tensor(debug_data, tmp_path):
     assert (run / "checkpoints" / "step_0000001" / "train_state" / "optimizer" / ".metadata").is_file()
 
 
+def test_ranks_wait_for_a_save_with_a_timeout_sized_for_it(debug_data, tmp_path):
+    """The ranks that do not write wait for the writer at a barrier with a timeout sized for the
+    checkpoint (here cut to 2 s while rank 0 takes 8 s to commit): rank 1 fails with a message rather
+    than hang or wait inside the next step's collective."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(DRIVER), str(debug_data), str(tmp_path / "run"), "slow-writer",
+           "train.steps=2", "train.ckpt_every=2", "train.eval_every=0"]
+    proc = run_command(cmd, {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "rank 1 waited 2 s for the other ranks at the end of the save of step 2" in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_fsdp_matches_ddp_and_resumes(debug_data, tmp_path):
     common = ("train.steps=4", "train.ckpt_every=2", "train.log_every=1", "train.eval_every=0")
