@@ -153,10 +153,23 @@ def load_full_weights(path: Path, model: nn.Module) -> None:
             if tuple(full.shape) != tuple(p.shape):
                 raise CheckpointError(f"{path}: tensor {name} has shape {tuple(full.shape)}, the model {tuple(p.shape)}")
             if isinstance(p, DTensor):
-                local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-                p.to_local().copy_(local)
+                p.to_local().copy_(_local_shard(full, p, distribute_tensor))
             else:
                 p.copy_(full)
+
+
+def _local_shard(full: torch.Tensor, p, distribute_tensor) -> torch.Tensor:
+    """This rank's part of `full` for the sharded parameter `p`: FSDP2's dim-0 chunk, sliced on the
+    host (only its rows are read from the map and copied to the device), or DTensor's own
+    distribution for any other placement."""
+    from torch.distributed.tensor import Shard
+
+    mesh = p.device_mesh
+    if mesh.ndim == 1 and tuple(p.placements) == (Shard(0),):
+        chunks = torch.chunk(full, mesh.size(), dim=0)
+        rank = mesh.get_local_rank()
+        return chunks[rank] if rank < len(chunks) else full[:0]
+    return distribute_tensor(full, mesh, p.placements, src_data_rank=None).to_local()
 
 
 def load_step(ckpt: Path, model: nn.Module, optim: torch.optim.Optimizer) -> dict:
