@@ -261,3 +261,35 @@ def test_torchrun_script_lists_one_job_per_pending_expert(debug_data, tmp_path):
     lines = torchrun_script(run, nproc=8, nnodes=2).splitlines()[1:]
     assert len(lines) == 2 and all("--nproc-per-node=8" in line and "--nnodes=2" in line for line in lines)
     assert "--rdzv-id=soup-expert-00" in lines[0] and "--rdzv-id=soup-expert-01" in lines[1]
+
+
+def test_local_expert_jobs_are_spread_over_the_visible_gpus(debug_data, tmp_path, monkeypatch):
+    """Each local job gets one visible GPU (CUDA_VISIBLE_DEVICES), the least busy: two parallel jobs on
+    two GPUs, one each; with more jobs than GPUs they share them in turn; without GPUs nothing is set."""
+    import subprocess
+
+    from soup_train.smalltalk import launch
+
+    run = new_run(debug_data, tmp_path / "run", "em.rounds=1", "em.experts=3")
+    envs = []
+
+    class Done:  # a child that has finished at once
+        returncode = 0
+
+        def __init__(self, argv, env):
+            envs.append(env.get("CUDA_VISIBLE_DEVICES"))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(launch, "pending", lambda run: [0, 1, 2])
+    monkeypatch.setattr(subprocess, "Popen", Done)
+    monkeypatch.setattr(launch.time, "sleep", lambda s: None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert launch.launch_local(run, parallel=2, threads=1, echo=lambda s: None) == [0, 1, 2]
+    assert envs[:2] == ["4", "5"] and envs[2] in ("4", "5")
+    envs.clear()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without GPUs
+    launch.launch_local(run, parallel=2, threads=1, echo=lambda s: None)
+    assert envs == [None, None, None]
