@@ -47,20 +47,58 @@ def one_hot(k: int, i: int) -> np.ndarray:
 
 def evaluate_domains(model: nn.Module, shards: DomainShards, natural: np.ndarray, rows: int,
                      batch_size: int, seq_len: int, device: torch.device,
-                     autocast=contextlib.nullcontext) -> dict[str, dict[str, float]]:
-    """{domain: {"own": loss at its one-hot h, "natural": loss at natural h, "windows": n}}."""
-    was_training = model.training
-    model.eval()
-    out = {}
-    for i, name in enumerate(shards.names):
-        windows = shards.arrays[i][:rows]
-        if len(windows) == 0:
-            continue
-        own = loss_at(model, windows, one_hot(len(natural), i), batch_size, seq_len, device, autocast)
-        nat = loss_at(model, windows, natural, batch_size, seq_len, device, autocast)
-        out[name] = {"own": own, "natural": nat, "windows": int(len(windows))}
-    model.train(was_training)
-    return out
+                     autocast=contextlib.nullcontext, env=None) -> dict[str, dict[str, float]]:
+    """{domain: {"own": loss at its one-hot h, "natural": loss at natural h, "windows": n}}.
+
+    Theta is instantiated once per distinct h (the natural mix once for every domain, not once per
+    batch), as a standalone dense model; under a process group (`env`) each rank evaluates every
+    world_size-th domain and the table is gathered, so k domains cost each rank k / world_size
+    instantiations. A sharded (FSDP2) soup is unsharded once for the whole evaluation, a collective
+    every rank makes, so the ranks' different domains never meet in a collective."""
+    from soup_train.distributed import gather_objects, unwrap
+
+    soup, k = unwrap(model), len(natural)
+    mine = [i for i, w in enumerate(shards.arrays) if len(w[:rows])
+            and (env is None or i % env.world_size == env.rank)]
+    out: dict[str, dict[str, float]] = {}
+    with _full_parameters(model):
+        generic = soup.dense_model(torch.as_tensor(natural, dtype=torch.float32, device=device)).eval()
+        for i in mine:
+            windows = shards.arrays[i][:rows]
+            own = soup.dense_model(torch.as_tensor(one_hot(k, i), dtype=torch.float32, device=device)).eval()
+            out[shards.names[i]] = {"own": _mean_loss(own, windows, batch_size, seq_len, device, autocast),
+                                    "natural": _mean_loss(generic, windows, batch_size, seq_len, device, autocast),
+                                    "windows": int(len(windows))}
+    if env is not None and env.backend is not None:
+        for part in gather_objects(out, env):
+            out.update(part)
+    return {name: out[name] for name in shards.names if name in out}
+
+
+@contextlib.contextmanager
+def _full_parameters(model: nn.Module):
+    """The soup's parameters whole for the block: an FSDP2 module is unsharded once and resharded after."""
+    if hasattr(model, "unshard"):
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+    else:
+        yield
+
+
+@torch.no_grad()
+def _mean_loss(dense: nn.Module, windows: np.ndarray, batch_size: int, seq_len: int, device: torch.device,
+               autocast) -> float:
+    """Mean next-token loss of `windows` under a dense model (every window has seq_len targets)."""
+    losses = []
+    for start in range(0, len(windows), batch_size):
+        batch = torch.as_tensor(np.asarray(windows[start:start + batch_size], dtype=np.int64), device=device)
+        with autocast():
+            logits = dense(batch[:, :seq_len])
+        losses.append(lm_loss(logits, batch[:, 1:seq_len + 1], per_row=True).double().cpu().numpy())
+    return float(np.mean(np.concatenate(losses)))
 
 
 def format_table(evaluation: dict[str, dict[str, float]]) -> str:

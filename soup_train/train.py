@@ -203,7 +203,7 @@ class Trainer:
     def evaluate(self) -> dict[str, dict[str, float]]:
         t = self.cfg.train
         return evaluate_domains(self.model, self.test_shards, self.natural, t.eval_batches * t.batch_size,
-                                t.batch_size, self.cfg.data.seq_len, self.env.device, self.autocast)
+                                t.batch_size, self.cfg.data.seq_len, self.env.device, self.autocast, self.env)
 
     # ----------------------------------------------------------------------------- loop
     def run(self, stop_after: int | None) -> FitResult:

@@ -239,3 +239,31 @@ def test_a_checkpoint_of_the_first_layout_still_resumes_exactly(debug_data, tmp_
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert max(abs(a[s] - b[s]) for s in a) <= RESUME_TOL
     assert (cut / "checkpoints" / "step_0000006" / "train_state" / "optimizer" / ".metadata").is_file()
+
+
+def test_evaluation_instantiates_theta_once_per_h_and_splits_the_domains_over_ranks(debug_run, debug_data,
+                                                                                    monkeypatch):
+    """k domains cost k + 1 instantiations (the natural mix once), the losses are the soup forward's own,
+    and rank r of a world of 2 evaluates domains r, r + 2, ...: together, the whole table."""
+    from soup_train.data.shards import DomainShards
+    from soup_train.distributed import DistEnv
+    from soup_train.evaluate import evaluate_domains, loss_at, one_hot
+    from soup_train.model.soup import SoupModel
+
+    out, _ = debug_run
+    soup, info = load_soup(out)
+    shards = DomainShards.open(debug_data, info.view, "test")
+    t, k = info.run.train, len(info.natural)
+    args = (np.asarray(info.natural), t.eval_batches * t.batch_size, t.batch_size, info.run.data.seq_len,
+            torch.device("cpu"))
+    calls, real = [], SoupModel.dense_model
+    monkeypatch.setattr(SoupModel, "dense_model", lambda self, h: calls.append(h) or real(self, h))
+    table = evaluate_domains(soup, shards, *args)
+    assert len(calls) == k + 1 and len(table) == k
+    for i, name in enumerate(shards.names):  # the soup's own forward, instantiating per batch
+        windows = shards.arrays[i][:t.eval_batches * t.batch_size]
+        assert table[name]["own"] == loss_at(soup, windows, one_hot(k, i), *args[2:])
+        assert table[name]["natural"] == loss_at(soup, windows, np.asarray(info.natural), *args[2:])
+    parts = [evaluate_domains(soup, shards, *args, env=DistEnv(r, 2, r, torch.device("cpu"), None)) for r in (0, 1)]
+    assert list(parts[0]) == shards.names[0::2] and list(parts[1]) == shards.names[1::2]
+    assert {**parts[0], **parts[1]} == table
