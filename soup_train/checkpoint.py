@@ -197,7 +197,10 @@ def write_latest(run_dir: Path, name: str) -> None:
 
 
 def _prune(run_dir: Path, keep_last: int) -> None:
-    steps = sorted((run_dir / "checkpoints").glob("step_*"))
+    """Keep the last `keep_last` checkpoints up to `latest` (one newer than `latest`, left by a kill
+    between a save's rename and its `latest`, is neither counted nor deleted)."""
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    steps = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.name <= latest)
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 

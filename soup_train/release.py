@@ -80,4 +80,14 @@ def _target(out: Path, ckpt: Path, force: bool) -> Path:
         raise CheckpointError(f"--out {out} exists and is a file; choose a directory name")
     if target.exists() and not force:
         raise CheckpointError(f"{out} already exists; pass --force to replace it or choose another --out")
+    if target.exists() and any(target.iterdir()) and not _is_release(target):
+        raise CheckpointError(f"{out} is not a release (no config.json naming one); --force replaces only a release: "
+                              "choose another --out")
     return target
+
+
+def _is_release(path: Path) -> bool:
+    try:
+        return "release" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False

@@ -5,9 +5,9 @@ Layout of `RUN/checkpoints/step_0000100/` (the export files as in `checkpoint`, 
     train_state/optimizer/       the optimizer's moments, one file per rank (torch.distributed.checkpoint)
 
 Saving is collective (every rank calls `save_step`):
-- the weights for export go to `model.safetensors` one tensor at a time: each parameter is gathered
-  (an all-gather under FSDP2, nothing under DDP or one process) and written by rank 0, so the
-  writing rank holds its shard plus one full tensor;
+- the weights for export go to `model.safetensors` one tensor at a time, written by rank 0: a
+  parameter sharded by rows (FSDP2) arrives one rank's rows at a time, so the writing rank holds its
+  shard plus one rank's rows of one tensor, never a whole tensor;
 - the optimizer's moments are written by every rank as its own shard, through
   torch.distributed.checkpoint (DCP), which no rank gathers; the param groups go to state.json;
 - the directory is staged (`.step_N.tmp`) and renamed by rank 0 only once every rank has written
@@ -72,12 +72,16 @@ def save_step(run_dir: Path, step: int, model: nn.Module, optim: torch.optim.Opt
         wait_for_all(env, seconds, f"the start of the save of step {step}")  # the staging directory exists
         try:
             write_full_weights(tmp / "model.safetensors", model, env)
-            groups = save_optimizer(tmp / "train_state" / OPTIMIZER_DIR, model, optim)
-            if env.is_main:
-                record = {**state, "step": step, "param_groups": groups, "optimizer": LAYOUT}
-                (tmp / "train_state" / "state.json").write_text(json.dumps(record) + "\n")
         except Exception as exc:  # noqa: BLE001 - agreed below, raised on every rank
             failed = exc
+        if not any_rank(failed is not None, env):  # every rank enters DCP's collectives, or none
+            try:
+                groups = save_optimizer(tmp / "train_state" / OPTIMIZER_DIR, model, optim)
+                if env.is_main:
+                    record = {**state, "step": step, "param_groups": groups, "optimizer": LAYOUT}
+                    (tmp / "train_state" / "state.json").write_text(json.dumps(record) + "\n")
+            except Exception as exc:  # noqa: BLE001 - agreed below, raised on every rank
+                failed = exc
     if any_rank(failed is not None, env):
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -96,31 +100,77 @@ def save_step(run_dir: Path, step: int, model: nn.Module, optim: torch.optim.Opt
 
 
 def write_full_weights(path: Path, model: nn.Module, env: DistEnv, metadata: dict | None = None) -> None:
-    """Every parameter (tied ones once, canonical names) gathered one at a time and written by rank 0
-    to `path` (collective: every rank calls it), hashed, its SHA-256 recorded. A write error on rank 0
-    does not stop the gathers (the other ranks are in them): it is raised once every tensor went by."""
-    from torch.distributed.tensor import DTensor
-
+    """Every parameter (tied ones once, canonical names) written by rank 0 to `path` (collective:
+    every rank calls it), hashed, its SHA-256 recorded. A parameter sharded by rows (FSDP2) reaches
+    rank 0 one rank's rows at a time (`_row_blocks`): rank 0 holds one shard of one tensor beyond its
+    own, never the whole tensor. A write error on rank 0 does not stop the transfers (the other ranks
+    are in them): it is raised once every tensor went by."""
     params = list(unwrap(model).named_parameters())
     writer = error = None
     if env.is_main:
-        writer = SafetensorsWriter(path, [(n, p.dtype, tuple(p.shape)) for n, p in params],
-                                   metadata or {"format": FORMAT}, hashed=True)
+        try:
+            writer = SafetensorsWriter(path, [(n, p.dtype, tuple(p.shape)) for n, p in params],
+                                       metadata or {"format": FORMAT}, hashed=True)
+        except Exception as exc:  # noqa: BLE001 - raised after the last transfer
+            error = exc
     with torch.no_grad():
         for name, p in params:
-            full = p.full_tensor() if isinstance(p, DTensor) else p.detach()  # collective under FSDP2
+            blocks = _row_blocks(p, env)
             if writer is not None and error is None:
                 try:
-                    writer.write(name, full.cpu())
-                except Exception as exc:  # noqa: BLE001 - raised after the last gather
+                    writer.write_pieces(name, blocks)
+                except Exception as exc:  # noqa: BLE001 - raised after the last transfer
                     error = exc
-            del full
-    if writer is None:
+            for _ in blocks:  # this rank's part of the transfers not yet made (all of them off rank 0)
+                pass
+    if not env.is_main:
         return
+    if error is None:
+        try:
+            record_checksum(path, writer.close())
+        except Exception as exc:  # noqa: BLE001 - a full disk often shows at the last flush
+            error = exc
     if error is not None:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise error
-    record_checksum(path, writer.close())
+
+
+def _row_blocks(p, env: DistEnv):
+    """The rows of parameter `p` in order, as consecutive CPU blocks on rank 0 (an iterator every rank
+    drains in step): a dim-0 sharded DTensor one rank's chunk at a time, sent by its rank to rank 0
+    (torch's chunking, as FSDP2 shards); any other DTensor whole (a gather); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        if env.is_main:
+            yield p.detach().cpu()
+        return
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        full = p.full_tensor()  # collective
+        if env.is_main:
+            yield full.cpu()
+        return
+    import torch.distributed as dist
+
+    rows = [c.shape[0] for c in torch.empty(p.shape[0], device="meta").chunk(mesh.size())]
+    rows += [0] * (mesh.size() - len(rows))
+    group, me = mesh.get_group(), mesh.get_local_rank()
+    local = p.to_local()
+    for r, n in enumerate(rows):
+        if not n:
+            continue
+        if r == 0:
+            if me == 0:
+                yield local.detach().cpu()
+            continue
+        if me == r:
+            dist.send(local.detach().contiguous(), group_dst=0, group=group)
+        elif me == 0:
+            block = torch.empty((n, *p.shape[1:]), dtype=local.dtype, device=local.device)
+            dist.recv(block, group_src=r, group=group)
+            yield block.cpu()
 
 
 def save_optimizer(path: Path, model: nn.Module, optim: torch.optim.Optimizer) -> list[dict]:

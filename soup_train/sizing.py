@@ -9,8 +9,8 @@ the logits (B*T*vocab*6 bytes).
 
 Checkpoints (`sharded`): model.safetensors holds every parameter in fp32 (4 bytes each), the
 optimizer's two moments (8 bytes per parameter) are written by every rank as its own shard
-(1/world of them), and the writing rank gathers one full tensor at a time beyond its shard: at
-most the largest soup tensor.
+(1/world of them), and the writing rank receives one rank's rows of one tensor at a time beyond
+its shard: at most 1/world of the largest soup tensor.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def plan(cfg: RunConfig, n_domains: int, world_size: int) -> dict[str, float]:
             "gb_per_gpu_ddp": ddp / GB, "gb_per_gpu_fsdp": fsdp / GB, "gb_activations": act / GB,
             "gb_checkpoint_weights": counts["total"] * 4 / GB, "gb_checkpoint_optimizer": counts["total"] * 8 / GB,
             "gb_checkpoint_optimizer_per_rank": counts["total"] * 8 / world_size / GB,
-            "gb_save_extra_rank0": counts["largest"] * 4 / GB,
+            "gb_save_extra_rank0": counts["largest"] * 4 / world_size / GB,
             "world_size": world_size, "n_domains": n_domains}
 
 
@@ -52,6 +52,6 @@ def describe(p: dict[str, float]) -> list[str]:
         f"checkpoint on disk:         {p['gb_checkpoint_weights']:,.1f} GB weights (model.safetensors, what export "
         f"reads) + {p['gb_checkpoint_optimizer']:,.1f} GB optimizer, {p['gb_checkpoint_optimizer_per_rank']:,.2f} GB "
         "written by each rank",
-        f"checkpoint memory per rank: its own shard, nothing gathered; the writing rank (0) also one full tensor "
-        f"at a time, at most {p['gb_save_extra_rank0']:,.2f} GB (the largest)",
+        f"checkpoint memory per rank: its own shard, nothing gathered; the writing rank (0) also one rank's rows "
+        f"of one tensor at a time, at most {p['gb_save_extra_rank0']:,.2f} GB",
     ]

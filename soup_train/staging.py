@@ -16,6 +16,8 @@ def staged(target: Path, before_commit: Callable[[], None] | None = None):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+    if old.exists() and not target.exists():  # a kill between the two renames of an earlier run: put it back
+        old.rename(target)
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()

@@ -42,6 +42,20 @@ def train_and_dump(cfg, out: Path, stop_after: str, env) -> None:
 
         trainer.train_step = step_then_signal
         stop_after = "none"
+    if stop_after == "rank0-disk-full":  # rank 0's weights file fails at its last flush (ENOSPC), rank 0 alone
+        import errno
+
+        from soup_train.stream import SafetensorsWriter
+
+        close = SafetensorsWriter.close
+
+        def full(self):
+            if env.rank == 0 and self.path.name == "model.safetensors":
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.tmp))
+            return close(self)
+
+        SafetensorsWriter.close = full
+        stop_after = "none"
     if stop_after == "slow-writer":  # rank 0 takes 8 s to commit a save; the others wait 2 s at most
         import time
 
@@ -81,10 +95,16 @@ def measured(trainer, save, out: Path, env):
         shard = sum(local(p) for _, p in params) + sum(local(v) for st in trainer.optim.state.values()
                                                       for v in st.values() if isinstance(v, torch.Tensor))
         largest = max(p.numel() * p.element_size() for _, p in params)
+        gathers, full_tensor = [], DTensor.full_tensor
+        DTensor.full_tensor = lambda self, *a, **k: gathers.append(1) or full_tensor(self, *a, **k)
         Path("/proc/self/clear_refs").write_text("5")
         before = status("VmRSS")
-        path = save()
+        try:
+            path = save()
+        finally:
+            DTensor.full_tensor = full_tensor
         record = {"before": before, "peak": status("VmHWM"), "shard": shard, "largest": largest,
+                  "full_gathers": len(gathers),
                   "soup": sum(p.numel() * p.element_size() for _, p in params)}
         (out / f"save_memory_rank{env.rank}.json").write_text(json.dumps(record))
         return path

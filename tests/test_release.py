@@ -104,14 +104,14 @@ def test_a_save_that_fails_keeps_the_previous_checkpoint_and_leaves_no_staging(d
     from soup_train.cli import run
     from soup_train.stream import SafetensorsWriter
 
-    real = SafetensorsWriter.write
+    real = SafetensorsWriter._put
 
-    def second_save_fails(self, name, tensor):  # the disk fills up during the save of step 4
+    def second_save_fails(self, data):  # the disk fills up during the save of step 4
         if ".step_0000004.tmp" in str(self.path):
             raise OSError(errno.ENOSPC, "No space left on device", str(self.tmp))
-        return real(self, name, tensor)
+        return real(self, data)
 
-    monkeypatch.setattr(SafetensorsWriter, "write", second_save_fails)
+    monkeypatch.setattr(SafetensorsWriter, "_put", second_save_fails)
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["soup-train", "fit", "--preset", "debug", "--data", str(debug_data),
                                       "--out", str(out), "--no-progress", "--set", "train.steps=4",
@@ -123,3 +123,22 @@ def test_a_save_that_fails_keeps_the_previous_checkpoint_and_leaves_no_staging(d
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000002"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000002"]
+
+
+def test_force_replaces_only_a_release_and_a_kill_between_renames_loses_nothing(debug_ckpt, tmp_path):
+    from soup_train.staging import staged
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    code, err = run_cli("release", debug_ckpt, "--out", other, "--force")
+    assert code != 0 and "is not a release" in err and (other / "keep.txt").read_text() == "mine"
+    target = tmp_path / "bank"
+    target.mkdir()
+    (target / "v1").write_text("old")
+    target.rename(tmp_path / ".bank.old")  # killed after moving the old copy aside, before the new one went in
+    with pytest.raises(RuntimeError):
+        with staged(target) as tmp:
+            (tmp / "v2").write_text("new")
+            raise RuntimeError("this run fails too")
+    assert (target / "v1").read_text() == "old"  # the old copy, put back before anything else

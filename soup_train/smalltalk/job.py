@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from soup_train import checkpoint as ckpt_io
 from soup_train.config import ModelConfig, TrainConfig, save_json, to_dict
-from soup_train.distributed import DistEnv, barrier, gather_objects, mean_over_ranks, process_group, wrap
-from soup_train.errors import ResumeError
+from soup_train.distributed import DistEnv, any_rank, barrier, gather_objects, mean_over_ranks, process_group, wrap
+from soup_train.errors import DistributedError, ResumeError
 from soup_train.model.llama import Llama
 from soup_train.runlog import RunLog
 from soup_train.sharded import load_step, save_step, write_full_weights
@@ -140,7 +140,7 @@ class _Runner:
                                   "lr": lr_at(self.step - 1, t), "tokens": self.step * tokens, "tokens_per_s": rate})
                     bar.set_postfix(loss=f"{loss:.3f}")
                     clock = time.perf_counter()
-                stopping = preempt.requested or (stop_after is not None and self.step >= stop_after)
+                stopping = any_rank(preempt.requested, self.env) or (stop_after is not None and self.step >= stop_after)
                 if self.step % t.ckpt_every == 0 or self.step == t.steps or stopping:
                     self.save()
                 if stopping:
@@ -153,7 +153,16 @@ class _Runner:
         if self.step >= t.steps:  # every rank: an FSDP expert's parameters are gathered one at a time
             if hasattr(self.model, "reshard"):
                 self.model.reshard()
-            write_full_weights(self.out / "model.safetensors", self.model, self.env, {"format": RUN_FORMAT})
+            failed = None
+            try:
+                write_full_weights(self.out / "model.safetensors", self.model, self.env, {"format": RUN_FORMAT})
+            except Exception as exc:  # noqa: BLE001 - agreed: every rank stops with an error
+                failed = exc
+            if any_rank(failed is not None, self.env):
+                if failed is not None:
+                    raise failed
+                raise DistributedError(f"{self.job.name}: rank 0 failed to write the expert's weights (its error "
+                                       "is in its log); rerun the job: it resumes from its last checkpoint")
             if self.env.is_main:
                 save_json(self.out / "job.json", {**self.job.identity(), "steps_done": self.step,
                                                   "world_size": self.env.world_size, "tokens": self.step * tokens})
