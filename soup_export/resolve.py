@@ -18,7 +18,7 @@ from soup_export.bank import Bank, checkpoint_ref
 from soup_export.errors import ExportInputError
 from soup_export.layout import HF_WEIGHTS, SPEC_FILE, hf_side_files, spec_bytes, write_files
 from soup_export.mix import Mix
-from soup_train.stream import SafetensorsWriter
+from soup_train.stream import SafetensorsWriter, all_written
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -45,16 +45,10 @@ def resolve_batch(ckpt: Path, mixes: list[Mix], outs: list[Path], dtype: str = "
     for out in outs:
         out.mkdir(parents=True, exist_ok=True)
         writers.append(SafetensorsWriter(out / HF_WEIGHTS, specs, {"format": "pt"}))
-    try:
+    with all_written(writers):
         for name, tensors in bank.fused(alphas, progress):
             for writer, tensor in zip(writers, tensors):
                 writer.write(name, tensor)
-        for writer in writers:
-            writer.close()
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
     side = hf_side_files(bank.info.run.model, bank.tokenizer, dtype)
     for out, mix, alpha in zip(outs, mixes, alphas):
         write_files(out, {**side, SPEC_FILE: spec_bytes(mix, alpha, checkpoint_ref(bank), dtype)})

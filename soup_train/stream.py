@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +92,17 @@ class SafetensorsWriter:
         if self._hasher is not None:
             self._hasher.shutdown(wait=True, cancel_futures=True)
         self.tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def all_written(writers: list[SafetensorsWriter]) -> Iterator[list[SafetensorsWriter]]:
+    """Close every writer in `writers` (a list the block may still append to) if the block succeeds;
+    abort every one (its temporary file removed) if it fails."""
+    try:
+        yield writers
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise

@@ -36,7 +36,7 @@ from soup_export.graph import DecoderGraph, rotary_table, weight_order
 from soup_export.layout import DATA_FILE, HF_DIR, HF_WEIGHTS, ONNX_DIR, SPEC_FILE
 from soup_export.meter import section
 from soup_train.model.soup_math import combine_many
-from soup_train.stream import SafetensorsWriter
+from soup_train.stream import SafetensorsWriter, all_written
 
 
 def run(source, job, outputs, settings, progress: bool = False):
@@ -60,7 +60,7 @@ def run(source, job, outputs, settings, progress: bool = False):
         # measured now (once per machine) if never, not during the pass
         in_place = READS[settings.reads] if settings.reads != "auto" else native.reads_in_place(torch.get_num_threads())
     try:
-        with _Writer(files, lanes=min(torch.get_num_threads(), MAX_LANES)) as writer:
+        with all_written(hf_writers), _Writer(files, lanes=min(torch.get_num_threads(), MAX_LANES)) as writer:
             # every output's directories and small files, made by the writer's lanes while the first
             # tensors are fused (creating a customer's files takes milliseconds on some file systems:
             # docs/internals.md)
@@ -74,12 +74,6 @@ def run(source, job, outputs, settings, progress: bool = False):
                                     in_place=in_place)
             _write_weights(weights, hf_writers, writer, kernel)
             writer.submit(_finish, g.data_size())
-        for w in hf_writers:
-            w.close()
-    except BaseException:
-        for w in hf_writers:
-            w.abort()
-        raise
     finally:
         for _, fh in files:
             fh.close()

@@ -14,7 +14,7 @@ from soup_export.engine.encode import encode_one
 from soup_export.graph import rotary_table, weight_order
 from soup_export.layout import DATA_FILE, HF_WEIGHTS, SPEC_FILE, write_files
 from soup_train.model.soup_math import combine
-from soup_train.stream import SafetensorsWriter
+from soup_train.stream import SafetensorsWriter, all_written
 
 
 def run(source, job, outputs, settings, progress: bool = False):
@@ -32,28 +32,23 @@ def run(source, job, outputs, settings, progress: bool = False):
         parts.setdefault(s.weight, []).append((s, offset))
     data = [open(o.onnx / DATA_FILE, "wb") for o in outputs]
     try:
-        tensors = source.tensors(dense, progress)
-        for name in weight_order(g):
-            stopping.check()
-            if name.startswith("@"):  # architecture-derived tables: the same for every output
-                arrays = [rotary_table(g.arch, name.split(".")[1])] * len(outputs)
-            else:
-                got, shared, experts = next(tensors)
-                assert got == name, (got, name)
-                fused = [combine(shared, experts, o.alpha) for o in outputs]
-                for writer, tensor in zip(hf, fused):
-                    writer.write(name, tensor)
-                arrays = [t.numpy() for t in fused]
-            for fh, w in zip(data, arrays):
-                _write_weight(fh, parts[name], w)
-        for fh in data:
-            fh.truncate(g.data_size())
-        for writer in hf:
-            writer.close()
-    except BaseException:
-        for writer in hf:
-            writer.abort()
-        raise
+        with all_written(hf):
+            tensors = source.tensors(dense, progress)
+            for name in weight_order(g):
+                stopping.check()
+                if name.startswith("@"):  # architecture-derived tables: the same for every output
+                    arrays = [rotary_table(g.arch, name.split(".")[1])] * len(outputs)
+                else:
+                    got, shared, experts = next(tensors)
+                    assert got == name, (got, name)
+                    fused = [combine(shared, experts, o.alpha) for o in outputs]
+                    for writer, tensor in zip(hf, fused):
+                        writer.write(name, tensor)
+                    arrays = [t.numpy() for t in fused]
+                for fh, w in zip(data, arrays):
+                    _write_weight(fh, parts[name], w)
+            for fh in data:
+                fh.truncate(g.data_size())
     finally:
         for fh in data:
             fh.close()
