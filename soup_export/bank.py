@@ -22,14 +22,14 @@ from tqdm import tqdm
 
 from soup_export.cache import cached_sha256, file_sha256
 from soup_train.safetensors_map import BANK_DTYPES, MappedSafetensors, safetensors_header
-from soup_train.checkpoint import CHECKSUMS, CheckpointInfo, read_info, recorded_checksum, resolve_checkpoint
+from soup_train.checkpoint import (CHECKSUMS, TOKENIZER, WEIGHTS, CheckpointInfo, read_info, recorded_checksum,
+                                   resolve_checkpoint)
 from soup_train.config import ModelConfig, SoupConfig
 from soup_train.errors import CheckpointError
 from soup_train.model.soup import CoefficientMLP
 from soup_train.model.soup_math import COEF_PREFIX, SHARED_PREFIX, combine_many, expert_keys, instantiate
 
 log = logging.getLogger(__name__)
-WEIGHTS, TOKENIZER = "model.safetensors", "tokenizer.json"  # a checkpoint's files (soup_train.checkpoint writes them)
 
 
 @dataclass(frozen=True)

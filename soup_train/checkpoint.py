@@ -36,6 +36,7 @@ from soup_train.staging import staged
 from soup_train.stream import SafetensorsWriter
 
 FORMAT = "soup-checkpoint-v1"
+WEIGHTS, TOKENIZER = "model.safetensors", "tokenizer.json"  # a checkpoint's weights (what export reads) and tokenizer
 
 
 def _full_state_dicts():
@@ -110,7 +111,7 @@ def write_step(run_dir: Path, step: int, model_sd: dict, optim_sd: dict, state: 
         (tmp / "train_state").mkdir()
         if side_files is not None:
             side_files(tmp)
-        write_weights(tmp / "model.safetensors", model_sd, {"format": FORMAT})
+        write_weights(tmp / WEIGHTS, model_sd, {"format": FORMAT})
         tensors = {f"{p}::{name}": t.contiguous() for p, st in optim_sd["state"].items()
                    for name, t in st.items() if isinstance(t, torch.Tensor)}
         write_tensors(tmp / "train_state" / "optimizer.safetensors", tensors)
@@ -239,7 +240,7 @@ def read_info(ckpt: Path) -> CheckpointInfo:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint directory from either itself or a run directory (its latest checkpoint)."""
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+    if (path / "config.json").is_file() and (path / WEIGHTS).is_file():
         return path
     found = latest_checkpoint(path) if path.is_dir() else None
     if found is None:
@@ -259,7 +260,7 @@ def load_soup(path: Path, device: str = "cpu") -> tuple[SoupModel, CheckpointInf
     ckpt = resolve_checkpoint(path)
     info = read_info(ckpt)
     soup = SoupModel(info.run.model, info.run.soup, len(info.domains))
-    load_model_tensors(soup, read_tensors(ckpt / "model.safetensors"), ckpt)
+    load_model_tensors(soup, read_tensors(ckpt / WEIGHTS), ckpt)
     return soup.to(device).eval(), info
 
 
@@ -304,7 +305,7 @@ def restore_train_state(ckpt: Path, model: nn.Module, optim: torch.optim.Optimiz
 def restore_step(ckpt: Path, model: nn.Module, optim: torch.optim.Optimizer) -> dict:
     """Load `write_step`'s model + optimizer state into a (wrapped) model; returns its state.json."""
     state = json.loads((ckpt / "train_state" / "state.json").read_text())
-    model_sd = read_tensors(ckpt / "model.safetensors")
+    model_sd = read_tensors(ckpt / WEIGHTS)
     for alias, name in tied_aliases(unwrap(model)).items():  # tied weights are stored once
         if name in model_sd:
             model_sd.setdefault(alias, model_sd[name])

@@ -220,10 +220,11 @@ def release(run: Path, out: Path, step: int | None, dtype: str, force: bool) -> 
       soup-train release runs/110m --step 20000 --dtype bf16 --out /banks/soup-110m
       soup-export build /banks/soup-110m --mix austen=1 --out exports/austen
     """
+    from soup_train.checkpoint import WEIGHTS
     from soup_train.release import release as run_release
 
     target = run_release(run, out, step, dtype, force)
-    size = (target / "model.safetensors").stat().st_size
+    size = (target / WEIGHTS).stat().st_size
     click.echo(f"wrote {out}: {dtype} weights, {size / 1e9:.2f} GB, SHA-256 recorded")
 
 

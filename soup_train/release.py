@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
-from soup_train.checkpoint import FORMAT, read_info, record_checksum, resolve_checkpoint, step_dir, stream_tensors
+from soup_train.checkpoint import (FORMAT, TOKENIZER, WEIGHTS, read_info, record_checksum, resolve_checkpoint, step_dir,
+                                   stream_tensors)
+from soup_train.data.domains import DOMAINS_DIR as DOMAINS
 from soup_train.errors import CheckpointError
 from soup_train.model.soup_math import COEF_PREFIX
 from soup_train.safetensors_map import MappedSafetensors
 from soup_train.staging import staged
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-WEIGHTS, TOKENIZER, DOMAINS = "model.safetensors", "tokenizer.json", "domains"
 
 
 def release(run: Path, out: Path, step: int | None = None, dtype: str = "fp32", force: bool = False) -> Path:

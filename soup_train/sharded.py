@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from soup_train.checkpoint import FORMAT, _prune, record_checksum, restore_step, step_dir, write_latest
+from soup_train.checkpoint import FORMAT, WEIGHTS, _prune, record_checksum, restore_step, step_dir, write_latest
 from soup_train.distributed import DistEnv, any_rank, unwrap, wait_for_all
 from soup_train.errors import CheckpointError
 from soup_train.stream import SafetensorsWriter
@@ -71,7 +71,7 @@ def save_step(run_dir: Path, step: int, model: nn.Module, optim: torch.optim.Opt
     if not any_rank(failed is not None, env):
         wait_for_all(env, seconds, f"the start of the save of step {step}")  # the staging directory exists
         try:
-            write_full_weights(tmp / "model.safetensors", model, env)
+            write_full_weights(tmp / WEIGHTS, model, env)
         except Exception as exc:  # noqa: BLE001 - agreed below, raised on every rank
             failed = exc
         if not any_rank(failed is not None, env):  # every rank enters DCP's collectives, or none
@@ -231,7 +231,7 @@ def load_step(ckpt: Path, model: nn.Module, optim: torch.optim.Optimizer) -> dic
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    load_full_weights(ckpt / "model.safetensors", model)
+    load_full_weights(ckpt / WEIGHTS, model)
     osd = get_optimizer_state_dict(model, optim)
     target = {"state": osd["state"]}
     with _one_process_is_fine():
