@@ -84,7 +84,8 @@ def test_quantized_logits_equal_those_of_the_dequantized_reference(hf_dir, debug
         print(f"{tier} weight_only={weight_only} {executor}: max|onnx - reference| {diff.max():.3g}, "
               f"mean {diff.mean():.3g}; max|reference - fp32| {np.abs(reference - unrounded).max():.3g}")
         if weight_only:
-            assert np.abs(reference - unrounded).max() > 50 * WEIGHT_TOL  # the rounding is far above the tolerance
+            # the rounding is far above the tolerance (fp16's the least: 8.3e-4 on the CI machine)
+            assert np.abs(reference - unrounded).max() > (10 if tier == "fp16" else 50) * WEIGHT_TOL
             assert diff.max() <= WEIGHT_TOL, (executor, diff.max(), np.unravel_index(diff.argmax(), diff.shape))
         else:
             assert diff.max() <= SHIPPED_MAX and diff.mean() <= SHIPPED_MEAN, (executor, diff.max(), diff.mean())
