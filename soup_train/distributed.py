@@ -5,9 +5,16 @@ Design choices:
   process group is created. Backend: nccl on CUDA, gloo on CPU, picked automatically.
 - `parallel=ddp` (default) wraps the soup in DistributedDataParallel: every rank holds S, the
   bank and the coefficient MLP, gradients are averaged. `parallel=fsdp` applies FSDP2's
-  `fully_shard` to the whole soup: parameters, gradients and AdamW state are sharded across
-  ranks (the bank is the memory), and gathered transiently for the instantiation of Theta(h).
-  Instantiation needs the whole bank at once, so the unit of sharding is the soup.
+  `fully_shard` per part of the dense model: one unit for each bank slice (the embedding's, each
+  decoder layer's, the final norm's, an untied head's), whose forward instantiates that part's
+  Theta, resharded after forward and gathered again in backward; the root unit holds the rest,
+  the shared tensors S (one dense model: 1/(n+1) of the soup) and the coefficient MLP. A rank
+  holds its shard of the soup, of its gradients and of AdamW's moments, S whole, and one slice
+  of the bank whole at a time (two while the next one's gather overlaps). Parameters are
+  all-gathered and gradients reduced in fp32 (`MixedPrecisionPolicy`): Theta is instantiated
+  from the fp32 bank, as export fuses it, and autocast casts it for the matrix products.
+  The soup is built on the meta device and each rank draws only its own rows
+  (`materialise`); DDP and a single process build it whole, to the same values.
 - One h per rank per step (see `soup_train.data.sampler`): ranks train different specialists
   in the same step and DDP/FSDP average their gradients.
 - Gradient accumulation suspends gradient sync on all but the last micro-batch.
@@ -20,6 +27,7 @@ import functools
 import gc
 import os
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,18 +108,77 @@ def _clear_traceback_locals(exc: BaseException | None) -> None:
 
 
 def wrap(model: nn.Module, env: DistEnv, parallel: str) -> nn.Module:
-    """Apply data parallelism; identity for a single process."""
+    """Apply data parallelism to a model whose parameters hold their values; identity for a single
+    process."""
     if env.backend is None:
         return model
     if parallel == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        # the mesh on the run's device: FSDP's default mesh is CUDA's whenever a GPU is visible, even
-        # for train.device=cpu over gloo
-        return fully_shard(model, mesh=init_device_mesh(env.device.type, (env.world_size,)))
+        return shard(model, env)
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def shard(model: nn.Module, env: DistEnv) -> nn.Module:
+    """FSDP2 per unit (`units`), then the root over what is left."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # the mesh on the run's device: FSDP's default mesh is CUDA's whenever a GPU is visible, even
+    # for train.device=cpu over gloo
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    for unit in units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=fp32, reshard_after_forward=True)
+    return fully_shard(model, mesh=mesh, mp_policy=fp32)
+
+
+def units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 shards as units of their own: a soup's bank slices (`SoupModel.slices`), a
+    dense model's decoder layers (SmallTalk's experts)."""
+    if hasattr(model, "slices"):
+        return list(model.slices())
+    return list(getattr(getattr(model, "model", None), "layers", []))
+
+
+def materialise(model: nn.Module, env: DistEnv, parallel: str,
+                init: Callable[[nn.Module, Callable | None], None]) -> nn.Module:
+    """A model built on the meta device, on `env.device` with its initial values, wrapped for
+    `parallel`. `init(model, place)` fills it (see `soup_train.model.init.init_soup`; `place` None:
+    every parameter whole); under FSDP2 the model is sharded first and each rank draws only its own
+    rows of each parameter (`local_rows`)."""
+    sharded = env.backend is not None and parallel == "fsdp"
+    wrapped = shard(model, env) if sharded else model
+    model.to_empty(device=env.device)
+    init(model, local_rows if sharded else None)
+    return wrapped if sharded else wrap(model, env, parallel)
+
+
+def local_rows(p: nn.Parameter) -> tuple[torch.Tensor, int]:
+    """This rank's rows of a parameter and the index of the first (FSDP2's dim-0 chunks, as
+    `torch.chunk` cuts them); a parameter that is not sharded: all of it."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        return p.data, 0
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise DistributedError(f"a parameter of shape {tuple(p.shape)} is sharded as {p.placements}; "
+                               "only FSDP2's dim-0 sharding is supported")
+    per_rank = -(-p.shape[0] // p.device_mesh.size())
+    return p.to_local(), min(p.shape[0], per_rank * p.device_mesh.get_local_rank())
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module):
+    """A module's own FSDP2 unit whole for the block (gathered, then resharded after); any other module
+    as it is. The root unit gathers only its own parameters: units below it stay sharded."""
+    if not hasattr(module, "unshard"):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -53,39 +53,36 @@ def evaluate_domains(model: nn.Module, shards: DomainShards, natural: np.ndarray
     Theta is instantiated once per distinct h (the natural mix once for every domain, not once per
     batch), as a standalone dense model; under a process group (`env`) each rank evaluates every
     world_size-th domain and the table is gathered, so k domains cost each rank k / world_size
-    instantiations. A sharded (FSDP2) soup is unsharded once for the whole evaluation, a collective
-    every rank makes, so the ranks' different domains never meet in a collective."""
-    from soup_train.distributed import gather_objects, unwrap
+    instantiations. A sharded (FSDP2) soup's root unit (S and the coefficient MLP) is gathered once
+    for the whole evaluation and each bank slice while its part is instantiated, so a rank holds one
+    slice of the bank whole at a time; those gathers are collectives, so every rank instantiates
+    the same number of times (a rank with fewer domains instantiates the natural mix again)."""
+    from soup_train.distributed import gather_objects, gathered, unwrap
 
     soup, k = unwrap(model), len(natural)
-    mine = [i for i, w in enumerate(shards.arrays) if len(w[:rows])
-            and (env is None or i % env.world_size == env.rank)]
+    world, rank = (env.world_size, env.rank) if env is not None else (1, 0)
+    present = [i for i, w in enumerate(shards.arrays) if len(w[:rows])]
+    mine = present[rank::world]
+    # a sharded soup gathers its slices in collectives: every rank instantiates as many times
+    rounds = len(present[::world]) if hasattr(model, "unshard") else len(mine)
     out: dict[str, dict[str, float]] = {}
-    with _full_parameters(model):
-        generic = soup.dense_model(torch.as_tensor(natural, dtype=torch.float32, device=device)).eval()
-        for i in mine:
+    natural_h = torch.as_tensor(natural, dtype=torch.float32, device=device)
+    with gathered(model):
+        generic = soup.dense_model(natural_h, gathered).eval()
+        for r in range(rounds):
+            i = mine[r] if r < len(mine) else None
+            own = soup.dense_model(natural_h if i is None else
+                                   torch.as_tensor(one_hot(k, i), dtype=torch.float32, device=device), gathered)
+            if i is None:
+                continue
             windows = shards.arrays[i][:rows]
-            own = soup.dense_model(torch.as_tensor(one_hot(k, i), dtype=torch.float32, device=device)).eval()
-            out[shards.names[i]] = {"own": _mean_loss(own, windows, batch_size, seq_len, device, autocast),
+            out[shards.names[i]] = {"own": _mean_loss(own.eval(), windows, batch_size, seq_len, device, autocast),
                                     "natural": _mean_loss(generic, windows, batch_size, seq_len, device, autocast),
                                     "windows": int(len(windows))}
     if env is not None and env.backend is not None:
         for part in gather_objects(out, env):
             out.update(part)
     return {name: out[name] for name in shards.names if name in out}
-
-
-@contextlib.contextmanager
-def _full_parameters(model: nn.Module):
-    """The soup's parameters whole for the block: an FSDP2 module is unsharded once and resharded after."""
-    if hasattr(model, "unshard"):
-        model.unshard()
-        try:
-            yield
-        finally:
-            model.reshard()
-    else:
-        yield
 
 
 @torch.no_grad()

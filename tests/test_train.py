@@ -257,7 +257,7 @@ def test_evaluation_instantiates_theta_once_per_h_and_splits_the_domains_over_ra
     args = (np.asarray(info.natural), t.eval_batches * t.batch_size, t.batch_size, info.run.data.seq_len,
             torch.device("cpu"))
     calls, real = [], SoupModel.dense_model
-    monkeypatch.setattr(SoupModel, "dense_model", lambda self, h: calls.append(h) or real(self, h))
+    monkeypatch.setattr(SoupModel, "dense_model", lambda self, h, *a: calls.append(h) or real(self, h, *a))
     table = evaluate_domains(soup, shards, *args)
     assert len(calls) == k + 1 and len(table) == k
     for i, name in enumerate(shards.names):  # the soup's own forward, instantiating per batch

@@ -132,9 +132,14 @@ class Llama(nn.Module):
         self.cfg = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """The head reads the embedding's tensor when the config ties them (again after `to_empty`,
+        which gives each module a tensor of its own)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def reset_parameters(self) -> None:
         """HF-style init: every matrix ~ N(0, init_std^2), norm weights = 1 (nothing to do on the meta device,
@@ -146,6 +151,11 @@ class Llama(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+
+    def reset_buffers(self, device: torch.device) -> None:
+        """The rotary frequencies on `device` (a model materialised from the meta device, by `to_empty` or
+        by loading with `assign=True`, has them undefined or on the meta device)."""
+        self.model.inv_freq = rope_inv_freq(self.cfg).to(device)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab)."""
