@@ -1,11 +1,21 @@
 """`fit --dry-run`: parameter counts, memory per GPU and tokens per step, without allocating.
 
-Memory model (fp32 master weights, AdamW): 16 bytes per trained parameter (weights 4, gradients
-4, two moments 8). DDP replicates all of it on every GPU; FSDP2 shards it over the world size but
-gathers the full soup (4 bytes per parameter) transiently to instantiate Theta(h). Both add the
-instantiated model (4 bytes per parameter, plus its gradient) and activations, estimated as
-B*T*d*(34 + 5*heads*T/d) bytes per layer (Korthikanti et al. 2022, bf16, no recomputation) plus
-the logits (B*T*vocab*6 bytes).
+Memory per GPU (GiB), fp32 master weights and AdamW, the parts of one training step at its peak
+(the middle of the backward pass). P is the soup's parameter count, W the world size, R the root
+unit's (the shared tensors S and the coefficient MLP), U the largest bank slice's (one part of the
+dense model: the embedding's, or one decoder layer's) and D the instantiated model's:
+- state: weights, gradients and AdamW's two moments, 16 bytes per parameter: 16P under DDP, whose
+  gradient buckets add 4P more; 16P / W under FSDP2;
+- FSDP2's root unit, gathered through forward and backward with its gradients: 8R;
+- FSDP2's slices in flight, at their most in backward: the slice being computed (its gathered
+  weights, its gradients before the reduce-scatter, the reduce-scatter's buffer) and the
+  all-gather of the slice before it (prefetch): 4 * max_i (3 U_i + U_{i-1}), slices in forward
+  order. The embedding's slice runs last in backward with nothing to prefetch;
+- Theta, kept for backward: 4D in fp32, plus its 16-bit copies under bf16 autocast (2D);
+- activations: B*T*d*(34 + 5*heads*T/d) bytes per layer in bf16 (Korthikanti et al. 2022, no
+  recomputation), without the 5*heads*T/d attention-matrix term on CUDA (flash attention), twice
+  that in fp32; the logits, their fp32 copy for the loss and its gradient: B*T*vocab*(6 or 8).
+`tests/test_memory.py` checks the FSDP2 figure against torch's FSDP memory tracker on two CPU ranks.
 
 Checkpoints (`sharded`): model.safetensors holds every parameter in fp32 (4 bytes each), the
 optimizer's two moments (8 bytes per parameter) are written by every rank as its own shard
@@ -15,26 +25,51 @@ its shard: at most 1/world of the largest soup tensor.
 from __future__ import annotations
 
 from soup_train.config import RunConfig
-from soup_train.model.soup import count_parameters
+from soup_train.model.soup import count_parameters, meta_soup
 
-GB = 1024**3
+GIB = 1024**3
+WORLD_SIZES = (8, 32, 128)  # the world sizes every dry run prints FSDP2's memory for
+
+
+def unit_counts(cfg: RunConfig, n_domains: int) -> dict[str, int]:
+    """Parameters of FSDP2's root unit (S and the coefficient MLP), and the most parameters of bank
+    slices in flight at once in backward, max_i (3 U_i + U_{i-1}) (see the module's docstring)."""
+    soup = meta_soup(cfg.model, cfg.soup, n_domains)
+    slices = [sum(p.numel() for p in s.parameters()) for s in soup.slices()]
+    total = sum(p.numel() for p in soup.parameters())
+    in_flight = max(3 * u + (slices[i - 1] if i else 0) for i, u in enumerate(slices))
+    return {"root": total - sum(slices), "slices_in_flight": in_flight}
+
+
+def memory(cfg: RunConfig, n_domains: int, world_size: int, device: str = "cuda") -> dict[str, float]:
+    """Bytes per GPU by part (see the module's docstring), under DDP and FSDP2."""
+    m, t = cfg.model, cfg.train
+    counts = {**count_parameters(m, cfg.soup, n_domains), **unit_counts(cfg, n_domains)}
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device == "cuda")
+    seq = cfg.data.seq_len or m.max_seq_len
+    per_layer = 34 + (0 if device == "cuda" else 5 * m.n_heads * seq / m.d_model)
+    act = t.batch_size * seq * m.d_model * per_layer * m.n_layers * (1 if bf16 else 2)
+    act += t.batch_size * seq * m.vocab_size * (6 if bf16 else 8)
+    theta = counts["instantiated"] * (6 if bf16 else 4)
+    p = counts["total"]
+    fsdp = {"state": 16 * p / world_size, "root": 8 * counts["root"], "slices": 4 * counts["slices_in_flight"],
+            "theta": theta, "activations": act}
+    return {"counts": counts, "ddp": 20 * p + theta + act, "fsdp": fsdp, "fsdp_total": sum(fsdp.values())}
 
 
 def plan(cfg: RunConfig, n_domains: int, world_size: int) -> dict[str, float]:
     m, t = cfg.model, cfg.train
-    counts = count_parameters(m, cfg.soup, n_domains)
+    mem = memory(cfg, n_domains, world_size)
+    counts = mem["counts"]
     seq = cfg.data.seq_len or m.max_seq_len
-    act = t.batch_size * seq * m.d_model * (34 + 5 * m.n_heads * seq / m.d_model) * m.n_layers
-    act += t.batch_size * seq * m.vocab_size * 6
-    theta = counts["instantiated"] * 8
-    ddp = counts["total"] * 16 + theta + act
-    fsdp = counts["total"] * 16 / world_size + counts["total"] * 4 + theta + act
     return {**{f"params_{k}": v for k, v in counts.items()},
             "tokens_per_step": t.batch_size * seq * t.grad_accum * world_size,
-            "gb_per_gpu_ddp": ddp / GB, "gb_per_gpu_fsdp": fsdp / GB, "gb_activations": act / GB,
-            "gb_checkpoint_weights": counts["total"] * 4 / GB, "gb_checkpoint_optimizer": counts["total"] * 8 / GB,
-            "gb_checkpoint_optimizer_per_rank": counts["total"] * 8 / world_size / GB,
-            "gb_save_extra_rank0": counts["largest"] * 4 / world_size / GB,
+            "gib_per_gpu_ddp": mem["ddp"] / GIB, "gib_per_gpu_fsdp": mem["fsdp_total"] / GIB,
+            **{f"gib_fsdp_{k}": v / GIB for k, v in mem["fsdp"].items()},
+            **{f"gib_per_gpu_fsdp_w{w}": memory(cfg, n_domains, w)["fsdp_total"] / GIB for w in WORLD_SIZES},
+            "gib_checkpoint_weights": counts["total"] * 4 / GIB, "gib_checkpoint_optimizer": counts["total"] * 8 / GIB,
+            "gib_checkpoint_optimizer_per_rank": counts["total"] * 8 / world_size / GIB,
+            "gib_save_extra_rank0": counts["largest"] * 4 / world_size / GIB,
             "world_size": world_size, "n_domains": n_domains}
 
 
@@ -47,11 +82,14 @@ def describe(p: dict[str, float]) -> list[str]:
         f"(bank {p['params_experts'] / 1e6:,.1f}M, MLP {p['params_coef_mlp'] / 1e6:,.2f}M)",
         f"world size:                 {p['world_size']}",
         f"tokens per optimizer step:  {p['tokens_per_step']:,}",
-        f"memory per GPU, DDP:        {p['gb_per_gpu_ddp']:,.1f} GB",
-        f"memory per GPU, FSDP2:      {p['gb_per_gpu_fsdp']:,.1f} GB (activations {p['gb_activations']:.1f} GB)",
-        f"checkpoint on disk:         {p['gb_checkpoint_weights']:,.1f} GB weights (model.safetensors, what export "
-        f"reads) + {p['gb_checkpoint_optimizer']:,.1f} GB optimizer, {p['gb_checkpoint_optimizer_per_rank']:,.2f} GB "
+        f"memory per GPU, DDP:        {p['gib_per_gpu_ddp']:,.1f} GiB",
+        f"memory per GPU, FSDP2:      {p['gib_per_gpu_fsdp']:,.1f} GiB (state {p['gib_fsdp_state']:.1f}, root unit "
+        f"{p['gib_fsdp_root']:.1f}, bank slices in flight {p['gib_fsdp_slices']:.1f}, Theta {p['gib_fsdp_theta']:.1f}, "
+        f"activations {p['gib_fsdp_activations']:.1f})",
+        "FSDP2 by world size:        " + ", ".join(f"{w} GPUs {p[f'gib_per_gpu_fsdp_w{w}']:,.1f} GiB" for w in WORLD_SIZES),
+        f"checkpoint on disk:         {p['gib_checkpoint_weights']:,.1f} GiB weights (model.safetensors, what export "
+        f"reads) + {p['gib_checkpoint_optimizer']:,.1f} GiB optimizer, {p['gib_checkpoint_optimizer_per_rank']:,.2f} GiB "
         "written by each rank",
         f"checkpoint memory per rank: its own shard, nothing gathered; the writing rank (0) also one rank's rows "
-        f"of one tensor at a time, at most {p['gb_save_extra_rank0']:,.2f} GB",
+        f"of one tensor at a time, at most {p['gib_save_extra_rank0']:,.2f} GiB",
     ]

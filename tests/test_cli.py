@@ -49,6 +49,11 @@ def test_dry_run_sizes_the_paper_preset_for_a_cluster():
     m, n = run_preset("paper-110m").model, run_preset("paper-110m").soup.n_experts
     assert abs(extra - n * m.vocab_size * m.d_model * 4 / 8 / 1024**3) < 0.01  # an eighth of the embedding's bank
     assert extra < weights / 32  # one shard of one tensor: far below the gathered soup and its moments
+    assert "GB" not in result.output.replace("GiB", "")  # binary units, named as such
+    by_world = lines["FSDP2 by world size"].split(":")[1].split(",")
+    sizes = [float(part.split("GPUs")[1].split("GiB")[0]) for part in by_world]
+    assert [part.split()[0] for part in by_world] == ["8", "32", "128"] and sizes == sorted(sizes, reverse=True)
+    assert sizes[0] < 80 < float(lines["memory per GPU, DDP"].split(":")[1].split()[0])  # FSDP2 fits 80 GB GPUs
 
 
 def test_estimate_and_eval_and_plot_on_real_artifacts(debug_data, tmp_path):
