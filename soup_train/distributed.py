@@ -221,6 +221,24 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return bool(t.item())
 
 
+def raise_together(error: BaseException | None, env: DistEnv, what: str) -> None:
+    """Raise on every rank when any rank's `error` is set (one small all-reduce when none is): that
+    rank raises its own error, the others a `DistributedError` that names the rank, `what` it failed
+    and its message. A rank that failed alone would otherwise leave the others waiting in the next
+    collective until a timeout."""
+    if env.backend is None:
+        if error is not None:
+            raise error
+        return
+    if not any_rank(error is not None, env):
+        return
+    messages = gather_objects(None if error is None else f"{type(error).__name__}: {error}", env)
+    if error is not None:
+        raise error
+    rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+    raise DistributedError(f"rank {rank} failed {what}: {message}")
+
+
 def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     """Every rank's object, on every rank (small JSON-like objects only)."""
     if env.backend is None:

@@ -28,7 +28,8 @@ from soup_train.config import RunConfig, TrainConfig, save_json, to_dict
 from soup_train.data.sampler import MetaDistribution, MixSampler
 from soup_train.data.shards import DomainShards, read_index
 from soup_train.distributed import (
-    DistEnv, any_rank, gather_objects, grad_sync, materialise, mean_over_ranks, process_group, unwrap,
+    DistEnv, any_rank, gather_objects, grad_sync, materialise, mean_over_ranks, process_group, raise_together,
+    unwrap,
 )
 from soup_train.errors import ConfigError
 from soup_train.evaluate import evaluate_domains
@@ -200,7 +201,12 @@ class Trainer:
         t, device = self.cfg.train, self.env.device
         hs = ([self.sampler.next_h() for _ in range(t.grad_accum)] if self.cfg.meta.h_per_micro_batch
               else [self.sampler.next_h()] * t.grad_accum)
-        batches = (torch.from_numpy(self.sampler.batch(m, h, t.batch_size)).to(device) for m, h in enumerate(hs))
+        batches, error = [], None
+        try:
+            batches = [torch.from_numpy(self.sampler.batch(m, h, t.batch_size)).to(device) for m, h in enumerate(hs)]
+        except Exception as exc:  # noqa: BLE001 - agreed: every rank stops with the message
+            error = exc
+        raise_together(error, self.env, f"reading its batch of step {self.step + 1}")
         h_t = [torch.as_tensor(h, dtype=torch.float32, device=device) for h in hs]
         loss, norm = optimizer_step(self.model, self.optim, batches, h_t, t, self.step,
                                     self.cfg.data.seq_len, self.autocast)

@@ -65,6 +65,16 @@ def train_and_dump(cfg, out: Path, stop_after: str, env) -> None:
         commit = sharded.write_latest
         sharded.write_latest = lambda *args: (env.rank == 0 and time.sleep(8)) or commit(*args)
         stop_after = "none"
+    if stop_after.startswith("bad-data-rank1@"):  # rank 1 alone finds its shard unreadable at that step
+        at, batch = int(stop_after.split("@")[1]), trainer.sampler.batch
+
+        def unreadable(*args, **kwargs):
+            if env.rank == 1 and trainer.step + 1 == at:
+                raise OSError(5, "Input/output error", "data/train/code.bin")
+            return batch(*args, **kwargs)
+
+        trainer.sampler.batch = unreadable
+        stop_after = "none"
     if stop_after == "measure-save":  # rank's peak memory while it saves, beside its shard and the largest tensor
         trainer.save = measured(trainer, trainer.save, out, env)
         stop_after = "none"

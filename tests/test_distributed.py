@@ -144,6 +144,20 @@ def test_a_save_failing_on_rank_0_alone_fails_every_rank_without_a_hang(debug_da
     assert "Timeout" not in proc.stderr and not list((run / "checkpoints").glob(".*"))
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_data_error_on_one_rank_stops_every_rank_with_its_message(debug_data, tmp_path, parallel):
+    """Rank 1 cannot read its batch of step 3: rank 1 raises its own error and rank 0 stops at the same
+    step naming rank 1 and the error, instead of waiting in the step's collectives until a timeout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(DRIVER), str(debug_data), str(tmp_path / "run"), "bad-data-rank1@3",
+           "train.steps=5", "train.ckpt_every=10", "train.eval_every=0", f"train.parallel={parallel}"]
+    proc = run_command(cmd, {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert ("rank 1 failed reading its batch of step 3: OSError: [Errno 5] Input/output error: "
+            "'data/train/code.bin'") in proc.stderr, proc.stderr[-3000:]
+    assert "Timeout" not in proc.stderr and "timed out" not in proc.stderr
+
+
 def test_ranks_wait_for_a_save_with_a_timeout_sized_for_it(debug_data, tmp_path):
     """The ranks that do not write wait for the writer at a barrier with a timeout sized for the
     checkpoint (here cut to 2 s while rank 0 takes 8 s to commit): rank 1 fails with a message rather
