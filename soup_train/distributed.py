@@ -211,6 +211,21 @@ def mean_over_ranks(value: float, env: DistEnv) -> float:
     return t.item() / env.world_size
 
 
+def peak_memory(env: DistEnv) -> float:
+    """The most memory any rank has held so far, in bytes: CUDA's `max_memory_allocated` (tensors), or
+    on the CPU the process's resident high-water mark (everything it touched)."""
+    if env.device.type == "cuda":
+        mine = float(torch.cuda.max_memory_allocated(env.device))
+    else:
+        status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+        mine = float(status["VmHWM"].split()[0]) * 1024 if "VmHWM" in status else 0.0
+    if env.backend is None:
+        return mine
+    t = torch.tensor([mine], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def any_rank(flag: bool, env: DistEnv) -> bool:
     """Whether `flag` is set on any rank, the same answer on every rank (a stop asked of one rank
     is agreed by all before any of them enters a save's collectives)."""

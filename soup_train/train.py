@@ -28,8 +28,8 @@ from soup_train.config import RunConfig, TrainConfig, save_json, to_dict
 from soup_train.data.sampler import MetaDistribution, MixSampler
 from soup_train.data.shards import DomainShards, read_index
 from soup_train.distributed import (
-    DistEnv, any_rank, gather_objects, grad_sync, materialise, mean_over_ranks, process_group, raise_together,
-    unwrap,
+    DistEnv, any_rank, gather_objects, grad_sync, materialise, mean_over_ranks, peak_memory, process_group,
+    raise_together, unwrap,
 )
 from soup_train.errors import ConfigError
 from soup_train.evaluate import evaluate_domains
@@ -241,7 +241,8 @@ class Trainer:
                     rate = tokens_per_step * since / max(time.perf_counter() - clock, 1e-9)
                     runlog.write({"kind": "train", "step": self.step, "loss": loss, "grad_norm": norm,
                                   "lr": lr_at(self.step - 1, t), "tokens_per_s": rate,
-                                  "tokens": self.step * tokens_per_step})
+                                  "tokens": self.step * tokens_per_step,
+                                  "peak_memory_gib": peak_memory(self.env) / 2**30})
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
                     clock, since = time.perf_counter(), 0
                 bar.update(1)
