@@ -52,16 +52,21 @@ GIVEN_LOSES = ("the given weights do not beat the generic model on the evaluatio
                "the text, or the text is outside the training domains")
 
 
+# the search inside a choice: 16 training windows, at most 20 steps, patience 3 (forward and backward
+# passes dominate the cost: docs/mix-choice.md)
+CHOICE_SEARCH = MixSearchConfig(steps=20, patience=3, max_windows=16)
+
+
 @dataclass(frozen=True)
 class MixChoiceConfig:
     """How a mix is chosen from a customer's texts; recorded in the manifest's `mix_choice`."""
 
     strategy: Strategy = "best"  # best: the lowest held-out loss; estimate | search: that candidate
     holdout: float = 0.25  # share of the customer's windows that only scores the candidates
-    windows: int = 128  # windows cut from the texts, spread over all of them (fitting + held out)
+    windows: int = 64  # windows cut from the texts, spread over all of them (fitting + held out)
     window: int = 128  # tokens per window (capped by the model's trained context)
     batch: int = 16  # windows per forward pass
-    search: MixSearchConfig = field(default_factory=MixSearchConfig)  # the search on the fitting windows
+    search: MixSearchConfig = field(default_factory=lambda: CHOICE_SEARCH)  # the search on the fitting windows
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -132,10 +137,13 @@ def choose_on_windows(source, natural: np.ndarray, estimates: list[Mix], windows
     splits = dict(enumerate(split_windows(w, cfg.holdout, what="choosing the mix") for w in windows))
     fixed = {"natural": np.asarray(natural, dtype=np.float64), "uniform": np.full(len(domains), 1 / max(len(domains), 1))}
     cands = {i: {"estimate": e.h, **fixed} for i, e in enumerate(estimates)}
-    scores = _score(objective, cands, splits, cfg)
+    search_cfg = replace(cfg.search, batch=cfg.batch)
+    trains = {i: (split_windows(fit, search_cfg.holdout, search_cfg.max_windows)[0], held)  # the search's training windows
+              for i, (fit, held) in splits.items()}
+    scores = _score(objective, cands, trains, cfg)
     starts = {i: min(("estimate", "natural", "uniform"), key=lambda k: scores[i][k]["fit"]) for i in cands}
     found = search_many(source, [splits[i][0] for i in cands], [cands[i][starts[i]] for i in cands],
-                        replace(cfg.search, batch=cfg.batch), objective) if cands else []
+                        search_cfg, objective) if cands else []
     for i, (h, _) in zip(cands, found):
         cands[i]["search"] = h
     searched = _score(objective, {i: {"search": cands[i]["search"]} for i in cands}, splits, cfg, fit=False)
