@@ -28,7 +28,7 @@ from soup_export.check import check_held_out, held_out, parity
 from soup_export.engine import EngineSettings, Job, Output, run_pass
 from soup_export.errors import MixError
 from soup_export.graph import DecoderGraph, compile_graph
-from soup_export.layout import BATCH_FILE, Arch, hf_dir, hf_side_files, json_bytes, onnx_dir, spec_bytes, \
+from soup_export.layout import BATCH_FILE, MIX_CHOICE, Arch, hf_dir, hf_side_files, json_bytes, onnx_dir, spec_bytes, \
     write_manifest
 from soup_export.mix import Mix
 from soup_export.mobile import write_ort_format
@@ -100,10 +100,10 @@ def batch(ckpt: Path | Bank, mixes: list[Mix], out: Path, spec: ExportSpec | Non
 
 def choice_summary(manifest: dict) -> dict:
     """What batch.json records of a customer's mix choice: the chosen candidate and its gain."""
-    choice = manifest.get("mix_choice")
+    choice = manifest.get(MIX_CHOICE)
     if not choice or "skipped" in choice:
         return {}
-    return {"mix_choice": {"chosen": choice["chosen"], "gain_over_generic": choice["gain_over_generic"]}}
+    return {MIX_CHOICE: {"chosen": choice["chosen"], "gain_over_generic": choice["gain_over_generic"]}}
 
 
 @dataclass(frozen=True)

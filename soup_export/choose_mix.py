@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from soup_export.errors import MixError, ParityError
+from soup_export.layout import MIX_CHOICE
 from soup_export.mix import Mix, validate
 from soup_export.optimize_mix import MixSearchConfig, SoupObjective, search_many, split_windows
 
@@ -257,10 +258,10 @@ def choose_for_mixes(bank, mixes: list[Mix], texts: dict[str, tuple[Path, ...]],
     for i, mix in enumerate(mixes):
         if i in chosen:
             shipped.append(chosen[i][0])
-            extras.append({"mix_choice": chosen[i][1]})
+            extras.append({MIX_CHOICE: chosen[i][1]})
             continue
         shipped.append(mix)
-        extras.append({"mix_choice": compare_given(bank, mix, [Path(t) for t in eval_texts], cfg)} if eval_texts else {})
+        extras.append({MIX_CHOICE: compare_given(bank, mix, [Path(t) for t in eval_texts], cfg)} if eval_texts else {})
     return shipped, extras
 
 

@@ -114,16 +114,17 @@ def parity_line(p: dict) -> str:
 
 def _summary(m: dict) -> str:
     from soup_export.files import human
+    from soup_export.layout import MIX_CHOICE
 
     size = m["size"]
     lines = [f"{m['mix']['name']}: tier {m['tier']}, {human(size['actual'])} (predicted {human(size['predicted'])}"
              + (f", budget {human(size['budget'])}, headroom {human(size['headroom'])})" if size["budget"] else ")"),
              "  mix: " + ", ".join(f"{d}={w:.3f}" for d, w in m["mix"]["weights"].items() if w > 0)
              + (" (normalised)" if m["mix"]["normalised"] else "")]
-    if "mix_choice" in m:
+    if MIX_CHOICE in m:
         from soup_export.choose_mix import describe
 
-        lines += describe(m["mix_choice"])
+        lines += describe(m[MIX_CHOICE])
     if not m["parity"].get("skipped"):
         lines.append("  parity: " + parity_line(m["parity"]))
     if "ort_format" in m:
