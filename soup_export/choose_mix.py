@@ -154,7 +154,8 @@ def choose_on_windows(source, natural: np.ndarray, estimates: list[Mix], windows
     for i, estimate in enumerate(estimates):
         scores[i]["search"] = searched[i]["search"]
         search_report = {k: v for k, v in found[i][1].items() if k not in ("config", "history", "seconds", "customers")}
-        out.append(_decide(estimate, cands[i], scores[i], starts[i], search_report, cfg, dict(cost), domains))
+        out.append(_decide(estimate, cands[i], scores[i], starts[i], search_report, cfg, dict(cost), domains,
+                           len(splits[i][0])))
     return out
 
 
@@ -194,14 +195,13 @@ def _score(objective: SoupObjective, cands: dict[int, dict[str, np.ndarray]], sp
 
 
 def _decide(estimate: Mix, cands: dict, scores: dict, start: str, search_report: dict, cfg: MixChoiceConfig,
-            cost: dict, domains: list[str]) -> tuple[Mix, dict]:
+            cost: dict, domains: list[str], fit_windows: int) -> tuple[Mix, dict]:
     held = {k: float(v["held"].mean()) for k, v in scores.items()}
     if cfg.strategy == "best":  # ties go to the earlier candidate: the estimate, then the generic model
         chosen = min(("estimate", "natural", "uniform", "search"), key=lambda k: held[k])
     else:
         chosen = cfg.strategy
-    report = _report(chosen, cands, scores, cfg, cost, domains, len(next(iter(scores.values()))["held"]),
-                     search_report["train_windows"] + search_report["held_out_windows"])
+    report = _report(chosen, cands, scores, cfg, cost, domains, len(scores["natural"]["held"]), fit_windows)
     report["candidates"]["search"].update({"start": start, **search_report})
     _warn(estimate.name, report)
     given = {d: round(float(w), 6) for d, w in zip(domains, cands[chosen]) if w > 0}
@@ -264,20 +264,3 @@ def choose_for_mixes(bank, mixes: list[Mix], texts: dict[str, tuple[Path, ...]],
         extras.append({MIX_CHOICE: compare_given(bank, mix, [Path(t) for t in eval_texts], cfg)} if eval_texts else {})
     return shipped, extras
 
-
-def describe(report: dict) -> list[str]:
-    """A manifest's `mix_choice` as summary lines: each candidate's held-out perplexity, the chosen one,
-    its gain over the generic model, the cost, and the warning if any."""
-    if "skipped" in report:
-        return [f"  mix choice: {report['skipped']}"]
-    cands = report["candidates"]
-    g = report["gain_over_generic"]
-    scores = ", ".join(f"{k} {v['held_out_ppl']:.2f}" for k, v in cands.items())
-    se = f" ± {100 * g['ppl_se']:.2f}%" if g["ppl_se"] is not None else " (one window: no standard error)"
-    lines = [f"  mix choice (held-out ppl, {report['held_out_windows']} windows of the customer's text): {scores} "
-             f"-> {report['chosen']}; gain over generic {100 * g['ppl']:+.2f}%{se} "
-             f"({report['cost']['bank_passes']} passes over the bank, {report['cost']['seconds']:.1f} s"
-             + (f" for {report['cost']['customers']} customers)" if report['cost']['customers'] > 1 else ")")]
-    if report.get("warning"):
-        lines.append(f"  warning: {report['warning']}")
-    return lines

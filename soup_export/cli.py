@@ -112,6 +112,23 @@ def parity_line(p: dict) -> str:
     return "  ".join(parts)
 
 
+def choice_lines(report: dict) -> list[str]:
+    """A manifest's `mix_choice` as summary lines (JSON only: `inspect` imports no torch): each
+    candidate's held-out perplexity, the chosen one, its gain over the generic model, the cost, and
+    the warning if any."""
+    if "skipped" in report:
+        return [f"  mix choice: {report['skipped']}"]
+    g, cost = report["gain_over_generic"], report["cost"]
+    scores = ", ".join(f"{k} {v['held_out_ppl']:.2f}" for k, v in report["candidates"].items())
+    se = f" ± {100 * g['ppl_se']:.2f}%" if g["ppl_se"] is not None else " (one window: no standard error)"
+    lines = [f"  mix choice (held-out ppl, {report['held_out_windows']} windows of the customer's text): {scores} "
+             f"-> {report['chosen']}; gain over generic {100 * g['ppl']:+.2f}%{se} ({cost['bank_passes']} passes "
+             f"over the bank, {cost['seconds']:.1f} s" + (f" for {cost['customers']} customers)" if cost["customers"] > 1 else ")")]
+    if report.get("warning"):
+        lines.append(f"  warning: {report['warning']}")
+    return lines
+
+
 def _summary(m: dict) -> str:
     from soup_export.files import human
     from soup_export.layout import MIX_CHOICE
@@ -122,9 +139,7 @@ def _summary(m: dict) -> str:
              "  mix: " + ", ".join(f"{d}={w:.3f}" for d, w in m["mix"]["weights"].items() if w > 0)
              + (" (normalised)" if m["mix"]["normalised"] else "")]
     if MIX_CHOICE in m:
-        from soup_export.choose_mix import describe
-
-        lines += describe(m[MIX_CHOICE])
+        lines += choice_lines(m[MIX_CHOICE])
     if not m["parity"].get("skipped"):
         lines.append("  parity: " + parity_line(m["parity"]))
     if "ort_format" in m:

@@ -114,6 +114,21 @@ def licence_texts(debug_data, tmp_path_factory):
     return texts
 
 
+def inspect_without_torch(export, expected: str) -> None:
+    """`inspect` shows the choice from the manifest alone, in a fresh process that imports no torch."""
+    import sys
+
+    from procs import run_command
+
+    code = ("import sys; from soup_export.cli import main\n"
+            f"try:\n    main(['inspect', {str(export)!r}])\n"
+            "except SystemExit:\n    pass\n"
+            "print('torch' if 'torch' in sys.modules else 'no torch')")
+    result = run_command([sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert expected in result.stdout and result.stdout.split("\n")[-2] == "no torch", result.stdout
+
+
 def test_build_records_the_candidates_and_ships_the_best(debug_ckpt, licence_texts, tmp_path):
     """The manifest's candidate table; the shipped and generic held-out losses recomputed from the
     HF models in transformers (a reference independent of the soup code)."""
@@ -148,8 +163,7 @@ def test_build_records_the_candidates_and_ships_the_best(debug_ckpt, licence_tex
             logits = AutoModelForCausalLM.from_pretrained(hf).eval()(held[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), held[:, 1:].flatten())
         assert float(loss) == pytest.approx(recorded, rel=1e-5), hf
-    shown = run("inspect", out)
-    assert shown.exit_code == 0 and "mix choice (held-out ppl" in shown.output, shown.output
+    inspect_without_torch(out, f"-> {c['chosen']}; gain over generic")
     # --mix-strategy estimate ships Algorithm 3's histogram, as `estimate` prints it
     r = run("build", debug_ckpt, "--from-texts", licence_texts, "--mix-strategy", "estimate", "--out", tmp_path / "est",
             "--quant", "fp32", "--no-parity", "--no-hf")
@@ -197,3 +211,30 @@ def test_batch_chooses_its_text_customers_together(debug_ckpt, debug_data, licen
     summary = json.loads((tmp_path / "b" / "batch.json").read_text())["customers"]
     assert [c.get("mix_choice", {}).get("chosen") for c in summary] == [None, lic["chosen"], cod["chosen"]]
     assert r.output.count("mix choice (held-out ppl") == 2
+
+
+def test_too_little_text_ships_the_estimate_with_a_warning_and_the_search_refuses_it(debug_ckpt, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("x = 1\n")
+    r = run("build", debug_ckpt, "--from-texts", short, "--out", tmp_path / "o", "--quant", "fp32", "--no-parity", "--no-hf")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["mix_choice"]["chosen"] == "estimate" and "fewer than 2 windows" in m["mix_choice"]["skipped"]
+    assert "mix choice: fewer than 2 windows" in r.output
+    est = json.loads(run("estimate", debug_ckpt, short, "--json").output)
+    assert m["mix"]["weights"] == pytest.approx(est, abs=1e-6)
+    for args in (["--from-texts", short, "--mix-strategy", "search"], ["--optimize-mix", short]):
+        r = run("build", debug_ckpt, *args, "--out", tmp_path / "o2")
+        assert r.exit_code != 0 and isinstance(r.exception, SystemExit), r.exception
+        assert "the mix search needs at least 2 windows" in r.output and len(r.output.strip().splitlines()) == 1
+        assert not (tmp_path / "o2").exists()
+
+
+def test_compare_shows_the_gain_on_the_customers_own_text(debug_ckpt, debug_data, licence_texts, tmp_path):
+    r = run("build", debug_ckpt, "--from-texts", licence_texts, "--out", tmp_path / "o", "--quant", "fp32",
+            "--no-parity", "--no-hf")
+    assert r.exit_code == 0, r.output
+    g = json.loads((tmp_path / "o" / "manifest.json").read_text())["mix_choice"]["gain_over_generic"]
+    r = run("compare", tmp_path / "o", "--ckpt", debug_ckpt, "--data", debug_data, "--windows", "4")
+    assert r.exit_code == 0, r.output
+    assert "gain on own text (held-out) |" in r.output and f"{100 * g['ppl']:+.1f}% ± {100 * g['ppl_se']:.1f}%" in r.output
