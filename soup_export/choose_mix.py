@@ -12,7 +12,7 @@ split once (every k-th window held out, `MixChoiceConfig.holdout`). Candidates:
 Each candidate's loss is measured on the held-out windows, which neither the start nor the search
 saw; `strategy` picks what ships: `best` (default) the lowest held-out loss, so the shipped
 specialist is never worse than the generic model on held-out text; `estimate` or `search` that
-candidate. Explicit weights are never changed: with evaluation texts they are compared with the
+candidate (with `estimate`, no search runs). Explicit weights are never changed: with evaluation texts they are compared with the
 natural mix on all of those texts' windows (`compare_given`). The report (the manifest's
 `mix_choice`) holds every candidate's held-out loss and perplexity, the chosen one, the gain over the
 generic model with its standard error over windows, and the cost (passes over the bank, seconds).
@@ -143,19 +143,23 @@ def choose_on_windows(source, natural: np.ndarray, estimates: list[Mix], windows
               for i, (fit, held) in splits.items()}
     scores = _score(objective, cands, trains, cfg)
     starts = {i: min(("estimate", "natural", "uniform"), key=lambda k: scores[i][k]["fit"]) for i in cands}
-    found = search_many(source, [splits[i][0] for i in cands], [cands[i][starts[i]] for i in cands],
-                        search_cfg, objective) if cands else []
-    for i, (h, _) in zip(cands, found):
-        cands[i]["search"] = h
-    searched = _score(objective, {i: {"search": cands[i]["search"]} for i in cands}, splits, cfg, fit=False)
+    found = {}
+    if cfg.strategy != "estimate" and cands:  # `estimate` ships the estimate whatever a search finds: none runs
+        found = dict(zip(cands, search_many(source, [splits[i][0] for i in cands], [cands[i][starts[i]] for i in cands],
+                                            search_cfg, objective)))
+        for i, (h, _) in found.items():
+            cands[i]["search"] = h
+        searched = _score(objective, {i: {"search": cands[i]["search"]} for i in cands}, splits, cfg, fit=False)
+        for i in cands:
+            scores[i]["search"] = searched[i]["search"]
     cost = {"bank_passes": objective.passes, "seconds": round(time.perf_counter() - started, 3),
             "customers": len(estimates)}
     out = []
     for i, estimate in enumerate(estimates):
-        scores[i]["search"] = searched[i]["search"]
-        search_report = {k: v for k, v in found[i][1].items() if k not in ("config", "history", "seconds", "customers")}
-        out.append(_decide(estimate, cands[i], scores[i], starts[i], search_report, cfg, dict(cost), domains,
-                           len(splits[i][0])))
+        search_report = ({"start": starts[i], **{k: v for k, v in found[i][1].items()
+                                                 if k not in ("config", "history", "seconds", "customers")}}
+                         if i in found else None)
+        out.append(_decide(estimate, cands[i], scores[i], search_report, cfg, dict(cost), domains, len(splits[i][0])))
     return out
 
 
@@ -194,15 +198,16 @@ def _score(objective: SoupObjective, cands: dict[int, dict[str, np.ndarray]], sp
     return out
 
 
-def _decide(estimate: Mix, cands: dict, scores: dict, start: str, search_report: dict, cfg: MixChoiceConfig,
+def _decide(estimate: Mix, cands: dict, scores: dict, search_report: dict | None, cfg: MixChoiceConfig,
             cost: dict, domains: list[str], fit_windows: int) -> tuple[Mix, dict]:
     held = {k: float(v["held"].mean()) for k, v in scores.items()}
     if cfg.strategy == "best":  # ties go to the earlier candidate: the estimate, then the generic model
-        chosen = min(("estimate", "natural", "uniform", "search"), key=lambda k: held[k])
+        chosen = min((k for k in ("estimate", "natural", "uniform", "search") if k in held), key=lambda k: held[k])
     else:
         chosen = cfg.strategy
     report = _report(chosen, cands, scores, cfg, cost, domains, len(scores["natural"]["held"]), fit_windows)
-    report["candidates"]["search"].update({"start": start, **search_report})
+    if search_report is not None:
+        report["candidates"]["search"].update(search_report)
     _warn(estimate.name, report)
     given = {d: round(float(w), 6) for d, w in zip(domains, cands[chosen]) if w > 0}
     mix = validate(given, domains, f"{estimate.source} ({chosen})", estimate.name)

@@ -81,6 +81,7 @@ def test_the_estimate_strategy_ships_it_and_warns_when_it_loses(wrong_estimate, 
     assert report["chosen"] == "estimate" and mix.h.tolist() == [1.0, 0.0, 0.0]
     assert not report["gain_over_generic"]["beats_generic"] and report["gain_over_generic"]["loss"] < 0
     assert "outside the training domains" in report["warning"] and "outside the training domains" in caplog.text
+    assert set(report["candidates"]) == {"estimate", "natural", "uniform"} and report["cost"]["bank_passes"] == 3  # no search
     (mix, report), = choose_on_windows(soup, NATURAL, [estimate], [windows], MixChoiceConfig(strategy="search"))
     assert report["chosen"] == "search" and np.allclose(
         mix.h, [report["candidates"]["search"]["weights"].get(d, 0.0) for d in DOMAINS], atol=1e-6)
