@@ -54,7 +54,7 @@ GIVEN_LOSES = ("the given weights do not beat the generic model on the evaluatio
 
 
 # the search inside a choice: 16 training windows, at most 20 steps, patience 3 (forward and backward
-# passes dominate the cost: docs/mix-choice.md)
+# passes dominate the cost: docs/method.md, section 3)
 CHOICE_SEARCH = MixSearchConfig(steps=20, patience=3, max_windows=16)
 
 

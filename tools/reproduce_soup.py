@@ -22,7 +22,7 @@ windows of the specialist's other test documents, each domain's share by its wei
 generic dense model, the soups at the estimated h, the n = 16 soup at the true h, at a wrong h (the true h rolled by half
 the domains) and at the uniform h, the importance-sampled models where trained, the n = 16
 soup's int8, int4 and asymmetric int4 (`--qparam symmetric=false`) ONNX exports (`soup-export
-build`) run in onnxruntime, and the mix search (`--optimize-mix`) started from the estimate on the
+build`) run in onnxruntime, and the mix search (`optimize_mix.search_h`) started from the estimate on the
 same 32 documents. Differences between models also get standard errors, over all held-out windows
 and over the specialists, to show which differences stand above noise.
 
@@ -192,10 +192,11 @@ def exported_losses(ckpt: Path, names: list[str], h: np.ndarray, windows: np.nda
 
 def searched_h(ev: Evaluator, model: str, texts: list[str], tokenizer: Path, h0: np.ndarray) -> tuple[np.ndarray, dict]:
     from soup_export.evaltext import from_texts
-    from soup_export.optimize_mix import MixSearchConfig, search_h, windows_wanted
+    from soup_export.optimize_mix import MixSearchConfig, search_h
 
     cfg = MixSearchConfig()
-    windows = from_texts(texts, tokenizer, windows_wanted(cfg), min(cfg.window, ev.seq_len))  # as the CLI cuts them
+    wanted = int(np.ceil(cfg.max_windows / (1 - cfg.holdout)))  # max_windows to train on after the search's hold-out
+    windows = from_texts(texts, tokenizer, wanted, min(cfg.window, ev.seq_len))
     h, report = search_h(ev.models[model], windows, h0, cfg)
     return h, {k: v for k, v in report.items() if k != "history"}
 
