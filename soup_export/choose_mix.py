@@ -147,10 +147,12 @@ def choose_on_windows(source, natural: np.ndarray, estimates: list[Mix], windows
     if cfg.strategy != "estimate" and cands:  # `estimate` ships the estimate whatever a search finds: none runs
         found = dict(zip(cands, search_many(source, [splits[i][0] for i in cands], [cands[i][starts[i]] for i in cands],
                                             search_cfg, objective)))
+        moved = [i for i, (_, report) in found.items() if report["improved"]]
         for i, (h, _) in found.items():
             cands[i]["search"] = h
-        searched = _score(objective, {i: {"search": cands[i]["search"]} for i in cands}, splits, cfg, fit=False)
-        for i in cands:
+            scores[i]["search"] = scores[i][starts[i]]  # the start itself, unless a step beat it: scored below
+        searched = _score(objective, {i: {"search": cands[i]["search"]} for i in moved}, splits, cfg, fit=False)
+        for i in moved:
             scores[i]["search"] = searched[i]["search"]
     cost = {"bank_passes": objective.passes, "seconds": round(time.perf_counter() - started, 3),
             "customers": len(estimates)}

@@ -33,12 +33,13 @@ def soup_losses(soup, windows: np.ndarray, h) -> np.ndarray:
         return lm_loss(soup(x[:, :-1], torch.as_tensor(h, dtype=torch.float32)), x[:, 1:], per_row=True).double().numpy()
 
 
-def expected_passes(steps: int) -> tuple[int, int]:
+def expected_passes(steps: int) -> range:
     """Passes over the bank of a choice whose longest search ran `steps` steps, however many customers:
-    3 candidate kinds, the search's start and its first point softmax(log(h0 + floor)), two per step
-    (gradients, then the held-out loss at the new h, which the next step's gradient reuses), and the
-    best searched h unless the last step's model is still held."""
-    return (3 + 2 + 2 * steps, 3 + 2 + 2 * steps + 1)
+    3 candidate kinds; the search's start (unless it is the uniform mix, still held) and its first point
+    softmax(log(h0 + floor)); two per step (gradients, then the held-out loss at the new h, which the
+    next step's gradient reuses); and the best searched h if a search moved and its model is no longer
+    held."""
+    return range(3 + 1 + 2 * steps, 3 + 2 + 2 * steps + 1 + 1)
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +240,20 @@ def test_compare_shows_the_gain_on_the_customers_own_text(debug_ckpt, debug_data
     r = run("compare", tmp_path / "o", "--ckpt", debug_ckpt, "--data", debug_data, "--windows", "4")
     assert r.exit_code == 0, r.output
     assert "gain on own text (held-out) |" in r.output and f"{100 * g['ppl']:+.1f}% ± {100 * g['ppl_se']:.1f}%" in r.output
+
+
+def test_a_search_that_does_not_move_is_its_start_and_does_not_win_the_tie(wrong_estimate):
+    """Regression: the search's result, equal to its start, was scored again from a fresh instantiation;
+    the two measurements of one model differed in the sixth digit, and a batch shipped "search" for
+    the estimate's mix. A search that did not move now takes its start's scores, so the tie is exact
+    and goes to the earlier candidate (here the start)."""
+    from soup_export.optimize_mix import MixSearchConfig
+
+    soup, windows, estimate = wrong_estimate
+    cfg = MixChoiceConfig(search=MixSearchConfig(steps=0, max_windows=16))
+    (mix, report), = choose_on_windows(soup, NATURAL, [estimate], [windows], cfg)
+    search = report["candidates"]["search"]
+    assert not search["improved"] and search["held_out_loss"] == report["candidates"][search["start"]]["held_out_loss"]
+    assert report["chosen"] == search["start"]
+    # 3 candidate kinds and the start's losses (none if it is the uniform mix, still held): nothing scored twice
+    assert report["cost"]["bank_passes"] == 3 + (search["start"] != "uniform")
