@@ -82,13 +82,27 @@ def read_batch(ckpt: Path, path: Path, shard: Shard = Shard()) -> list[Mix]:
     for name in shard.take(list(entries)):
         entry = entries[name]
         with errors_in(f"{path}: customer {name!r}"):
-            if isinstance(entry, dict) and "texts" in entry:
-                texts = entry["texts"] if isinstance(entry["texts"], list) else [entry["texts"]]
-                paths = [(Path(path).parent / str(t)) for t in texts]
-                mixes.append(mix_from_texts(bank.path, paths, bank.info.domains, bank.info.view, name))
+            paths = _texts(path, entry)
+            if paths is not None:
+                mixes.append(mix_from_texts(bank.path, list(paths), bank.info.domains, bank.info.view, name))
             else:
                 mixes.append(mix_from_mapping(entry, bank.info.domains, f"file:{Path(path).name}#{name}", name))
     return mixes
+
+
+def batch_texts(path: Path, shard: Shard = Shard()) -> dict[str, tuple[Path, ...]]:
+    """{name: text paths} of the customers of `shard` given by their texts (their mix is chosen from them)."""
+    entries = customer_entries(path)
+    found = {name: _texts(path, entries[name]) for name in shard.take(list(entries))}
+    return {name: paths for name, paths in found.items() if paths is not None}
+
+
+def _texts(path: Path, entry: object) -> tuple[Path, ...] | None:
+    """The text paths of a `{texts: [...]}` entry (relative to the customers file), None for weights."""
+    if not (isinstance(entry, dict) and "texts" in entry):
+        return None
+    texts = entry["texts"] if isinstance(entry["texts"], list) else [entry["texts"]]
+    return tuple(Path(path).parent / str(t) for t in texts)
 
 
 def batch_status(path: Path, dirs: list[Path]) -> tuple[list[str], list[str], list[str]]:

@@ -28,7 +28,7 @@ from soup_export.check import check_held_out, held_out, parity
 from soup_export.engine import EngineSettings, Job, Output, run_pass
 from soup_export.errors import MixError
 from soup_export.graph import DecoderGraph, compile_graph
-from soup_export.layout import BATCH_FILE, Arch, hf_dir, hf_side_files, json_bytes, onnx_dir, spec_bytes, \
+from soup_export.layout import BATCH_FILE, MIX_CHOICE, Arch, hf_dir, hf_side_files, json_bytes, onnx_dir, spec_bytes, \
     write_manifest
 from soup_export.mix import Mix
 from soup_export.mobile import write_ort_format
@@ -76,25 +76,34 @@ MIXES_PER_PASS = 32  # a pass holds one fused tensor per mix: memory grows with 
 
 def batch(ckpt: Path | Bank, mixes: list[Mix], out: Path, spec: ExportSpec | None = None, force: bool = False,
           progress: bool = True, per_pass: int = MIXES_PER_PASS, link_shared: bool = True,
-          shard: dict | None = None) -> list[dict]:
+          shard: dict | None = None, extras: list[dict] | None = None) -> list[dict]:
     """Many mixes: tensor-major passes over the bank (up to `per_pass` mixes each), the graph emitted once;
     with `link_shared`, the files alike for every customer are hard links (see `engine.fast`). `shard`
-    (which part of a customers file these mixes are, see `batchfile.Shard`) is recorded in batch.json."""
+    (which part of a customers file these mixes are, see `batchfile.Shard`) is recorded in batch.json;
+    `extras[m]` is added to mix m's manifest (e.g. its mix choice)."""
     spec = spec or ExportSpec()
     names = [m.name for m in mixes]
     if len(set(names)) != len(names):
         raise MixError(f"customer names must be unique, got {', '.join(sorted(n for n in set(names) if names.count(n) > 1))} twice")
     with staged_output(out, force) as tmp:
         bank = ckpt if isinstance(ckpt, Bank) else Bank.open(ckpt, spec.verify_checkpoint)
-        manifests = export(bank, mixes, [tmp / m.name for m in mixes], spec, progress, per_pass=per_pass,
-                           link_shared=link_shared) if mixes else []  # a shard with no customers: batch.json only
+        manifests = export(bank, mixes, [tmp / m.name for m in mixes], spec, progress, extras=extras,
+                           per_pass=per_pass, link_shared=link_shared) if mixes else []  # a shard with no customers: batch.json only
         summary = [{"name": m["mix"]["name"], "tier": m["tier"], "bytes": m["size"]["actual"],
-                    "weights": m["mix"]["weights"]} for m in manifests]
+                    "weights": m["mix"]["weights"], **choice_summary(m)} for m in manifests]
         (tmp / BATCH_FILE).write_bytes(json_bytes({"checkpoint": checkpoint_ref(bank), "spec": spec.to_dict(),
                                                    "engine": spec.engine.to_dict(), "mixes_per_pass": per_pass,
                                                    "link_shared": link_shared, **({"shard": shard} if shard else {}),
                                                    "customers": summary}))
         return manifests
+
+
+def choice_summary(manifest: dict) -> dict:
+    """What batch.json records of a customer's mix choice: the chosen candidate and its gain."""
+    choice = manifest.get(MIX_CHOICE)
+    if not choice or "skipped" in choice:
+        return {}
+    return {MIX_CHOICE: {"chosen": choice["chosen"], "gain_over_generic": choice["gain_over_generic"]}}
 
 
 @dataclass(frozen=True)

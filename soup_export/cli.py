@@ -112,14 +112,34 @@ def parity_line(p: dict) -> str:
     return "  ".join(parts)
 
 
+def choice_lines(report: dict) -> list[str]:
+    """A manifest's `mix_choice` as summary lines (JSON only: `inspect` imports no torch): each
+    candidate's held-out perplexity, the chosen one, its gain over the generic model, the cost, and
+    the warning if any."""
+    if "skipped" in report:
+        return [f"  mix choice: {report['skipped']}"]
+    g, cost = report["gain_over_generic"], report["cost"]
+    scores = ", ".join(f"{k} {v['held_out_ppl']:.2f}" for k, v in report["candidates"].items())
+    se = f" ± {100 * g['ppl_se']:.2f}%" if g["ppl_se"] is not None else " (one window: no standard error)"
+    lines = [f"  mix choice (held-out ppl, {report['held_out_windows']} windows of the customer's text): {scores} "
+             f"-> {report['chosen']}; gain over generic {100 * g['ppl']:+.2f}%{se} ({cost['bank_passes']} passes "
+             f"over the bank, {cost['seconds']:.1f} s" + (f" for {cost['customers']} customers)" if cost["customers"] > 1 else ")")]
+    if report.get("warning"):
+        lines.append(f"  warning: {report['warning']}")
+    return lines
+
+
 def _summary(m: dict) -> str:
     from soup_export.files import human
+    from soup_export.layout import MIX_CHOICE
 
     size = m["size"]
     lines = [f"{m['mix']['name']}: tier {m['tier']}, {human(size['actual'])} (predicted {human(size['predicted'])}"
              + (f", budget {human(size['budget'])}, headroom {human(size['headroom'])})" if size["budget"] else ")"),
              "  mix: " + ", ".join(f"{d}={w:.3f}" for d, w in m["mix"]["weights"].items() if w > 0)
              + (" (normalised)" if m["mix"]["normalised"] else "")]
+    if MIX_CHOICE in m:
+        lines += choice_lines(m[MIX_CHOICE])
     if not m["parity"].get("skipped"):
         lines.append("  parity: " + parity_line(m["parity"]))
     if "ort_format" in m:
@@ -142,46 +162,68 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
+def strategy_option(f):
+    return click.option("--mix-strategy", "strategy", type=click.Choice(["best", "estimate", "search"]), default=None,
+                        help="With texts: which mix ships, scored on a held-out part of them. best (default): the "
+                             "lowest held-out loss among the estimate, the natural mix (the generic model), the "
+                             "uniform mix and the mix search; estimate: Algorithm 3's histogram; search: the mix "
+                             "search. Explicit weights always ship as given.")(f)
+
+
 @main.command()
 @click.argument("ckpt", type=_path)
 @mix_options
 @click.option("--out", required=True, type=_path, help="Export directory to create.")
 @export_options
+@strategy_option
 @click.option("--optimize-mix", "optimize_texts", multiple=True, type=_path,
-              help="Refine the mix by gradient steps on h to fit these texts (held-out part stops it); "
-                   "starts from the given mix, or from these texts' histogram.")
+              help="Same as --from-texts PATH --mix-strategy search (kept for older scripts).")
 def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_size, no_parity, eval_texts, data,
-          no_hf, force, ort_format, verify_checkpoint, engine, optimize_texts):
+          no_hf, force, ort_format, verify_checkpoint, engine, strategy, optimize_texts):
     """Every stage: mix, resolve, graph, quantize, budget, parity, manifest.
+
+    With --from-texts, the mix that ships is chosen on a held-out part of the texts (see
+    --mix-strategy); with --mix and --eval-texts, the given mix is compared with the generic model.
 
     \b
     Example:
       soup-export build runs/demo --mix austen=0.7,python-code=0.3 --out out/acme
       soup-export build runs/demo --from-texts mail/ --out out/globex --max-size 600KB
-      soup-export build runs/demo --optimize-mix mail/ --out out/globex-tuned
+      soup-export build runs/demo --from-texts mail/ --mix-strategy search --out out/globex-tuned
     """
     from soup_export.bank import Bank
     from soup_export.build import build as run_build
     from soup_export.build import preflight
+    from soup_export.choose_mix import choose_for_mixes
     from soup_export.output import check_output_path
 
     spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format, verify_checkpoint, engine)
-    check_output_path(out, force)  # before the mix search, the slow part
-    if optimize_texts and not (mix_text or mix_file or from_texts):
-        from_texts = optimize_texts  # start from the histogram estimate of the same texts
+    from_texts, cfg = _choice(mix_text, mix_file, from_texts, optimize_texts, strategy)
+    check_output_path(out, force)  # before the mix choice, the slow part
     mix = _load_mix(ckpt, name, mix_text, mix_file, from_texts)
     bank = Bank.open(ckpt, spec.verify_checkpoint)
-    extra = None
-    if optimize_texts:
-        from soup_export.optimize_mix import optimize_mix
-
-        preflight(bank, [mix], spec)  # what the export will need, before the search's passes over the bank
-        mix, report = optimize_mix(bank, mix, list(optimize_texts))
-        click.echo(f"mix search: held-out loss {report['held_out_loss_start']:.4f} -> "
-                   f"{report['held_out_loss_best']:.4f} (best step {report['best_step']} of {report['steps_run']})")
-        extra = {"mix_search": report}
-    click.echo(_summary(run_build(bank, mix, out, spec, force, extra)))
+    if from_texts or spec.eval_texts:
+        preflight(bank, [mix], spec)  # what the export will need, before the choice's passes over the bank
+    mixes, extras = choose_for_mixes(bank, [mix], {mix.name: tuple(from_texts)} if from_texts else {},
+                                     spec.eval_texts, cfg)
+    click.echo(_summary(run_build(bank, mixes[0], out, spec, force, extras[0])))
     click.echo(f"wrote {out}")
+
+
+def _choice(mix_text, mix_file, from_texts, optimize_texts, strategy):
+    """(--from-texts, the MixChoiceConfig) of build's flags; --optimize-mix is --from-texts with the search."""
+    from soup_export.choose_mix import MixChoiceConfig
+    from soup_export.errors import MixError
+
+    if optimize_texts:
+        if mix_text or mix_file or from_texts or strategy not in (None, "search"):
+            raise MixError("--optimize-mix is --from-texts PATH --mix-strategy search: give it alone (explicit "
+                           "weights ship as given)")
+        from_texts, strategy = optimize_texts, "search"
+    if strategy is not None and not from_texts:
+        raise MixError("--mix-strategy chooses among mixes estimated from --from-texts; explicit weights ship as "
+                       "given (add --eval-texts to compare them with the generic model)")
+    return from_texts, MixChoiceConfig(strategy=strategy or "best")
 
 
 @main.command()
@@ -198,19 +240,25 @@ def build(ckpt, name, mix_text, mix_file, from_texts, out, quant, qparam, max_si
 @click.option("--shard", metavar="I/N", help="Export only part I of N of the customers (0 <= I < N; positions I, "
               "I+N, ... of the file): N machines, each with its own --out, export the whole file.")
 @export_options
+@strategy_option
 def batch(ckpt, mixes, out, mixes_per_pass, link_shared, shard, quant, qparam, max_size, no_parity, eval_texts, data,
-          no_hf, force, ort_format, verify_checkpoint, engine):
+          no_hf, force, ort_format, verify_checkpoint, engine, strategy):
     """Many customers in one pass over the bank.
 
     MIXES (YAML or JSON) maps each customer NAME to {domain: weight, ...}, {mix: {...}} or
     {texts: [PATH, ...]} (paths relative to the file), under `customers:` or at the top level.
+    Customers with texts get the mix chosen on a held-out part of them (--mix-strategy), all
+    together: one pass over the bank per candidate and per search step for the whole batch.
 
     \b
     Example:
       soup-export batch runs/demo examples/customers.yaml --out out/batch --quant int4
     """
-    from soup_export.batchfile import Shard, read_batch
+    from soup_export.bank import Bank
+    from soup_export.batchfile import Shard, batch_texts, read_batch
     from soup_export.build import batch as run_batch
+    from soup_export.build import preflight
+    from soup_export.choose_mix import MixChoiceConfig, choose_for_mixes
     from soup_export.output import check_output_path
 
     spec = _spec(quant, qparam, max_size, no_parity, eval_texts, data, no_hf, ort_format, verify_checkpoint, engine)
@@ -219,8 +267,13 @@ def batch(ckpt, mixes, out, mixes_per_pass, link_shared, shard, quant, qparam, m
     chosen = read_batch(ckpt, mixes, part)
     if not chosen:
         click.echo(f"shard {shard} of {mixes} has no customers (fewer customers than shards)")
-    manifests = run_batch(ckpt, chosen, out, spec, force, per_pass=mixes_per_pass, link_shared=link_shared,
-                          shard=part.record(mixes) if shard else None)
+    bank, texts = Bank.open(ckpt, spec.verify_checkpoint), batch_texts(mixes, part)
+    if texts or spec.eval_texts:
+        preflight(bank, chosen, spec)  # what the export will need, before the choice's passes over the bank
+    chosen, extras = choose_for_mixes(bank, chosen, texts, spec.eval_texts,
+                                      MixChoiceConfig(strategy=strategy or "best"))
+    manifests = run_batch(bank, chosen, out, spec, force, per_pass=mixes_per_pass, link_shared=link_shared,
+                          shard=part.record(mixes) if shard else None, extras=extras)
     for m in manifests:
         click.echo(_summary(m))
     click.echo(f"wrote {out} ({len(manifests)} specialists" + (f", shard {shard})" if shard else ")"))

@@ -3,7 +3,8 @@
 For every export directory: held-out windows drawn from the data's test split at the export's
 h (Algorithm 1, fixed seed), the loss of the shipped ONNX specialist (its quantized tier) and the
 loss of the soup at the natural domain frequencies (the generic model, PyTorch) on the same
-windows, plus the tier, bytes and dPPL recorded by parity.
+windows, plus the tier, bytes and dPPL recorded by parity, and the gain over the generic model on the
+customer's own held-out text that the build measured when it chose the mix (`choose_mix`).
 """
 from __future__ import annotations
 
@@ -58,18 +59,30 @@ def compare(exports: list[Path], ckpt: Path, data: Path, windows: int = 32, leng
         rows.append({"name": m["mix"]["name"], "mix": ", ".join(f"{d} {x:.2f}" for d, x in m["mix"]["weights"].items() if x >= 0.005),
                      "source": m["mix"]["source"], "tier": m["tier"], "bytes": m["size"]["actual"],
                      "dppl": c.get("dppl", 0.0), "specialist": onnx_loss(OrtDecoder(onnx_dir(export)), w),
-                     "generic": dense_loss(skeleton, generic, w)})
+                     "generic": dense_loss(skeleton, generic, w), "own_text": own_text_gain(m)})
     return rows
+
+
+def own_text_gain(manifest: dict) -> str:
+    """The build's gain over the generic model on the customer's held-out text, as a table cell."""
+    from soup_export.layout import MIX_CHOICE
+
+    choice = manifest.get(MIX_CHOICE)
+    if not choice or "skipped" in choice:
+        return "-"
+    g = choice["gain_over_generic"]
+    se = f" ± {100 * g['ppl_se']:.1f}%" if g["ppl_se"] is not None else ""
+    return f"{100 * g['ppl']:+.1f}%{se} ({choice['chosen']}" + (")" if g["beats_generic"] else "; not better)")
 
 
 def format_rows(rows: list[dict]) -> str:
     from soup_export.files import human
 
-    lines = ["| customer | mix (from) | tier | bytes | dPPL vs fp32 | specialist loss | generic loss | gain |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| customer | mix (from) | tier | bytes | dPPL vs fp32 | specialist loss | generic loss | gain | "
+             "gain on own text (held-out) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         gain = (r["generic"] - r["specialist"]) / r["generic"]
         dppl = "(reference)" if r["tier"] == "fp32" else f"{100 * r['dppl']:+.2f}%"
         lines.append(f"| {r['name']} | {r['mix']} ({r['source'].split(':')[0]}) | {r['tier']} | {human(r['bytes'])} | "
-                     f"{dppl} | {r['specialist']:.4f} | {r['generic']:.4f} | {100 * gain:+.2f}% |")
+                     f"{dppl} | {r['specialist']:.4f} | {r['generic']:.4f} | {100 * gain:+.2f}% | {r.get('own_text', '-')} |")
     return "\n".join(lines)

@@ -4,8 +4,10 @@ copy of the contract (`runtimes/python/soup_run/contract.py`), and a test checks
 
 An export directory (`soup-export build`; one per customer of a `batch`, beside `batch.json`):
 
-    manifest.json   what was built, from what, how (spec, engine), how well (parity), and the
-                    SHA-256 and bytes of every file below (paths relative to the directory)
+    manifest.json   what was built, from what, how (spec, engine), how well (parity), how the mix
+                    was chosen on the customer's held-out text (`mix_choice`, with --from-texts or
+                    --eval-texts), and the SHA-256 and bytes of every file below (paths relative to
+                    the directory)
     onnx/           the shippable specialist
         model.onnx          the graph (the same bytes for every customer of an architecture and tier)
         model.onnx.data     every weight, 64-byte aligned, in the graph's storage order
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 
 FORMAT = "soup-export-v1"
 MANIFEST = "manifest.json"
+MIX_CHOICE = "mix_choice"  # the manifest's record of how the mix was chosen (`choose_mix`): candidates, gain, cost
 BATCH_FILE = "batch.json"
 ONNX_DIR, HF_DIR = "onnx", "hf"
 MODEL_FILE, DATA_FILE, ORT_FILE = "model.onnx", "model.onnx.data", "model.ort"

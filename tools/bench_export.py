@@ -212,8 +212,6 @@ def print_per_customer(batches: list) -> None:
 
 
 def run_job(job: str, root: Path, repeat: int) -> dict:
-    import numpy as np
-
     from soup_export.build import ExportSpec, batch, build
     from soup_export.mix import validate
     from soup_export.bank import Bank

@@ -22,7 +22,7 @@ windows of the specialist's other test documents, each domain's share by its wei
 generic dense model, the soups at the estimated h, the n = 16 soup at the true h, at a wrong h (the true h rolled by half
 the domains) and at the uniform h, the importance-sampled models where trained, the n = 16
 soup's int8, int4 and asymmetric int4 (`--qparam symmetric=false`) ONNX exports (`soup-export
-build`) run in onnxruntime, and the mix search (`--optimize-mix`) started from the estimate on the
+build`) run in onnxruntime, and the mix search (`optimize_mix.search_h`) started from the estimate on the
 same 32 documents. Differences between models also get standard errors, over all held-out windows
 and over the specialists, to show which differences stand above noise.
 
@@ -32,10 +32,19 @@ and over the specialists, to show which differences stand above noise.
     python tools/reproduce_soup.py --seed 1 --out docs/results/soup-seed1       # another seed
     python tools/reproduce_soup.py --steps 5000 --runs generic,soup16 --out docs/results/soup-steps5000  # 2x tokens
 
+Out-of-domain customers (`repro_ood`): text from Debian packages the corpus does not use (reference
+prose, technical text, dialogue), the mix chosen as `soup-export build --from-texts` chooses it, scored
+on held-out files against the natural mix (the generic model). On the n = 16 soup after the other
+tables, or alone on any checkpoint with --ckpt:
+
+    python tools/reproduce_soup.py --ckpt runs/demo --out docs/results/soup-ood   # about a minute
+
 Writes OUT/soup.md (tables, the command and the commit), OUT/soup.json and the plots
-OUT/loss.png, OUT/cost.png, OUT/alpha.png. Runs are kept in --work and reused. Last line:
-`soup_beats_generic_fraction: <share of specialists where the n=16 soup at estimated h has a
-lower loss than the generic dense model>`.
+OUT/loss.png, OUT/cost.png, OUT/alpha.png (with --ckpt: OUT/ood.md and OUT/ood.json). Runs are
+kept in --work and reused. Last lines: `soup_beats_generic_fraction: <share of specialists where
+the n=16 soup at estimated h has a lower loss than the generic dense model>` (not with --ckpt) and
+`shipped_beats_generic_fraction: <share of out-of-domain customers whose shipped specialist has a
+lower held-out loss than the natural mix>`.
 """
 from __future__ import annotations
 
@@ -49,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 from repro_common import commit_of_repo, ensure_corpus  # tools/ is the script's directory, hence on sys.path
+from repro_ood import ood_markdown, ood_rows, ood_summary
 
 TEXTS_PER_SPECIALIST = 32
 EVAL_WINDOWS = 64
@@ -182,10 +192,11 @@ def exported_losses(ckpt: Path, names: list[str], h: np.ndarray, windows: np.nda
 
 def searched_h(ev: Evaluator, model: str, texts: list[str], tokenizer: Path, h0: np.ndarray) -> tuple[np.ndarray, dict]:
     from soup_export.evaltext import from_texts
-    from soup_export.optimize_mix import MixSearchConfig, search_h, windows_wanted
+    from soup_export.optimize_mix import MixSearchConfig, search_h
 
     cfg = MixSearchConfig()
-    windows = from_texts(texts, tokenizer, windows_wanted(cfg), min(cfg.window, ev.seq_len))  # as the CLI cuts them
+    wanted = int(np.ceil(cfg.max_windows / (1 - cfg.holdout)))  # max_windows to train on after the search's hold-out
+    windows = from_texts(texts, tokenizer, wanted, min(cfg.window, ev.seq_len))
     h, report = search_h(ev.models[model], windows, h0, cfg)
     return h, {k: v for k, v in report.items() if k != "history"}
 
@@ -369,7 +380,10 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run, after the regime's, e.g. --set train.lr=3e-3 "
                              "(repeatable; pair it with its own --work so the default runs are kept)")
+    parser.add_argument("--ckpt", type=Path, help="only the out-of-domain table, on this checkpoint (or run)")
     args = parser.parse_args()
+    if args.ckpt:
+        return ood_only(args)
 
     from soup_train.config import apply_overrides
     from soup_train.data.shards import DomainShards
@@ -433,6 +447,34 @@ def main() -> None:
     print(text)
     print(f"wrote {args.out}/soup.md, soup.json, loss.png, cost.png, alpha.png")
     print(f"soup_beats_generic_fraction: {s['soup_beats_generic_fraction']:.3f}")
+    ood = out_of_domain(runs["soup16"], work, args.out, command)
+    print(f"shipped_beats_generic_fraction: {ood['shipped_beats_generic_fraction']:.3f}")
+
+
+def out_of_domain(ckpt: Path, work: Path, out: Path, command: str) -> dict:
+    """The out-of-domain table on `ckpt`, written to OUT/ood.md and OUT/ood.json; returns its summary."""
+    from soup_train.cli import CACHE
+    from soup_train.errors import SoupError
+
+    print(f"== out-of-domain customers on {ckpt}", flush=True)
+    try:
+        rows, cost = ood_rows(ckpt, work, CACHE)
+    except SoupError as exc:
+        sys.exit(f"error: {exc.message}")
+    s = ood_summary(rows, cost)
+    text = f"Command: `{command}`  \nCommit: `{commit_of_repo()}`\n\n" + ood_markdown(rows, s, str(ckpt))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ood.md").write_text(text)
+    (out / "ood.json").write_text(json.dumps({"summary": s, "rows": rows}, indent=2) + "\n")
+    print(text)
+    print(f"wrote {out}/ood.md, ood.json")
+    return s
+
+
+def ood_only(args) -> None:
+    command = ("python tools/reproduce_soup.py " + " ".join(sys.argv[1:])).strip()
+    s = out_of_domain(args.ckpt, args.work / "ood", args.out, command)
+    print(f"shipped_beats_generic_fraction: {s['shipped_beats_generic_fraction']:.3f}")
 
 
 if __name__ == "__main__":

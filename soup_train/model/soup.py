@@ -21,7 +21,6 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Callable
 
@@ -32,7 +31,7 @@ from torch.func import functional_call
 from soup_train.config import ModelConfig, SoupConfig
 from soup_train.model.init import init_soup
 from soup_train.model.llama import Llama, forward_by_parts
-from soup_train.model.soup_math import combine, expert_keys, instantiate, is_low_rank
+from soup_train.model.soup_math import combine, expert_keys, is_low_rank
 
 
 class CoefficientMLP(nn.Module):
