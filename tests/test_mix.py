@@ -61,7 +61,7 @@ def test_an_error_in_a_batch_file_names_the_customer(debug_ckpt, tmp_path):
                                   ("{licences: lots}", MixError, "weight of 'licences' is 'lots', not a number"),
                                   ("{texts: [nowhere]}", DataError, "does not exist")]:
         (tmp_path / "customers.yaml").write_text(f"customers:\n  a: {{licences: 1}}\n  b: {entry}\n")
-        with pytest.raises(error, match=re.escape(f"customers.yaml: customer 'b': ") + ".*" + re.escape(message)):
+        with pytest.raises(error, match=re.escape("customers.yaml: customer 'b': ") + ".*" + re.escape(message)):
             read_batch(debug_ckpt, tmp_path / "customers.yaml")
     (tmp_path / "customers.yaml").write_text("customers:\n  1: {licences: 1}\n  '1': {licences: 2}\n")
     with pytest.raises(MixError, match="customer name '1' is given twice"):  # equal once made names

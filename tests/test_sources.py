@@ -11,7 +11,6 @@ import os
 import shutil
 import stat
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ from soup_train.checkpoint import read_tensors
 from soup_train.config import save_json
 from soup_train.model.llama import Llama
 from soup_train.smalltalk.routing import balanced_assign, capacity, prefix_scores, purity, shares
-from soup_train.smalltalk.run import Pool, SmallTalkRun, load_model, save_model
+from soup_train.smalltalk.run import SmallTalkRun, load_model, save_model
 from soup_train.train import lr_at, make_optimizer, optimizer_step
 
 log = logging.getLogger(__name__)
