@@ -31,7 +31,7 @@ from soup_train.config import RESUME_MUTABLE, RunConfig, flat_items, from_dict, 
 from soup_train.data.domains import copy_domain_files
 from soup_train.distributed import unwrap
 from soup_train.errors import CheckpointError, ConfigError, ResumeError
-from soup_train.model.soup import SoupModel
+from soup_train.model.soup import SoupModel, meta_soup
 from soup_train.staging import staged
 from soup_train.stream import SafetensorsWriter
 
@@ -259,7 +259,9 @@ def load_soup(path: Path, device: str = "cpu") -> tuple[SoupModel, CheckpointInf
     """The soup of a checkpoint (or a run's latest), ready for inference."""
     ckpt = resolve_checkpoint(path)
     info = read_info(ckpt)
-    soup = SoupModel(info.run.model, info.run.soup, len(info.domains))
+    soup = meta_soup(info.run.model, info.run.soup, len(info.domains))  # no initial values: all are loaded
+    soup.to_empty(device="cpu")
+    soup.materialised()
     load_model_tensors(soup, read_tensors(ckpt / WEIGHTS), ckpt)
     return soup.to(device).eval(), info
 

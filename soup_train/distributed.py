@@ -17,7 +17,8 @@ Design choices:
   (`materialise`); DDP and a single process build it whole, to the same values.
 - One h per rank per step (see `soup_train.data.sampler`): ranks train different specialists
   in the same step and DDP/FSDP average their gradients.
-- Gradient accumulation suspends gradient sync on all but the last micro-batch.
+- Gradient accumulation suspends DDP's gradient sync on all but the last micro-batch; FSDP2
+  reduce-scatters each micro-batch's gradients (its memory bound depends on it).
 """
 from __future__ import annotations
 
@@ -187,19 +188,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def grad_sync(model: nn.Module, enabled: bool):
-    """Suspend gradient synchronisation for a non-final micro-batch."""
-    if enabled:
-        yield
-    elif isinstance(model, nn.parallel.DistributedDataParallel):
+    """Suspend DDP's gradient all-reduce for a non-final micro-batch (DDP decides at forward time).
+    FSDP2 reduce-scatters every micro-batch's gradients on purpose: suspended, every bank slice would
+    keep its whole gradient until the last micro-batch (the soup's size, per GPU)."""
+    if not enabled and isinstance(model, nn.parallel.DistributedDataParallel):
         with model.no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2 module
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:  # single process: nothing to synchronise
+    else:
         yield
 
 

@@ -57,7 +57,7 @@ def evaluate_domains(model: nn.Module, shards: DomainShards, natural: np.ndarray
     for the whole evaluation and each bank slice while its part is instantiated, so a rank holds one
     slice of the bank whole at a time; those gathers are collectives, so every rank instantiates
     the same number of times (a rank with fewer domains instantiates the natural mix again)."""
-    from soup_train.distributed import gather_objects, gathered, unwrap
+    from soup_train.distributed import gather_objects, gathered, raise_together, unwrap
 
     soup, k = unwrap(model), len(natural)
     world, rank = (env.world_size, env.rank) if env is not None else (1, 0)
@@ -73,12 +73,20 @@ def evaluate_domains(model: nn.Module, shards: DomainShards, natural: np.ndarray
             i = mine[r] if r < len(mine) else None
             own = soup.dense_model(natural_h if i is None else
                                    torch.as_tensor(one_hot(k, i), dtype=torch.float32, device=device), gathered)
-            if i is None:
-                continue
-            windows = shards.arrays[i][:rows]
-            out[shards.names[i]] = {"own": _mean_loss(own.eval(), windows, batch_size, seq_len, device, autocast),
-                                    "natural": _mean_loss(generic, windows, batch_size, seq_len, device, autocast),
-                                    "windows": int(len(windows))}
+            error = None
+            try:
+                if i is not None:
+                    windows = shards.arrays[i][:rows]
+                    out[shards.names[i]] = {
+                        "own": _mean_loss(own.eval(), windows, batch_size, seq_len, device, autocast),
+                        "natural": _mean_loss(generic, windows, batch_size, seq_len, device, autocast),
+                        "windows": int(len(windows))}
+            except Exception as exc:  # noqa: BLE001 - agreed: every rank stops before the next gather
+                error = exc
+            if env is not None:
+                raise_together(error, env, f"evaluating domain {shards.names[i] if i is not None else '-'}")
+            elif error is not None:
+                raise error
     if env is not None and env.backend is not None:
         for part in gather_objects(out, env):
             out.update(part)

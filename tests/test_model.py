@@ -199,10 +199,21 @@ def test_theta_is_instantiated_in_fp32_under_bf16_autocast_as_export_fuses_it(de
     soup, info = load_soup(debug_ckpt)
     bank = Bank.open(debug_ckpt)
     h = torch.tensor([0.6, 0.3, 0.1])
+    forward_theta, part_theta = {}, soup.part_theta  # what the forward itself instantiates, part by part
+
+    def recorded(part, alpha):
+        theta = part_theta(part, alpha)
+        forward_theta.update({f"{part}.{k}": v for k, v in theta.items()})
+        return theta
+
+    soup.part_theta = recorded
     with torch.autocast("cpu", dtype=torch.bfloat16):
         theta = soup.instantiate(h)
         logits = soup(torch.tensor([[1, 2, 3, 4]]), h)
     assert logits.dtype == torch.bfloat16  # the matrix products still run in bf16
     exported = bank.instantiate(bank.alpha(h.numpy()))
+    assert set(forward_theta) == set(exported) - {"lm_head.weight"}  # tied: the embedding's, read again
     for name, tensor in exported.items():
         assert theta[name].dtype == torch.float32 and torch.equal(theta[name], tensor), name
+        if name in forward_theta:
+            assert forward_theta[name].dtype == torch.float32 and torch.equal(forward_theta[name], tensor), name

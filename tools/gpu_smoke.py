@@ -1,7 +1,10 @@
 """Smoke run of training on every GPU torchrun is given: FSDP2, bf16, save, resume, export.
 
 A scaled-down `paper-110m`: the preset's per-layer shapes (d_model 768, d_ff 2048, 12 heads) with
-`--layers` layers and `--experts` experts, on the debug corpus (prepared here, offline). In order:
+`--layers` layers and `--experts` experts, on the debug corpus (prepared here, offline). Its
+tokenizer has 512 tokens and its windows 32: the embedding's bank and the activations, which
+dominate the preset's memory at 32,000 tokens and 1,024 positions, are far smaller here, so the
+comparison with the estimate checks the layers' slices and the sharded state. In order:
 
 1. `soup-train fit` under torchrun, FSDP2, bf16 autocast on CUDA, for half the steps (a checkpoint);
 2. the same command with all the steps: it resumes from that checkpoint;
@@ -40,6 +43,14 @@ def run(cmd: list[str], env: dict | None = None) -> str:
     return proc.stdout
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def overrides(args) -> list[str]:
     """`--set` arguments of the scaled-down preset."""
     sets = [f"model.n_layers={args.layers}", f"soup.n_experts={args.experts}", "model.vocab_size=0",
@@ -52,7 +63,7 @@ def overrides(args) -> list[str]:
 
 def fit(args, data: Path, out: Path, steps: int, nproc: int, device: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           "--master_port=29571", str(BIN / "soup-train"), "fit", "--preset", "paper-110m", "--data", str(data),
+           f"--master_port={free_port()}", str(BIN / "soup-train"), "fit", "--preset", "paper-110m", "--data", str(data),
            "--out", str(out), "--no-progress", *sum((["--set", s] for s in overrides(args)), []),
            "--set", f"train.steps={steps}", "--set", f"train.ckpt_every={max(1, steps)}",
            "--set", f"train.device={device}"]

@@ -163,17 +163,19 @@ class Llama(nn.Module):
 
 
 def forward_by_parts(model: Llama, weights: Callable[[str], dict[str, torch.Tensor]],
-                     input_ids: torch.Tensor) -> torch.Tensor:
+                     input_ids: torch.Tensor, inv_freq: torch.Tensor | None = None) -> torch.Tensor:
     """`model(input_ids)` with each part's weights asked for when it runs: `weights(prefix)` gives
     {local name: tensor} for "model.embed_tokens", "model.layers.{i}", "model.norm" and "lm_head".
     The same modules and math as `Llama.forward` (`model` may live on the meta device: only its
     structure is used), so a caller can hold one layer's weights at a time (export's parity check
-    of a soup larger than memory instantiates each layer from the bank in turn)."""
+    of a soup larger than memory instantiates each layer from the bank in turn). `inv_freq`: RoPE's
+    frequencies already on the input's device (computed here otherwise)."""
     from torch.func import functional_call
 
     decoder = model.model
-    cos, sin = rope_tables(rope_inv_freq(model.cfg).to(input_ids.device),
-                           torch.arange(input_ids.shape[1], device=input_ids.device))
+    if inv_freq is None or inv_freq.device != input_ids.device:
+        inv_freq = rope_inv_freq(model.cfg).to(input_ids.device)
+    cos, sin = rope_tables(inv_freq, torch.arange(input_ids.shape[1], device=input_ids.device))
     x = functional_call(decoder.embed_tokens, weights("model.embed_tokens"), (input_ids,))
     for i, layer in enumerate(decoder.layers):
         x = functional_call(layer, weights(f"model.layers.{i}"), (x, cos, sin))

@@ -123,9 +123,10 @@ def _nothing(module: nn.Module) -> contextlib.AbstractContextManager:
 class SoupModel(nn.Module):
     """Theta(h) = S + sum_j alpha_j(h) E_j; `forward(input_ids, h)` runs the dense model at Theta(h)."""
 
-    def __init__(self, model_cfg: ModelConfig, soup_cfg: SoupConfig, n_domains: int, seed: int = 0) -> None:
-        """The soup with its initial values at `seed` (`soup_train.model.init`); on the meta device
-        (`meta_soup`), its shapes only, for counting or for a sharded soup to materialise its rows."""
+    def __init__(self, model_cfg: ModelConfig, soup_cfg: SoupConfig, n_domains: int, seed: int | None = None) -> None:
+        """The soup with its initial values at `seed` (`soup_train.model.init`; None: torch's seed, as
+        `torch.manual_seed` set it); on the meta device (`meta_soup`), its shapes only, for counting
+        or for a sharded soup to materialise its rows."""
         super().__init__()
         self.model_cfg, self.soup_cfg, self.n_domains = model_cfg, soup_cfg, n_domains
         with _NoRandomInit():  # the modules' own random init: replaced by init_soup's below
@@ -134,7 +135,7 @@ class SoupModel(nn.Module):
             self.experts = ExpertBank(dense, soup_cfg)
             self.coef = CoefficientMLP(n_domains, soup_cfg)
         if not self.shared.lm_head.weight.is_meta:
-            init_soup(self, seed)
+            init_soup(self, torch.initial_seed() if seed is None else seed)
         # the structure of the dense model, outside the module tree (no parameters of its own to
         # save, move or shard): each part's Theta runs on it
         with torch.device("meta"), _NoRandomInit():
@@ -196,15 +197,17 @@ class SoupModel(nn.Module):
         instantiated just before it runs (the same values as `instantiate`, bit for bit)."""
         with torch.autocast(h.device.type, enabled=False):
             alpha = self.alpha(h.float())
-        thetas: dict[str, dict[str, torch.Tensor]] = {}
+        tied: dict[str, torch.Tensor] = {}  # the embedding's Theta, which a tied head reads again
 
         def weights(part: str) -> dict[str, torch.Tensor]:
             if part == "lm_head" and self.model_cfg.tie_embeddings:
-                return thetas["model.embed_tokens"]
-            thetas[part] = self.part_theta(part, alpha)
-            return thetas[part]
+                return tied
+            theta = self.part_theta(part, alpha)
+            if part == "model.embed_tokens":
+                tied.update(theta)
+            return theta
 
-        return forward_by_parts(self.skeleton, weights, input_ids)
+        return forward_by_parts(self.skeleton, weights, input_ids, self.shared.model.inv_freq)
 
     def dense_model(self, h: torch.Tensor, around: Around = _nothing) -> Llama:
         """A standalone dense `Llama` holding Theta(h) (detached copy; `around`: see `instantiate_alpha`)."""
