@@ -20,6 +20,6 @@ export async function loadTokenizer(modelDir) {
   const tokenizer = new Tokenizer(JSON.parse(json), config === null ? {} : JSON.parse(config));
   return {
     encode: (text) => tokenizer.encode(text).ids,
-    decode: (ids) => tokenizer.decode(ids, { skip_special_tokens: true }),
+    decode: (ids) => (ids.length ? tokenizer.decode(ids, { skip_special_tokens: true }) : ""),  // it refuses []
   };
 }
