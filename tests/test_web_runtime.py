@@ -161,7 +161,7 @@ def test_the_page_runs_fp32_and_int4_like_soup_run(server, web_exports, tmp_path
         {"do": "greedy", "model": "/models/fp32/", "ids": ids, "n": GREEDY},
         {"do": "ui", "model": "/models/fp32/", "prompt": PROMPT, "n": 16},
         {"do": "logits", "model": "/models/int4/", "ids": held},
-        {"do": "ui", "model": "/models/mixture/", "prompt": PROMPT, "n": 4},
+        {"do": "ui", "model": "/models/mixture/", "prompt": "import os", "n": 4},
     ], tmp_path)
     assert threads["isolated"] is True  # the COOP/COEP headers: WebAssembly threads available
     assert greedy == generate_ids(fp32, ids, GenerationConfig(max_new_tokens=GREEDY, stop_at_eos=False))
