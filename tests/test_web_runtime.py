@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from soup_run import GenerationConfig, Specialist, generate
-from soup_run.generate import generate_ids
+from soup_run.generate import generate_ids, stream
 from soup_run.integrity import verify
 from soup_run.sampling import Sampling
 from tests.procs import run_command
@@ -69,6 +69,21 @@ def _stepped_logits(model: Specialist, ids: list[int], steps: int) -> list[list[
     return [row.astype(float).tolist() for row in out]
 
 
+def _stream_logits(model: Specialist, prompts: list[str], n: int) -> dict:
+    """The logits `stream` chose each token from (the prefill, then every decode step) on a left-padded batch."""
+    steps, step = [], model.step
+
+    def recording(ids, mask, positions, past, all_logits=False):
+        logits, past = step(ids, mask, positions, past, all_logits)
+        steps.append(logits.astype(float).tolist())
+        return logits, past
+
+    model.step = recording
+    list(stream(model, prompts, GenerationConfig(max_new_tokens=n, stop_at_eos=False)))
+    model.step = step
+    return {"prompts": prompts, "n": n, "steps": steps}
+
+
 def _mixture_refs(path: Path) -> dict:
     from soup_run.mixture import RoutedMixture
 
@@ -98,6 +113,7 @@ def refs(web_exports, tmp_path_factory) -> Path:
     out["prompt_ids"] = ids
     out["tokenizer"] = [{"text": t, "ids": fp32.encode(t), "decoded": fp32.decode(fp32.encode(t))} for t in TEXTS]
     out["logits"] = _stepped_logits(fp32, ids, 2)
+    out["stream_logits"] = _stream_logits(fp32, BATCH[:2], 8)
     sampled = GenerationConfig(max_new_tokens=24, seed=7, sampling=HOT, stop_at_eos=False)
     out["sampled"] = {"seed": 7, "sampling": {"temperature": HOT.temperature, "topK": HOT.top_k, "topP": HOT.top_p,
                                               "repetitionPenalty": HOT.repetition_penalty},

@@ -43,6 +43,19 @@ test("fp32 logits at prefill and after 2 decode steps equal Python onnxruntime's
   assert.ok(worst <= LOGIT_TOL, `max |difference| ${worst}`);
 });
 
+test("every step of a left-padded stream sees soup-run's logits within 1e-4 (positions, mask, cache)", needsRefs, async () => {
+  const m = await model("fp32");
+  const { prompts, n, steps } = refs.stream_logits;
+  const seen = [];
+  const recording = { contract: m.contract, encode: (t) => m.encode(t), decode: (x) => m.decode(x), emptyPast: (b) => m.emptyPast(b),
+    step: async (...a) => { const out = await m.step(...a); seen.push(out[0]); return out; } };
+  for await (const e of stream(recording, prompts, { maxNewTokens: n, stopAtEos: false })) void e;
+  assert.equal(seen.length, steps.length);
+  let worst = 0;
+  seen.forEach((rows, k) => rows.forEach((row, i) => row.forEach((v, j) => { worst = Math.max(worst, Math.abs(v - steps[k][i][j])); })));
+  assert.ok(worst <= LOGIT_TOL, `max |difference| ${worst}`);
+});
+
 test("seeded sampling is reproducible, draws what soup-run draws, and differs across seeds", needsRefs, async () => {
   const m = await model("fp32");
   const { seed, sampling, ids } = refs.sampled;
