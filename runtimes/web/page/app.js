@@ -7,7 +7,8 @@ import * as runner from "/web/src/index.js";
 
 const $ = (id) => document.getElementById(id);
 ort.env.wasm.wasmPaths = "/web/node_modules/onnxruntime-web/dist/";
-ort.env.wasm.numThreads = crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+const asked = Number(new URLSearchParams(location.search).get("threads"));  // ?threads=N, else up to 4
+ort.env.wasm.numThreads = crossOriginIsolated ? asked || Math.min(4, navigator.hardwareConcurrency || 1) : 1;
 
 /** @type {Map<string, Promise<any>>} models opened so far, by URL */
 const opened = new Map();

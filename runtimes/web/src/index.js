@@ -17,7 +17,7 @@ export { RunError } from "./errors.js";
 export { Specialist, KVCache } from "./specialist.js";
 export { RoutedMixture, tokenLogProbs } from "./mixture.js";
 export { stream, generate, generateIds, leftPad } from "./generate.js";
-export { choose, penalise, sampling } from "./sampling.js";
+export { argmax, choose, penalise, sampling } from "./sampling.js";
 export { Rng } from "./rng.js";
 export { verify } from "./integrity.js";
 export { urlFiles } from "./url-files.js";

@@ -44,7 +44,7 @@ export function penalise(logits, seen, penalty) {
 }
 
 /** @param {ArrayLike<number>} a */
-function argmax(a) {
+export function argmax(a) {
   let best = 0;
   for (let i = 1; i < a.length; i++) if (a[i] > a[best]) best = i;
   return best;

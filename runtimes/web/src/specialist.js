@@ -127,7 +127,12 @@ export class Specialist {
  * @param {number[][]} rows
  * @returns {BigInt64Array}
  */
-const int64 = (rows) => BigInt64Array.from(rows.flat(), (v) => BigInt(v));
+function int64(rows) {
+  const out = new BigInt64Array(rows.length * rows[0].length);
+  let k = 0;
+  for (const r of rows) for (const v of r) out[k++] = BigInt(v);
+  return out;
+}
 
 /** The past = present buffers of one batch of sequences (see the module comment). */
 export class KVCache {
@@ -142,6 +147,21 @@ export class KVCache {
     this.batch = batch;
     this.length = 0;
     this.buffers = c.pastNames.map(() => new model.ort.Tensor("float32", new Float32Array(dims.reduce((a, b) => a * b)), dims));
+    // a decode step's (B, 1) ids and positions, rewritten in place, and its (B, 1, V) logits when the backend fills them
+    this.stepIds = new model.ort.Tensor("int64", new BigInt64Array(batch), [batch, 1]);
+    this.stepPositions = new model.ort.Tensor("int64", new BigInt64Array(batch), [batch, 1]);
+    this.stepLogits = model.inPlace ? new model.ort.Tensor("float32", new Float32Array(batch * c.vocab), [batch, 1, c.vocab]) : null;
+  }
+
+  /**
+   * A (B, S) int64 tensor; a decode step's ids and positions reuse their tensors.
+   * @param {number[][]} rows
+   * @param {any} reuse  the step tensor to overwrite when S is 1
+   */
+  int64(rows, reuse) {
+    if (rows[0].length !== 1) return new this.model.ort.Tensor("int64", int64(rows), [rows.length, rows[0].length]);
+    rows.forEach((r, i) => { reuse.data[i] = BigInt(r[0]); });
+    return reuse;
   }
 
   /**
@@ -159,11 +179,11 @@ export class KVCache {
     }
     if (total > c.context) throw new RunError(`${total} tokens exceed the model's context of ${c.context}`);
     const feeds = {
-      [INPUT_IDS]: new ort.Tensor("int64", int64(ids), [b, s]),
+      [INPUT_IDS]: this.int64(ids, this.stepIds),
       [ATTENTION_MASK]: new ort.Tensor("int64", int64(mask), [b, total]),
-      [POSITION_IDS]: new ort.Tensor("int64", int64(positions), [b, s]),
+      [POSITION_IDS]: this.int64(positions, this.stepPositions),
     };
-    const fetches = { [LOGITS]: null };
+    const fetches = { [LOGITS]: s === 1 ? this.stepLogits : null };
     c.pastNames.forEach((name, i) => { feeds[name] = this.buffers[i]; });
     c.presentNames.forEach((name, i) => { fetches[name] = this.model.inPlace ? this.buffers[i] : null; });
     const out = await session.run(feeds, fetches);

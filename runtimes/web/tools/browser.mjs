@@ -30,7 +30,7 @@ const IN_PAGE = {
     const [rows] = await m.step([ids], [ids.map(() => 1)], [ids.map((_, i) => i)], m.emptyPast(1), true);
     const flat = new Float32Array(rows[0].length * rows[0][0].length);
     rows[0].forEach((r, t) => flat.set(r, t * r.length));
-    const top1 = rows[0].map((r) => r.indexOf(Math.max(...r)));
+    const top1 = rows[0].map((r) => window.soupRun.argmax(r));
     let bin = "";
     const bytes = new Uint8Array(flat.buffer);
     for (let i = 0; i < bytes.length; i += 0x8000) bin += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
@@ -41,13 +41,13 @@ const IN_PAGE = {
     const t0 = performance.now();
     const [logits, past] = await m.step([ids], [ids.map(() => 1)], [ids.map((_, i) => i)], m.emptyPast(1));
     const prefillMs = performance.now() - t0;
-    let token = logits[0].indexOf(Math.max(...logits[0]));
+    let token = window.soupRun.argmax(logits[0]);
     const mask = [ids.map(() => 1)];
     const t1 = performance.now();
     for (let k = 0; k < n; k++) {
       mask[0].push(1);
       const [next] = await m.step([[token]], mask, [[ids.length + k]], past);
-      token = next[0].indexOf(Math.max(...next[0]));
+      token = window.soupRun.argmax(next[0]);
     }
     return { prefillMs, decodeTokensPerS: n / ((performance.now() - t1) / 1000) };
   },
