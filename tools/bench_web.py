@@ -4,15 +4,19 @@ Prefill latency (one prompt) and greedy decode tokens/s with the KV cache, for s
 onnxruntime), the JS runner in Node (onnxruntime-node) and in headless chromium (onnxruntime-web,
 WebAssembly, threads on, the page of `soup-run serve`), all on the same files with the same thread
 count. The three run in turn, `--rounds` times, and each runner's median over all its repetitions
-is reported. Only a few small temporary files are written (the task lists), so no disk check.
+is reported.
 
-    python tools/bench_web.py exports/demo/initech --threads 2
-Last line: `node_over_python_decode: <ratio>`.
+    python tools/bench_web.py exports/demo/initech --threads 2      # an int4 export you have
+    python tools/bench_web.py --size small                          # builds one: d256 x 8 layers, briefly trained
+    python tools/bench_web.py --size 110m                           # the paper-110m preset's shapes, synthetic weights
+Last line: `node_over_python_decode: <ratio>`. With `--size`, the export is built in a temporary
+directory after checking that the disk has room, and removed at the end.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -79,21 +83,73 @@ def serve(export: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
     return proc, line.rsplit(" on ", 1)[1].strip()
 
 
+NEEDS = {"small": 2 << 30, "110m": 6 << 30}  # bytes free to build (the fp32 graph is written before int4)
+
+
+def build_int4(root: Path, size: str) -> Path:
+    """An int4 export of a briefly trained d256 x 8 soup (small) or of paper-110m's shapes (synthetic)."""
+    import shutil
+    from dataclasses import replace
+
+    from soup_export.bank import Bank
+    from soup_export.build import ExportSpec, build
+    from soup_export.mix import validate
+    from soup_train.data.prepare import prepare as prepare_data
+    from soup_train.presets import prepare_preset, run_preset
+
+    free = shutil.disk_usage(root).free
+    if free < NEEDS[size]:
+        sys.exit(f"bench_web: {root} has {free >> 20} MB free, --size {size} needs {NEEDS[size] >> 20} MB; free some space")
+    data = root / "data"
+    prepare_data(replace(prepare_preset("debug"), vocab_size=8192, seq_len=128), data, root / "cache")
+    if size == "110m":
+        from soup_train.synthetic import write_synthetic_checkpoint
+
+        run = run_preset("paper-110m")
+        run = replace(run, soup=replace(run.soup, n_experts=1), data=replace(run.data, domains="sources", path=""))
+        write_synthetic_checkpoint(root / "run", run, data)
+    else:
+        from soup_train.config import DataConfig, ModelConfig, RunConfig, SoupConfig, TrainConfig
+        from soup_train.train import fit
+
+        model = ModelConfig(d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=704, max_seq_len=512)
+        fit(RunConfig(model=model, soup=SoupConfig(n_experts=4), data=DataConfig(path=str(data)),
+                      train=TrainConfig(steps=60, batch_size=8, warmup_steps=5, eval_every=0, eval_batches=1, log_every=10,
+                                        ckpt_every=1000)), root / "run", progress=False)
+    domains = Bank.open(root / "run").info.domains
+    build(root / "run", validate({domains[0]: 0.7, domains[1]: 0.3}, domains), root / "int4",
+          ExportSpec(quant="int4", parity=False, keep_hf=False))
+    shutil.rmtree(root / "run")
+    return root / "int4"
+
+
 def median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
 def main() -> None:
-    from soup_run import Specialist
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("export", type=Path, help="an int4 export directory")
+    ap.add_argument("export", type=Path, nargs="?", help="an int4 export directory (or --size to build one)")
+    ap.add_argument("--size", choices=sorted(NEEDS), help="build an int4 export of this size in a temporary directory")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=48)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
+    if (args.export is None) == (args.size is None):
+        ap.error("pass an int4 export directory or --size")
+    with tempfile.TemporaryDirectory(prefix="bench-web-build-") as built:
+        if args.size:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            args.export = build_int4(Path(built), args.size)
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
+    from soup_run import Specialist
+
     model = Specialist(args.export, threads=args.threads)
     ids = model.encode(TEXT)[:args.prompt_tokens]
     n = min(args.decode, model.contract.context - len(ids))
