@@ -30,7 +30,7 @@ import { choose, sampling } from "./sampling.js";
  * @property {import("./contract.js").Contract} contract
  * @property {(text: string) => number[]} encode
  * @property {(ids: number[]) => string} decode
- * @property {(batch: number) => any} emptyPast
+ * @property {(batch: number, capacity?: number) => any} emptyPast  a cache for `batch` rows of up to `capacity` tokens
  * @property {(ids: number[][], mask: number[][], positions: number[][], past: any) => Promise<[Float32Array[], any]>} step
  */
 
@@ -106,7 +106,7 @@ export async function* stream(model, prompts, config = {}) {
   let { ids, mask, positions } = leftPad(rows.map((r) => r.prompt), c.pad);
   const seen = rows.map((r) => { const v = new Uint8Array(c.vocab); for (const t of r.prompt) v[t] = 1; return v; });
   signal?.throwIfAborted();
-  let [logits, past] = await model.step(ids, mask, positions, model.emptyPast(rows.length));
+  let [logits, past] = await model.step(ids, mask, positions, model.emptyPast(rows.length, longest + budget));
   for (let n = 0; n < budget; n++) {
     signal?.throwIfAborted();
     const tokens = rows.map(() => c.pad);

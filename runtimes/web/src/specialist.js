@@ -2,12 +2,14 @@
  * A specialist: verify its files, load its tokenizer and onnxruntime session, and step the decoder
  * with one shared KV buffer per layer and kind (soup_run/model.py; runtimes/README.md's contract).
  *
- * Each layer's key and value cache is one (B, KV, context, head) float32 tensor passed as
- * `past_key_values.{i}.*` and pre-allocated as the `present.{i}.*` output of every step, so
- * GroupQueryAttention writes each new position into it in place (onnxruntime-node runs on the
- * tensor's own memory). onnxruntime-web does not write into a pre-allocated CPU output: there the
- * present tensor it returns, of the same (B, KV, context, head) shape, is the next step's past (the
- * WebAssembly backend copies every input into its heap and every output out of it anyway).
+ * Each layer's key and value cache is one (B, KV, capacity, head) float32 tensor passed as
+ * `past_key_values.{i}.*` and, on onnxruntime-node, pre-allocated as the `present.{i}.*` output of
+ * every step, so GroupQueryAttention writes each new position into that same tensor. onnxruntime-web
+ * does not fill a pre-allocated CPU output: there the present tensor it returns, of the same shape,
+ * is the next step's past. The JS backends have no I/O binding, and a step's time grows with the
+ * cache tensors' size (at the context length a decode step of the benchmark's d256 int4 model took
+ * 1.8x as long in Node), so a generation sizes its cache to what it needs, prompt plus new tokens,
+ * where soup-run takes the whole context.
  */
 import { ATTENTION_MASK, DATA_FILE, GENAI_CONFIG, INPUT_IDS, LOGITS, MODEL_FILE, ONNX_DIR, POSITION_IDS, readContract } from "./contract.js";
 import { RunError } from "./errors.js";
@@ -92,8 +94,12 @@ export class Specialist {
   /** @param {number[]} ids */
   decode(ids) { return this.tokens.decode(ids); }
 
-  /** @param {number} batch  a fresh KV cache for `batch` rows, up to the model's context */
-  emptyPast(batch) { return new KVCache(this, batch); }
+  /**
+   * A fresh KV cache for `batch` rows of up to `capacity` tokens (the model's context by default).
+   * @param {number} batch
+   * @param {number} [capacity]
+   */
+  emptyPast(batch, capacity = this.contract.context) { return new KVCache(this, batch, capacity); }
 
   /**
    * One forward: ids/positions (B, S), mask (B, P+S), the cache after P tokens.
@@ -139,10 +145,12 @@ export class KVCache {
   /**
    * @param {Specialist} model
    * @param {number} batch
+   * @param {number} capacity  tokens per row, at most the model's context
    */
-  constructor(model, batch) {
+  constructor(model, batch, capacity) {
     const c = model.contract;
-    const dims = [batch, c.kvHeads, c.context, c.headSize];
+    this.capacity = Math.min(Math.max(1, capacity), c.context);
+    const dims = [batch, c.kvHeads, this.capacity, c.headSize];
     this.model = model;
     this.batch = batch;
     this.length = 0;
@@ -177,7 +185,9 @@ export class KVCache {
     if (b !== this.batch || total !== this.length + s) {
       throw new RunError(`cache holds ${this.batch} rows of ${this.length} tokens; got ${b} rows, ${s} new tokens and a mask of ${total}`);
     }
-    if (total > c.context) throw new RunError(`${total} tokens exceed the model's context of ${c.context}`);
+    if (total > this.capacity) {
+      throw new RunError(`${total} tokens exceed ${total > c.context ? `the model's context of ${c.context}` : `this cache's ${this.capacity}`}`);
+    }
     const feeds = {
       [INPUT_IDS]: this.int64(ids, this.stepIds),
       [ATTENTION_MASK]: new ort.Tensor("int64", int64(mask), [b, total]),

@@ -14,7 +14,7 @@ import { argmax, open } from "../src/node.js";
  */
 export async function once(m, ids, n) {
   const t0 = performance.now();
-  const [logits, past] = await m.step([ids], [ids.map(() => 1)], [ids.map((_, i) => i)], m.emptyPast(1));
+  const [logits, past] = await m.step([ids], [ids.map(() => 1)], [ids.map((_, i) => i)], m.emptyPast(1, ids.length + n));  // sized as stream sizes it
   const prefillMs = performance.now() - t0;
   let token = argmax(logits[0]);
   const mask = [ids.map(() => 1)];

@@ -39,7 +39,7 @@ const IN_PAGE = {
   async bench({ model, ids, n }) {
     const m = await window.soupRun.model(model);
     const t0 = performance.now();
-    const [logits, past] = await m.step([ids], [ids.map(() => 1)], [ids.map((_, i) => i)], m.emptyPast(1));
+    const [logits, past] = await m.step([ids], [ids.map(() => 1)], [ids.map((_, i) => i)], m.emptyPast(1, ids.length + n));  // sized as stream sizes it
     const prefillMs = performance.now() - t0;
     let token = window.soupRun.argmax(logits[0]);
     const mask = [ids.map(() => 1)];
