@@ -54,6 +54,10 @@ def web_exports(debug_ckpt, debug_data, smalltalk_run, tmp_path_factory) -> Path
     for tier in ("fp32", "int8", "int4"):
         build(debug_ckpt, mix, root / tier, ExportSpec(quant=tier, data=str(debug_data), parity=False, keep_hf=False))
     export_mixture(smalltalk_run, root / "mixture", ExportSpec(quant="fp32", parity=False), progress=False)
+    shutil.copytree(root / "int4", root / "tampered")  # one bit of its weights flipped: the page must refuse it
+    data = bytearray((root / "tampered" / "onnx" / "model.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (root / "tampered" / "onnx" / "model.onnx.data").write_bytes(bytes(data))
     return root
 
 
@@ -165,21 +169,26 @@ def _browser(url: str, tasks: list[dict], tmp_path: Path) -> list:
 
 
 def test_the_page_runs_fp32_and_int4_like_soup_run(server, web_exports, tmp_path):
-    """In headless chromium, from the page of `soup-run serve`: the fp32 export's greedy tokens equal
+    """In headless chromium, from the page of `soup-run serve`: files are verified with WebCrypto (a
+    flipped bit is refused by name), the fp32 export's greedy tokens equal
     soup-run's, the page's Generate button prints soup-run's text, and the int4 export's teacher-forced
     top-1 (WebAssembly int4 kernels) agrees with soup-run's on >= 95% of a held-out text's positions."""
     fp32, int4 = Specialist(web_exports / "fp32"), Specialist(web_exports / "int4")
     ids = fp32.encode(PROMPT)
     held = int4.encode(HELD_OUT)[:int4.contract.context]
     cfg = GenerationConfig(max_new_tokens=16, stop_at_eos=False)
-    threads, greedy, ui, forced, routed = _browser(server, [
+    threads, verified, tampered, greedy, ui, forced, routed = _browser(server, [
         {"do": "threads"},
+        {"do": "open", "model": "/models/int4/"},
+        {"do": "open", "model": "/models/tampered/"},
         {"do": "greedy", "model": "/models/fp32/", "ids": ids, "n": GREEDY},
         {"do": "ui", "model": "/models/fp32/", "prompt": PROMPT, "n": 16},
         {"do": "logits", "model": "/models/int4/", "ids": held},
         {"do": "ui", "model": "/models/mixture/", "prompt": "import os", "n": 4},
     ], tmp_path)
     assert threads["isolated"] is True  # the COOP/COEP headers: WebAssembly threads available
+    assert verified == {"ok": True, "verified": verify(int4.dir)}  # WebCrypto checked every listed file
+    assert not tampered["ok"] and "model.onnx.data does not match its SHA-256" in tampered["error"], tampered
     assert greedy == generate_ids(fp32, ids, GenerationConfig(max_new_tokens=GREEDY, stop_at_eos=False))
     assert ui["output"] == PROMPT + generate(fp32, [PROMPT], cfg)[0] and "tokens/s" in ui["status"]
     x = np.asarray([held])

@@ -3,8 +3,10 @@
 Prefill latency (one prompt) and greedy decode tokens/s with the KV cache, for soup-run (Python
 onnxruntime), the JS runner in Node (onnxruntime-node) and in headless chromium (onnxruntime-web,
 WebAssembly, threads on, the page of `soup-run serve`), all on the same files with the same thread
-count. The three run in turn, `--rounds` times, and each runner's median over all its repetitions
-is reported.
+count. Each runner measures in a process of its own (an idle onnxruntime session's spinning threads
+would otherwise slow the next runner), the three run in turn `--rounds` times, and each ratio is the
+median over rounds of that round's ratio of medians (the shared machine's drifts hit a round's
+runners alike).
 
     python tools/bench_web.py exports/demo/initech --threads 2      # an int4 export you have
     python tools/bench_web.py --size small                          # builds one: d256 x 8 layers, briefly trained
@@ -33,8 +35,14 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
         "this truth is so well fixed in the minds of the surrounding families")
 
 
-def python_runs(model, ids: list[int], n: int, reps: int) -> list[dict]:
-    """soup-run's Specialist.step: one prefill, then n greedy decode steps, `reps` times after a warm-up."""
+def python_job(export: Path, task: Path) -> None:
+    """In its own process: soup-run's Specialist.step, one prefill then n greedy decode steps, `reps` times
+    after a warm-up; prints the runs as one JSON line."""
+    from soup_run import Specialist
+
+    t = json.loads(task.read_text())
+    model, ids, n = Specialist(export, threads=t["threads"]), t["ids"], t["n"]
+
     def once() -> dict:
         t0 = time.perf_counter()
         logits, past = model.step(np.asarray([ids]), np.ones((1, len(ids)), np.int64), np.arange(len(ids))[None],
@@ -49,13 +57,13 @@ def python_runs(model, ids: list[int], n: int, reps: int) -> list[dict]:
         return {"prefillMs": prefill, "decodeTokensPerS": n / (time.perf_counter() - t1)}
 
     once()
-    return [once() for _ in range(reps)]
+    print(json.dumps([once() for _ in range(t["reps"])]))
 
 
-def node_runs(export: Path, task: Path) -> list[dict]:
-    proc = subprocess.run(["node", str(WEB / "tools" / "bench.mjs"), str(export), str(task)], capture_output=True, text=True)
+def job_runs(cmd: list[str], name: str) -> list[dict]:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
-        sys.exit(f"bench_web: node failed: {proc.stderr.strip()[-500:]}")
+        sys.exit(f"bench_web: {name} failed: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout.splitlines()[-1])
 
 
@@ -135,8 +143,12 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=48)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--python-job", type=Path, help=argparse.SUPPRESS)  # internal: one Python measurement
     args = ap.parse_args()
+    if args.python_job:
+        python_job(args.export, args.python_job)
+        return
     if (args.export is None) == (args.size is None):
         ap.error("pass an int4 export directory or --size")
     with tempfile.TemporaryDirectory(prefix="bench-web-build-") as built:
@@ -148,37 +160,47 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace) -> None:
-    from soup_run import Specialist
+    from tokenizers import Tokenizer
 
-    model = Specialist(args.export, threads=args.threads)
-    ids = model.encode(TEXT)[:args.prompt_tokens]
-    n = min(args.decode, model.contract.context - len(ids))
-    tier = json.loads((model.dir / "export.json").read_text()).get("tier")
-    size = sum((model.dir / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))
+    from soup_run.contract import Contract, model_dir_of
+
+    model_dir = model_dir_of(args.export)
+    context = Contract.read(model_dir).context
+    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(TEXT).ids[:args.prompt_tokens]
+    n = min(args.decode, context - len(ids))
+    tier = json.loads((model_dir / "export.json").read_text()).get("tier")
+    size = sum((model_dir / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))
     print(f"model: {args.export} ({tier}, {size / 1e6:.2f} MB), prompt {len(ids)} tokens, decode {n} tokens, "
           f"threads {args.threads}, {args.rounds} rounds x {args.reps} reps")
-    runs: dict[str, list[dict]] = {"python": [], "node": [], "browser": []}
+    rounds: list[dict[str, list[dict]]] = []
     with tempfile.TemporaryDirectory(prefix="bench-web-") as tmp:
         tmp = Path(tmp)
-        (tmp / "task.json").write_text(json.dumps({"ids": ids, "n": n, "reps": args.reps, "threads": args.threads}))
+        task = tmp / "task.json"
+        task.write_text(json.dumps({"ids": ids, "n": n, "reps": args.reps, "threads": args.threads}))
         server, url = serve(args.export, tmp)
         try:
             for _ in range(args.rounds):
-                runs["python"] += python_runs(model, ids, n, args.reps)
-                runs["node"] += node_runs(args.export, tmp / "task.json")
+                py = job_runs([sys.executable, __file__, str(args.export), "--python-job", str(task)], "soup-run")
+                node = job_runs(["node", str(WEB / "tools" / "bench.mjs"), str(args.export), str(task)], "node")
                 browser, info = browser_runs(f"{url}?threads={args.threads}", ids, n, args.reps, tmp)
-                runs["browser"] += browser
+                rounds.append({"python": py, "node": node, "browser": browser})
         finally:
             server.terminate()
             server.wait()
     print(f"browser: WebAssembly threads {info['threads']}, cross-origin isolated {info['isolated']}")
-    for name, r in runs.items():
-        print(f"{name:8s} prefill_ms: {median(r, 'prefillMs'):8.2f}   decode_tokens_per_s: {median(r, 'decodeTokensPerS'):8.1f}")
-    py = runs["python"]
+    for name in ("python", "node", "browser"):
+        every = [r for rnd in rounds for r in rnd[name]]
+        print(f"{name:8s} prefill_ms: {median(every, 'prefillMs'):8.2f}   "
+              f"decode_tokens_per_s: {median(every, 'decodeTokensPerS'):8.1f}   (medians of all runs)")
+
+    def ratio(name: str, key: str, faster_is_larger: bool) -> float:
+        per_round = [median(r[name], key) / median(r["python"], key) for r in rounds]
+        return statistics.median(per_round if faster_is_larger else [1 / x for x in per_round])
+
     for name in ("browser", "node"):
-        print(f"{name}_over_python_prefill_speed: {median(py, 'prefillMs') / median(runs[name], 'prefillMs'):.3f}")
-    print(f"browser_over_python_decode: {median(runs['browser'], 'decodeTokensPerS') / median(py, 'decodeTokensPerS'):.3f}")
-    print(f"node_over_python_decode: {median(runs['node'], 'decodeTokensPerS') / median(py, 'decodeTokensPerS'):.3f}")
+        print(f"{name}_over_python_prefill_speed: {ratio(name, 'prefillMs', False):.3f}")
+    print(f"browser_over_python_decode: {ratio('browser', 'decodeTokensPerS', True):.3f}")
+    print(f"node_over_python_decode: {ratio('node', 'decodeTokensPerS', True):.3f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
  *        {"do": "logits", "model": URL, "ids": [...]}           -> every position's logits (base64 float32) and top-1
  *        {"do": "bench", "model": URL, "ids": [...], "n": 64}   -> prefill ms and decode tokens/s
  *        {"do": "ui", "model": URL, "prompt": "...", "n": 16}   -> the page's output text after Generate
+ *        {"do": "open", "model": URL}                            -> {ok, verified} or {ok: false, error}
  *        {"do": "threads"}                                       -> WebAssembly threads and cross-origin isolation
  */
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -50,6 +51,14 @@ const IN_PAGE = {
       token = window.soupRun.argmax(next[0]);
     }
     return { prefillMs, decodeTokensPerS: n / ((performance.now() - t1) / 1000) };
+  },
+  async open({ model }) {
+    try {
+      const m = await window.soupRun.open(model, { ort: window.soupRun.ort });
+      return { ok: true, verified: m.verified ?? null };
+    } catch (exc) {
+      return { ok: false, error: String(exc.message ?? exc) };
+    }
   },
   threads() {
     return { threads: window.soupRun.ort.env.wasm.numThreads, isolated: crossOriginIsolated };
