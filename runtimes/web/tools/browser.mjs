@@ -83,12 +83,15 @@ async function main() {
   if (!url || !tasksFile) throw new Error("usage: node tools/browser.mjs URL TASKS.json");
   const tasks = JSON.parse(readFileSync(tasksFile, "utf8"));
   const profile = mkdtempSync(join(tmpdir(), "soup-chromium-"));
-  const browser = await puppeteer.launch({ executablePath: CHROMIUM, args: [...FLAGS, `--user-data-dir=${profile}`], headless: true });
+  // no time limits of its own: a slow machine is not a failure (the caller guards against a hang)
+  const browser = await puppeteer.launch({ executablePath: CHROMIUM, args: [...FLAGS, `--user-data-dir=${profile}`], headless: true,
+    protocolTimeout: 2 ** 31 - 1 });
   try {
     const page = await browser.newPage();
+    page.setDefaultTimeout(0);
     const errors = [];
     page.on("pageerror", (e) => errors.push(String(e)));
-    await page.goto(url, { waitUntil: "load" });
+    await page.goto(url, { waitUntil: "load", timeout: 0 });
     await page.waitForFunction(() => window.soupRun !== undefined, { timeout: 0 });
     await page.evaluate(() => window.soupRun.ready);
     const results = [];
