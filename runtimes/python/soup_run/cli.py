@@ -6,6 +6,7 @@ Examples:
     soup-run score exports/demo/acme my_texts/*.txt
     soup-run chat exports/demo/acme
     soup-run generate exports/smalltalk --prompt "In the beginning"   # a SmallTalk mixture: routes first
+    soup-run serve exports/demo --port 8000     # the JavaScript runner's page, in a browser
 """
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ def parser() -> argparse.ArgumentParser:
                        epilog="Example: soup-run chat exports/demo/acme   (/reset, /quit)")
     _model_args(c)
     _sampling_args(c)
+    v = sub.add_parser("serve", help="serve the JavaScript runner's page and the exports on localhost",
+                       epilog="Example: soup-run serve exports/demo --port 8000   (then open http://127.0.0.1:8000/)")
+    v.add_argument("model", type=Path, help="an export, mixture or batch directory written by soup-export")
+    v.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--web", type=Path, help="runtimes/web of the repository (default: next to this package)")
     return root
 
 
@@ -137,6 +144,11 @@ def _run_mixture(args) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "serve":
+        from soup_run.serve import serve
+
+        serve(args.model, args.port, args.host, args.web)
+        return 0
     from soup_run.mixture import is_mixture
 
     if is_mixture(args.model):
