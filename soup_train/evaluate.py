@@ -55,16 +55,18 @@ def evaluate_domains(model: nn.Module, shards: DomainShards, natural: np.ndarray
     world_size-th domain and the table is gathered, so k domains cost each rank k / world_size
     instantiations. A sharded (FSDP2) soup's root unit (S and the coefficient MLP) is gathered once
     for the whole evaluation and each bank slice while its part is instantiated, so a rank holds one
-    slice of the bank whole at a time; those gathers are collectives, so every rank instantiates
-    the same number of times (a rank with fewer domains instantiates the natural mix again)."""
+    slice of the bank whole at a time. Gathers and the agreement on errors are collectives, so every
+    rank runs the same number of rounds (a rank with fewer domains instantiates the natural mix again)."""
     from soup_train.distributed import gather_objects, gathered, raise_together, unwrap
 
     soup, k = unwrap(model), len(natural)
     world, rank = (env.world_size, env.rank) if env is not None else (1, 0)
     present = [i for i, w in enumerate(shards.arrays) if len(w[:rows])]
     mine = present[rank::world]
-    # a sharded soup gathers its slices in collectives: every rank instantiates as many times
-    rounds = len(present[::world]) if hasattr(model, "unshard") else len(mine)
+    # under a process group every rank runs as many rounds: a sharded soup gathers its slices in
+    # collectives, and each round's errors are agreed by all (raise_together)
+    grouped = env is not None and env.backend is not None
+    rounds = len(present[::world]) if grouped else len(mine)
     out: dict[str, dict[str, float]] = {}
     natural_h = torch.as_tensor(natural, dtype=torch.float32, device=device)
     with gathered(model):
@@ -83,8 +85,8 @@ def evaluate_domains(model: nn.Module, shards: DomainShards, natural: np.ndarray
                         "windows": int(len(windows))}
             except Exception as exc:  # noqa: BLE001 - agreed: every rank stops before the next gather
                 error = exc
-            if env is not None:
-                raise_together(error, env, f"evaluating domain {shards.names[i] if i is not None else '-'}")
+            if grouped:
+                raise_together(error, env, f"evaluating domain {shards.names[i]}" if i is not None else "evaluating")
             elif error is not None:
                 raise error
     if env is not None and env.backend is not None:
