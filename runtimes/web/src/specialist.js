@@ -6,10 +6,13 @@
  * `past_key_values.{i}.*` and, on onnxruntime-node, pre-allocated as the `present.{i}.*` output of
  * every step, so GroupQueryAttention writes each new position into that same tensor. onnxruntime-web
  * does not fill a pre-allocated CPU output: there the present tensor it returns, of the same shape,
- * is the next step's past. The JS backends have no I/O binding, and a step's time grows with the
- * cache tensors' size (at the context length a decode step of the benchmark's d256 int4 model took
- * 1.8x as long in Node), so a generation sizes its cache to what it needs, prompt plus new tokens,
- * where soup-run takes the whole context.
+ * is the next step's past. The JS backends have no I/O binding: onnxruntime-node copies every output
+ * of a run, the pre-allocated present tensors whole, into new JavaScript memory, and onnxruntime-web
+ * copies every input into its heap, so a step's time grows with the cache tensors' size (at the
+ * context length a decode step of the benchmark's d256 int4 model took 1.9x as long in Node). A
+ * generation therefore sizes its cache to what it needs, prompt plus new tokens, where soup-run takes
+ * the whole context, and on onnxruntime-node the tensors grow in steps of GROW positions as the
+ * sequence does (docs/web-runtime.md has the measurements).
  */
 import { ATTENTION_MASK, DATA_FILE, GENAI_CONFIG, INPUT_IDS, LOGITS, MODEL_FILE, ONNX_DIR, POSITION_IDS, readContract } from "./contract.js";
 import { RunError } from "./errors.js";
@@ -140,6 +143,9 @@ function int64(rows) {
   return out;
 }
 
+/** Positions by which an in-place cache grows (see the module comment). */
+export const GROW = 16;
+
 /** The past = present buffers of one batch of sequences (see the module comment). */
 export class KVCache {
   /**
@@ -150,15 +156,34 @@ export class KVCache {
   constructor(model, batch, capacity) {
     const c = model.contract;
     this.capacity = Math.min(Math.max(1, capacity), c.context);
-    const dims = [batch, c.kvHeads, this.capacity, c.headSize];
     this.model = model;
     this.batch = batch;
     this.length = 0;
-    this.buffers = c.pastNames.map(() => new model.ort.Tensor("float32", new Float32Array(dims.reduce((a, b) => a * b)), dims));
+    /** positions the tensors hold: all of `capacity` at once, or on onnxruntime-node as many as needed, by GROW */
+    this.allocated = 0;
+    this.buffers = [];
+    if (!model.inPlace) this.reserve(this.capacity);
     // a decode step's (B, 1) ids and positions, rewritten in place, and its (B, 1, V) logits when the backend fills them
     this.stepIds = new model.ort.Tensor("int64", new BigInt64Array(batch), [batch, 1]);
     this.stepPositions = new model.ort.Tensor("int64", new BigInt64Array(batch), [batch, 1]);
     this.stepLogits = model.inPlace ? new model.ort.Tensor("float32", new Float32Array(batch * c.vocab), [batch, 1, c.vocab]) : null;
+  }
+
+  /**
+   * Make the tensors hold `positions` (at most the capacity), keeping the first `length` positions of every row and head.
+   * @param {number} positions
+   */
+  reserve(positions) {
+    if (positions <= this.allocated) return;
+    const { ort, contract: c } = this.model;
+    const [rows, head, from, to] = [this.batch * c.kvHeads, c.headSize, this.allocated, positions];
+    this.buffers = c.pastNames.map((_, i) => {
+      const data = new Float32Array(rows * to * head);
+      const old = this.buffers[i]?.data;
+      for (let r = 0; old && r < rows; r++) data.set(old.subarray(r * from * head, (r * from + this.length) * head), r * to * head);
+      return new ort.Tensor("float32", data, [this.batch, c.kvHeads, to, head]);
+    });
+    this.allocated = to;
   }
 
   /**
@@ -188,6 +213,7 @@ export class KVCache {
     if (total > this.capacity) {
       throw new RunError(`${total} tokens exceed ${total > c.context ? `the model's context of ${c.context}` : `this cache's ${this.capacity}`}`);
     }
+    if (total > this.allocated) this.reserve(Math.min(this.capacity, (Math.floor(total / GROW) + 1) * GROW));
     const feeds = {
       [INPUT_IDS]: this.int64(ids, this.stepIds),
       [ATTENTION_MASK]: new ort.Tensor("int64", int64(mask), [b, total]),
