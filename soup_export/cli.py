@@ -121,12 +121,19 @@ def choice_lines(report: dict) -> list[str]:
     g, cost = report["gain_over_generic"], report["cost"]
     scores = ", ".join(f"{k} {v['held_out_ppl']:.2f}" for k, v in report["candidates"].items())
     se = f" ± {100 * g['ppl_se']:.2f}%" if g["ppl_se"] is not None else " (one window: no standard error)"
-    lines = [f"  mix choice (held-out ppl, {report['held_out_windows']} windows of the customer's text): {scores} "
+    held = report["held_out_windows"]
+    lines = [f"  mix choice (held-out ppl, {held} window{'s' if held != 1 else ''} of the customer's text): {scores} "
              f"-> {report['chosen']}; gain over generic {100 * g['ppl']:+.2f}%{se} ({cost['bank_passes']} passes "
              f"over the bank, {cost['seconds']:.1f} s" + (f" for {cost['customers']} customers)" if cost["customers"] > 1 else ")")]
     if report.get("warning"):
         lines.append(f"  warning: {report['warning']}")
+    if held < FEW_HELD_OUT:
+        lines.append(f"  note: the choice rests on {held} held-out window{'s' if held != 1 else ''}; a few thousand "
+                     "tokens of the customer's text make it reliable")
     return lines
+
+
+FEW_HELD_OUT = 4  # held-out windows below which the summary says the choice is uncertain
 
 
 def _summary(m: dict) -> str:

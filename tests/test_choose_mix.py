@@ -153,6 +153,8 @@ def test_build_records_the_candidates_and_ships_the_best(debug_ckpt, licence_tex
                                                  for d in m["mix"]["weights"]}, abs=1e-6)
     assert c["gain_over_generic"]["loss"] == pytest.approx(losses["natural"] - losses[c["chosen"]], abs=1e-9)
     assert c["cost"]["bank_passes"] >= 6 and "mix choice (held-out ppl" in r.output and f"-> {c['chosen']}" in r.output
+    few = c["held_out_windows"] < 4  # the summary says when the choice rests on a few windows only
+    assert ("note: the choice rests on" in r.output) == few, (c["held_out_windows"], r.output)
     bank = Bank.open(debug_ckpt)
     resolve_batch(debug_ckpt, [validate(dict(zip(bank.info.domains, bank.info.natural)), bank.info.domains)],
                   [tmp_path / "natural"])
