@@ -154,9 +154,16 @@ def materialise(model: nn.Module, env: DistEnv, parallel: str,
     return wrapped if sharded else wrap(model, env, parallel)
 
 
+def row_chunks(rows: int, world: int) -> list[int]:
+    """How many of `rows` rows each of `world` ranks holds under FSDP2's dim-0 sharding: `torch.chunk`'s
+    cut (ceil(rows / world) each, the last ones shorter or empty)."""
+    per_rank = -(-rows // world) if rows else 0
+    return [max(0, min(per_rank, rows - r * per_rank)) for r in range(world)]
+
+
 def local_rows(p: nn.Parameter) -> tuple[torch.Tensor, int]:
-    """This rank's rows of a parameter and the index of the first (FSDP2's dim-0 chunks, as
-    `torch.chunk` cuts them); a parameter that is not sharded: all of it."""
+    """This rank's rows of a parameter and the index of the first (`row_chunks`); a parameter that is
+    not sharded: all of it."""
     from torch.distributed.tensor import DTensor, Shard
 
     if not isinstance(p, DTensor):
@@ -164,8 +171,8 @@ def local_rows(p: nn.Parameter) -> tuple[torch.Tensor, int]:
     if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
         raise DistributedError(f"a parameter of shape {tuple(p.shape)} is sharded as {p.placements}; "
                                "only FSDP2's dim-0 sharding is supported")
-    per_rank = -(-p.shape[0] // p.device_mesh.size())
-    return p.to_local(), min(p.shape[0], per_rank * p.device_mesh.get_local_rank())
+    chunks = row_chunks(p.shape[0], p.device_mesh.size())
+    return p.to_local(), sum(chunks[:p.device_mesh.get_local_rank()])
 
 
 @contextlib.contextmanager

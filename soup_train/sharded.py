@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from soup_train.checkpoint import FORMAT, WEIGHTS, _prune, record_checksum, restore_step, step_dir, write_latest
-from soup_train.distributed import DistEnv, any_rank, unwrap, wait_for_all
+from soup_train.distributed import DistEnv, any_rank, local_rows, row_chunks, unwrap, wait_for_all
 from soup_train.errors import CheckpointError
 from soup_train.stream import SafetensorsWriter
 
@@ -154,8 +154,7 @@ def _row_blocks(p, env: DistEnv):
         return
     import torch.distributed as dist
 
-    rows = [c.shape[0] for c in torch.empty(p.shape[0], device="meta").chunk(mesh.size())]
-    rows += [0] * (mesh.size() - len(rows))
+    rows = row_chunks(p.shape[0], mesh.size())
     group, me = mesh.get_group(), mesh.get_local_rank()
     local = p.to_local()
     for r, n in enumerate(rows):
@@ -216,9 +215,8 @@ def _local_shard(full: torch.Tensor, p, distribute_tensor) -> torch.Tensor:
 
     mesh = p.device_mesh
     if mesh.ndim == 1 and tuple(p.placements) == (Shard(0),):
-        chunks = torch.chunk(full, mesh.size(), dim=0)
-        rank = mesh.get_local_rank()
-        return chunks[rank] if rank < len(chunks) else full[:0]
+        _, start = local_rows(p)
+        return full[start:start + p.to_local().shape[0]]
     return distribute_tensor(full, mesh, p.placements, src_data_rank=None).to_local()
 
 

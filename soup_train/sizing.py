@@ -52,10 +52,14 @@ def unit_counts(cfg: RunConfig, n_domains: int) -> dict[str, int]:
     return {"root": total - sum(slices), "slices_in_flight": in_flight, "largest_dense_part": max(dense)}
 
 
-def memory(cfg: RunConfig, n_domains: int, world_size: int, device: str = "cuda") -> dict[str, float]:
-    """Bytes per GPU by part (see the module's docstring), under DDP and FSDP2."""
+def soup_counts(cfg: RunConfig, n_domains: int) -> dict[str, int]:
+    """Every parameter count the memory model reads (`count_parameters` and `unit_counts`)."""
+    return {**count_parameters(cfg.model, cfg.soup, n_domains), **unit_counts(cfg, n_domains)}
+
+
+def memory(cfg: RunConfig, counts: dict[str, int], world_size: int, device: str = "cuda") -> dict[str, float]:
+    """Bytes per GPU by part (see the module's docstring), under DDP and FSDP2; `counts`: `soup_counts`."""
     m, t = cfg.model, cfg.train
-    counts = {**count_parameters(m, cfg.soup, n_domains), **unit_counts(cfg, n_domains)}
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device == "cuda")
     seq = cfg.data.seq_len or m.max_seq_len
     per_layer = 34 + (0 if device == "cuda" else 5 * m.n_heads * seq / m.d_model)
@@ -66,20 +70,20 @@ def memory(cfg: RunConfig, n_domains: int, world_size: int, device: str = "cuda"
     p = counts["total"]
     fsdp = {"state": 16 * p / world_size, "root": 8 * counts["root"], "slices": 4 * counts["slices_in_flight"],
             "theta": theta, "activations": act}
-    return {"counts": counts, "ddp": 20 * p + theta + act, "fsdp": fsdp, "fsdp_total": sum(fsdp.values()),
+    return {"ddp": 20 * p + theta + act, "fsdp": fsdp, "fsdp_total": sum(fsdp.values()),
             "fsdp_traffic": 12 * p * t.grad_accum * (world_size - 1) / world_size}
 
 
 def plan(cfg: RunConfig, n_domains: int, world_size: int) -> dict[str, float]:
     m, t = cfg.model, cfg.train
-    mem = memory(cfg, n_domains, world_size)
-    counts = mem["counts"]
+    counts = soup_counts(cfg, n_domains)
+    mem = memory(cfg, counts, world_size)
     seq = cfg.data.seq_len or m.max_seq_len
     return {**{f"params_{k}": v for k, v in counts.items()},
             "tokens_per_step": t.batch_size * seq * t.grad_accum * world_size,
             "gib_per_gpu_ddp": mem["ddp"] / GIB, "gib_per_gpu_fsdp": mem["fsdp_total"] / GIB,
             **{f"gib_fsdp_{k}": v / GIB for k, v in mem["fsdp"].items()},
-            **{f"gib_per_gpu_fsdp_w{w}": memory(cfg, n_domains, w)["fsdp_total"] / GIB for w in WORLD_SIZES},
+            **{f"gib_per_gpu_fsdp_w{w}": memory(cfg, counts, w)["fsdp_total"] / GIB for w in WORLD_SIZES},
             "gib_fsdp_traffic": mem["fsdp_traffic"] / GIB,
             "gib_checkpoint_weights": counts["total"] * 4 / GIB, "gib_checkpoint_optimizer": counts["total"] * 8 / GIB,
             "gib_checkpoint_optimizer_per_rank": counts["total"] * 8 / world_size / GIB,

@@ -13,7 +13,7 @@ from soup_train.config import DataConfig, ModelConfig, RunConfig, SoupConfig, Tr
 from soup_train.distributed import materialise, process_group
 from soup_train.model.init import init_soup
 from soup_train.model.soup import meta_soup
-from soup_train.sizing import memory
+from soup_train.sizing import memory, soup_counts
 from soup_train.train import make_optimizer, optimizer_step
 
 K = 8  # domains
@@ -42,10 +42,11 @@ def main(out: str, units: str = "slices") -> None:
         with tracker:
             step(1)
         peak = tracker.get_tracker_snapshot("peak")
-        estimate = memory(CFG, K, env.world_size, device="cpu")
+        counts = soup_counts(CFG, K)
+        estimate = memory(CFG, counts, env.world_size, device="cpu")
         record = {"peak": max(v["Total"] for v in peak.values()), "estimate": estimate["fsdp_total"],
                   "parts": {k: v for k, v in estimate["fsdp"].items()},
-                  "unsharded": 16 * estimate["counts"]["total"],
+                  "unsharded": 16 * counts["total"],
                   "tracked": {str(k): v for k, v in next(iter(peak.values())).items()}}
         (Path(out) / f"memory_{units}_rank{env.rank}.json").write_text(json.dumps(record, indent=1))
 

@@ -118,17 +118,10 @@ def licence_texts(debug_data, tmp_path_factory):
 
 def inspect_without_torch(export, expected: str) -> None:
     """`inspect` shows the choice from the manifest alone, in a fresh process that imports no torch."""
-    import sys
+    from procs import inspect_in_fresh_process
 
-    from procs import run_command
-
-    code = ("import sys; from soup_export.cli import main\n"
-            f"try:\n    main(['inspect', {str(export)!r}])\n"
-            "except SystemExit:\n    pass\n"
-            "print('torch' if 'torch' in sys.modules else 'no torch')")
-    result = run_command([sys.executable, "-c", code])
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert expected in result.stdout and result.stdout.split("\n")[-2] == "no torch", result.stdout
+    printed, imported = inspect_in_fresh_process(export)
+    assert expected in printed and "torch" not in imported, (printed, imported)
 
 
 def test_build_records_the_candidates_and_ships_the_best(debug_ckpt, licence_texts, tmp_path):

@@ -73,12 +73,12 @@ def fit(args, data: Path, out: Path, steps: int, nproc: int, device: str) -> Non
 def estimate(run_dir: Path, nproc: int, device: str) -> float:
     """The dry run's bytes per GPU under FSDP2 for the run's own resolved config."""
     from soup_train.config import RunConfig, from_dict
-    from soup_train.sizing import memory
+    from soup_train.sizing import memory, soup_counts
 
     record = json.loads((run_dir / "config.json").read_text())
     cfg = from_dict(RunConfig, record["run"])
     cfg = replace(cfg, train=replace(cfg.train, precision="auto"))
-    return memory(cfg, len(record["domains"]), nproc, device)["fsdp_total"]
+    return memory(cfg, soup_counts(cfg, len(record["domains"])), nproc, device)["fsdp_total"]
 
 
 def report(run_dir: Path, nproc: int, device: str, resumed_at: int) -> None:
