@@ -82,11 +82,11 @@ def test_gradients_follow_the_paper():
     name = "model.layers.1.mlp.up_proj.weight"
     g = theta_leaf[name].grad
     shared = dict(soup.shared.named_parameters())[name]
-    bank = soup.experts.tensors(name, shared.shape)[0]
+    bank = soup.experts.experts_of(name)[0]
     assert torch.allclose(shared.grad, g, atol=1e-7)
     for j in range(3):
         assert torch.allclose(bank.grad[j], alpha[j].detach() * g, atol=1e-7)
-    expected = sum((soup.experts.tensors(n, p.shape)[0] * theta_leaf[n].grad).flatten(1).sum(1)
+    expected = sum((soup.experts.experts_of(n)[0] * theta_leaf[n].grad).flatten(1).sum(1)
                    for n, p in soup.shared.named_parameters())
     assert torch.allclose(alpha.grad, expected, atol=1e-6)
 

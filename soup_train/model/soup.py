@@ -6,8 +6,8 @@ Design choices:
 - The bank mirrors the dense names (`experts.model.layers.0.mlp.up_proj.weight`, shape (n, ...)),
   registered in nested `ExpertSlice` containers so `state_dict()` is exactly the checkpoint layout.
 - Every dense tensor is in the soup (embeddings and norms included) [choice].
-- The dense model is run part by part (`PARTS`: the embedding, each decoder layer, the final norm,
-  an untied head). Each part's Theta is instantiated by that part's bank slice, `ExpertSlice`,
+- The dense model is run part by part (`SoupModel.parts`: the embedding, each decoder layer, the
+  final norm, an untied head). Each part's Theta is instantiated by that part's bank slice, `ExpertSlice`,
   a module whose forward is `soup_math.combine` for the part's tensors; the part then runs on a
   structure-only copy of the dense model (`llama.forward_by_parts`). So the model code is written
   once, and a wrapper that acts per module (FSDP2: one unit per slice, `soup_train.distributed`)
@@ -105,13 +105,6 @@ class ExpertBank(ExpertSlice):
             return [(n, shape[0], self.rank), (n, shape[1], self.rank)]
         return [(n, *shape)]
 
-    def tensors(self, name: str, shape: torch.Size) -> tuple[torch.Tensor, ...]:
-        out = []
-        for key in expert_keys(name, shape, self.rank):
-            holder, leaf = _container(self, key.split(".", 1)[1])
-            out.append(getattr(holder, leaf))
-        return tuple(out)
-
 
 Around = Callable[[nn.Module], contextlib.AbstractContextManager]
 
@@ -169,7 +162,7 @@ class SoupModel(nn.Module):
     def tensors(self):
         """(dense name, shared tensor, its experts) for every dense tensor (tied head once), as export's
         `Bank.tensors` gives them from a checkpoint."""
-        return ((name, param, self.experts.tensors(name, param.shape)) for name, param in self.shared.named_parameters())
+        return ((name, param, self.experts.experts_of(name)) for name, param in self.shared.named_parameters())
 
     def instantiate_alpha(self, alpha: torch.Tensor, around: Around = _nothing) -> dict[str, torch.Tensor]:
         """The dense HF Llama state dict at coefficients alpha (tied lm_head included), part by part:
