@@ -89,7 +89,7 @@ def evaluate_domains(model: nn.Module, shards: DomainShards, natural: np.ndarray
                 raise_together(error, env, f"evaluating domain {shards.names[i]}" if i is not None else "evaluating")
             elif error is not None:
                 raise error
-    if env is not None and env.backend is not None:
+    if grouped:
         for part in gather_objects(out, env):
             out.update(part)
     return {name: out[name] for name in shards.names if name in out}

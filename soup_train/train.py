@@ -34,8 +34,7 @@ from soup_train.distributed import (
 from soup_train.errors import ConfigError
 from soup_train.evaluate import evaluate_domains
 from soup_train.model.llama import lm_loss
-from soup_train.model.init import init_soup
-from soup_train.model.soup import SoupModel, meta_soup
+from soup_train.model.soup import meta_soup
 from soup_train.runlog import RunLog
 
 log = logging.getLogger(__name__)
@@ -148,12 +147,6 @@ def fit(cfg: RunConfig, out: Path, *, stop_after: int | None = None, progress: b
         return Trainer(resolve_config(cfg), out, env, progress).run(stop_after)
 
 
-def _initialise(soup: SoupModel, seed: int, place) -> None:
-    """A soup materialised from the meta device: its initial values (the rows `place` gives) and buffers."""
-    soup.materialised()
-    init_soup(soup, seed, place)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, out: Path, env: DistEnv, progress: bool) -> None:
         self.cfg, self.out, self.env, self.progress = cfg, out, env, progress
@@ -166,7 +159,7 @@ class Trainer:
         self.test_shards = DomainShards.open(self.data_dir, cfg.data.domains, "test")
         self.natural = self.train_shards.natural()
         soup = meta_soup(cfg.model, cfg.soup, len(self.natural))
-        self.model = materialise(soup, env, t.parallel, lambda m, place: _initialise(m, t.seed, place))
+        self.model = materialise(soup, env, t.parallel, lambda m, place: m.initialise(t.seed, place))
         self.optim = make_optimizer(self.model, t)
         meta = MetaDistribution(cfg.meta, self.natural)
         self.sampler = MixSampler(self.train_shards, meta, t.seed, env.rank, t.grad_accum)

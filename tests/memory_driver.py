@@ -11,7 +11,6 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
 from soup_train.config import DataConfig, ModelConfig, RunConfig, SoupConfig, TrainConfig
 from soup_train.distributed import materialise, process_group
-from soup_train.model.init import init_soup
 from soup_train.model.soup import meta_soup
 from soup_train.sizing import memory, soup_counts
 from soup_train.train import make_optimizer, optimizer_step
@@ -30,7 +29,7 @@ def main(out: str, units: str = "slices") -> None:
         distributed.units = lambda model: []
     with process_group("cpu") as env:
         soup = meta_soup(CFG.model, CFG.soup, K)
-        model = materialise(soup, env, "fsdp", lambda m, place: (m.materialised(), init_soup(m, 0, place)))
+        model = materialise(soup, env, "fsdp", lambda m, place: m.initialise(0, place))
         optim = make_optimizer(model, CFG.train)
         batch = torch.randint(0, CFG.model.vocab_size, (CFG.train.batch_size, CFG.data.seq_len + 1),
                               generator=torch.Generator().manual_seed(env.rank))

@@ -140,6 +140,12 @@ class SoupModel(nn.Module):
         self.shared.tie_weights()
         self.shared.reset_buffers(self.shared.lm_head.weight.device)
 
+    def initialise(self, seed: int, place=None) -> None:
+        """A soup materialised from the meta device (`to_empty`): tied again, its buffers, and the initial
+        values at `seed` of the rows `place` gives (`init_soup`; None: every parameter whole)."""
+        self.materialised()
+        init_soup(self, seed, place)
+
     def parts(self) -> list[str]:
         """The dense model's parts, in the order they run: each is instantiated from its bank slice."""
         names = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(self.model_cfg.n_layers)), "model.norm"]
